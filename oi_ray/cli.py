@@ -1,0 +1,147 @@
+"""The ``oi-ray`` command line: argument parsing and dispatch only.
+
+``oi-ray <task> -e SPEC.yaml [dotted.key=value ...]`` loads and validates the spec, then calls
+``oi_ray.tasks.<task>.run(config)``. ``oi-ray synthesize`` writes a synthetic dataset.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from oi_ray import __version__
+from oi_ray.errors import OiRayError, TaskNotImplementedError
+
+SPEC_TASKS = {
+    "train": "train a Siamese model on Ray Train (resumes from oi_model_latest.pth)",
+    "evaluate": "score dataset.test_dataset and write metrics and plots",
+    "inference": "score dataset.infer_dataset and write inference.csv",
+    "export": "export a checkpoint to ONNX with TAO's input/output names",
+    "gen_trt_engine": "build a TensorRT engine from an exported ONNX model (GPU)",
+}
+
+OVERRIDES_HELP = (
+    "spec overrides in OmegaConf dotlist form, e.g. train.num_epochs=5 "
+    "dataset.batch_size=16 'dataset.input_map={WhiteLight: 0}'"
+)
+
+log = logging.getLogger("oi_ray")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``oi-ray`` console script; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        if args.command == "synthesize":
+            return _synthesize(args)
+        return _run_spec_task(args)
+    except OiRayError as error:
+        if args.debug:
+            raise
+        print(f"oi-ray {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oi-ray",
+        description="TAO-compatible optical inspection (SiameseOI) on Ray.",
+        epilog="Run 'oi-ray <command> --help' for the options of one command.",
+    )
+    parser.add_argument("--version", action="version", version=f"oi-ray {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity")
+    common.add_argument("--debug", action="store_true",
+                        help="show full tracebacks for user errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+
+    for task, summary in SPEC_TASKS.items():
+        sub = commands.add_parser(task, parents=[common], help=summary, description=summary)
+        sub.add_argument("-e", "--experiment_spec_file", "--experiment-spec", dest="spec",
+                         required=True, type=Path, help="TAO-style experiment spec (YAML)")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+        sub.add_argument("--print-config", action="store_true",
+                         help="print the fully resolved spec as YAML and exit")
+        sub.add_argument("--cluster", type=Path, metavar="CLUSTER_YAML",
+                         help="bring up a Ray cluster from this launcher YAML and run there")
+
+    synth = commands.add_parser(
+        "synthesize", parents=[common],
+        help="write a synthetic multi-lighting PCB dataset in TAO layout plus a spec",
+        description="Write images/, train.csv, val.csv, test.csv and spec.yaml under --output.",
+    )
+    synth.add_argument("--output", required=True, type=Path, help="dataset directory to create")
+    synth.add_argument("--num-pairs", type=int, default=600, help="test/golden pairs (all splits)")
+    synth.add_argument("--defect-ratio", type=float, default=0.25, help="fraction of defect pairs")
+    synth.add_argument("--lights", default="LowAngleLight,SolderLight,UniformLight,WhiteLight",
+                       help="comma-separated lighting names (TAO input_map keys)")
+    synth.add_argument("--image-ext", default=".jpg", choices=[".jpg", ".png"],
+                       help="image file extension")
+    synth.add_argument("--size", type=int, nargs=2, default=(100, 100), metavar=("W", "H"),
+                       help="image width and height in pixels")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (output is deterministic)")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="allow writing into a non-empty output directory")
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_ConsoleFormatter())
+    root = logging.getLogger("oi_ray")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """Plain messages for INFO, a level prefix for anything else."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno == logging.INFO else f"{record.levelname}: {message}"
+
+
+def _run_spec_task(args: argparse.Namespace) -> int:
+    from oi_ray.config import load_config, to_yaml
+
+    config = load_config(args.spec, args.overrides)
+    if args.print_config:
+        print(to_yaml(config), end="")
+        return 0
+    if args.cluster is not None:
+        raise TaskNotImplementedError("--cluster is not implemented yet; run on a local Ray")
+    module_name = f"oi_ray.tasks.{args.command}"
+    try:
+        task = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        raise TaskNotImplementedError(f"'{args.command}' is not implemented yet") from None
+    task.run(config)
+    return 0
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
+
+    spec = SyntheticSpec(
+        num_pairs=args.num_pairs,
+        defect_ratio=args.defect_ratio,
+        lights=tuple(name.strip() for name in args.lights.split(",") if name.strip()),
+        image_ext=args.image_ext,
+        width=args.size[0],
+        height=args.size[1],
+        seed=args.seed,
+    )
+    summary = synthesize_dataset(args.output, spec, overwrite=args.overwrite)
+    print(summary.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

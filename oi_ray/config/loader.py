@@ -1,0 +1,136 @@
+"""Load a spec file plus ``key=value`` overrides into a typed, validated ExperimentConfig.
+
+Precedence: schema defaults < spec file < overrides. Unknown keys and badly typed values
+fail before anything runs, naming the full dotted key.
+"""
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+
+from oi_ray.config.schema import ExperimentConfig
+from oi_ray.config.validate import validate
+from oi_ray.errors import ConfigError
+
+
+def load_config(spec_path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read ``spec_path`` (TAO spec YAML), apply dotlist ``overrides`` and validate."""
+    spec = _read_spec(Path(spec_path)) if spec_path is not None else OmegaConf.create({})
+    source = str(spec_path) if spec_path is not None else "spec"
+    dotlist = _parse_overrides(overrides)
+
+    misplaced = [
+        *_structure_problems(spec, ExperimentConfig, source),
+        *_structure_problems(dotlist, ExperimentConfig, "override"),
+    ]
+    if misplaced:
+        raise ConfigError(_bullet("unknown or misplaced spec keys", misplaced))
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), spec, dotlist)
+        override_keys = {item.partition("=")[0].strip() for item in overrides}
+        for key in override_keys & set(_mapping_fields(dotlist, ExperimentConfig)):
+            # `dataset.input_map={...}` replaces the mapping; `dataset.input_map.X=3` adds to it.
+            OmegaConf.update(merged, key, OmegaConf.select(dotlist, key), merge=False)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_describe_type_error(error)) from None
+    try:
+        config = typing.cast(ExperimentConfig, OmegaConf.to_object(merged))
+    except InterpolationResolutionError as error:
+        reason = error.msg.splitlines()[0]
+        raise ConfigError(f"{error.full_key}: cannot resolve interpolation: {reason}") from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(_describe_type_error(error)) from None
+
+    problems = validate(config)
+    if problems:
+        raise ConfigError(_bullet(f"invalid spec {source}", problems))
+    return config
+
+
+def to_yaml(config: ExperimentConfig) -> str:
+    """The fully resolved config as YAML (what ``--print-config`` shows and runs save)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config), resolve=True)
+
+
+def _read_spec(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"spec file not found: {path}")
+    try:
+        spec = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(spec, DictConfig):
+        raise ConfigError(f"{path}: the spec must be a mapping of sections, not a list")
+    return spec
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {error}") from None
+
+
+def _structure_problems(node: DictConfig, schema: type, source: str, prefix: str = "") -> Iterator[str]:
+    """Yield a message per key the dataclass ``schema`` lacks and per section given a scalar."""
+    hints = typing.get_type_hints(schema)
+    valid = [f.name for f in dataclasses.fields(schema)]
+    for key in node:
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+            yield f"{dotted} ({source}): {hint}"
+            continue
+        child = _dataclass_of(hints[key])
+        if child is None:
+            continue
+        value = node._get_node(key)
+        if isinstance(value, DictConfig):
+            yield from _structure_problems(value, child, source, f"{dotted}.")
+        elif value._value() is not None:
+            yield f"{dotted} ({source}): is a section; expected a mapping of keys, got {value._value()!r}"
+
+
+def _mapping_fields(node: DictConfig, schema: type, prefix: str = "") -> Iterator[str]:
+    """Dotted keys in ``node`` whose schema type is a plain mapping (``dict[...]``)."""
+    hints = typing.get_type_hints(schema)
+    for key in node:
+        hint = hints[key]
+        child = _dataclass_of(hint)
+        value = node._get_node(key)
+        if child is not None and isinstance(value, DictConfig):
+            yield from _mapping_fields(value, child, f"{prefix}{key}.")
+        elif dict in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint))):
+            yield f"{prefix}{key}"
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass a field holds (unwrapping ``X | None``), or None for leaves and dicts."""
+    candidates = typing.get_args(hint) or (hint,)
+    for candidate in candidates:
+        if dataclasses.is_dataclass(candidate):
+            return typing.cast(type, candidate)
+    return None
+
+
+def _describe_type_error(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None) or "spec"
+    message = getattr(error, "msg", None) or str(error)
+    return f"{key}: {message.splitlines()[0]}"
+
+
+def _bullet(title: str, lines: Sequence[str]) -> str:
+    return f"{title}:\n" + "\n".join(f"  - {line}" for line in lines)

@@ -1,0 +1,252 @@
+"""The experiment spec schema: TAO optical_inspection's sections and fields, plus ``ray``.
+
+Field names and defaults follow TAO's ``optical_inspection`` config dataclasses so that TAO
+spec files load unchanged; where TAO's dataclass and documentation disagree the choice is
+noted (see TAO_REFERENCE.md). The comment on each field is its documentation.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "Siamese_3"  # Siamese_3 | Siamese_1 | Siamese (alias of Siamese_1)
+    model_backbone: str = "custom"  # the only backbone TAO defines for optical inspection
+    embedding_vectors: int = 5  # embedding size of each branch
+    margin: float = 2.0  # contrastive-loss margin; also TAO's decision threshold
+    imagenet_pretrained: bool = False  # accepted for TAO compatibility; custom has no weights
+
+
+@dataclass
+class OptimConfig:
+    type: str = "Adam"  # Adam | SGD
+    lr: float = 5e-4
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 5e-4  # SGD only (TAO's Adam uses none)
+
+
+@dataclass
+class RandomFlip:
+    vflip_probability: float = 0.5
+    hflip_probability: float = 0.5
+    enable: bool = True
+
+
+@dataclass
+class RandomRotation:
+    rotate_probability: float = 0.5
+    angle_list: list[float] = field(default_factory=lambda: [90.0, 180.0, 270.0])  # first 3 used
+    enable: bool = True
+
+
+@dataclass
+class RandomColor:
+    brightness: float = 0.3
+    contrast: float = 0.3
+    saturation: float = 0.3
+    hue: float = 0.3
+    enable: bool = True
+    color_probability: float = 0.5  # jitter applied with probability 1 - color_probability (TAO)
+
+
+@dataclass
+class AugmentationConfig:
+    rgb_input_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    rgb_input_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    random_flip: RandomFlip = field(default_factory=RandomFlip)
+    random_rotate: RandomRotation = field(default_factory=RandomRotation)
+    random_color: RandomColor = field(default_factory=RandomColor)
+    with_random_blur: bool = True  # Gaussian blur of radius U[0, 1) when augmenting
+    with_random_crop: bool = True  # random resized crop (scale 0.8-1.2) when augmenting
+    augment: bool = False  # master switch for paired training augmentation
+
+
+@dataclass
+class DataPathFormat:
+    csv_path: str | None = None  # CSV with input_path, golden_path, object_name, label
+    images_dir: str | None = None  # root that input_path / golden_path are relative to
+
+
+@dataclass
+class GridMap:
+    x: int = 2  # images per row
+    y: int = 2  # rows
+
+
+@dataclass
+class DatasetConfig:
+    train_dataset: DataPathFormat = field(default_factory=DataPathFormat)
+    validation_dataset: DataPathFormat = field(default_factory=DataPathFormat)
+    test_dataset: DataPathFormat = field(default_factory=DataPathFormat)  # evaluate
+    infer_dataset: DataPathFormat = field(default_factory=DataPathFormat)  # inference
+    image_ext: str = ".jpg"  # includes the dot
+    batch_size: int = 32
+    workers: int = 8  # decode parallelism hint (Ray Data schedules the actual tasks)
+    fpratio_sampling: float = 0.1  # defects drawn per PASS pair in training (0 < r <= 1)
+    num_input: int | None = None  # number of lightings; default len(input_map), else 1
+    input_map: dict[str, int] | None = None  # lighting name -> index; key order is used
+    concat_type: str = "linear"  # linear (stack along height) | grid (grid_map layout)
+    grid_map: GridMap | None = field(default_factory=GridMap)  # used when concat_type is grid
+    image_width: int = 128
+    image_height: int = 128
+    augmentation_config: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+
+@dataclass
+class CuDNNConfig:
+    benchmark: bool = False
+    deterministic: bool = True
+
+
+@dataclass
+class TensorBoardLogger:
+    enabled: bool = False
+    infrequent_logging_frequency: int = 2  # epochs
+
+
+@dataclass
+class TrainConfig:
+    num_gpus: int = 1  # GPU workers when GPUs exist (reconciled with gpu_ids as TAO does)
+    gpu_ids: list[int] = field(default_factory=lambda: [0])
+    num_nodes: int = 1
+    seed: int = 1234  # -1 disables seeding
+    cudnn: CuDNNConfig = field(default_factory=CuDNNConfig)
+    num_epochs: int = 10
+    checkpoint_interval: int = 1  # epochs
+    validation_interval: int = 1  # epochs
+    resume_training_checkpoint_path: str | None = None  # wins over oi_model_latest.pth
+    results_dir: str = "${results_dir}/train"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: str = "contrastive"  # the only loss TAO defines
+    clip_grad_norm: float = 0.0  # 0 disables gradient clipping
+    tensorboard: TensorBoardLogger = field(default_factory=TensorBoardLogger)
+    pretrained_model_path: str | None = None  # weights only; training starts at epoch 0
+
+
+@dataclass
+class EvaluateConfig:
+    num_gpus: int = 1
+    gpu_ids: list[int] = field(default_factory=lambda: [0])
+    num_nodes: int = 1
+    checkpoint: str | None = None  # .pth (or .onnx / .engine once exported)
+    trt_engine: str | None = None  # TensorRT engine, as TAO Deploy accepts
+    results_dir: str = "${results_dir}/evaluate"
+    batch_size: int = -1  # <= 0: dataset.batch_size
+
+
+@dataclass
+class InferenceConfig:
+    num_gpus: int = 1
+    gpu_ids: list[int] = field(default_factory=lambda: [0])
+    num_nodes: int = 1
+    checkpoint: str | None = None
+    trt_engine: str | None = None
+    results_dir: str = "${results_dir}/inference"
+    batch_size: int = 1  # <= 0: dataset.batch_size
+
+
+@dataclass
+class ExportConfig:
+    results_dir: str = "${results_dir}/export"
+    gpu_id: int = 0
+    checkpoint: str | None = None
+    onnx_file: str | None = None
+    opset_version: int = 17
+    on_cpu: bool = False
+    input_height: int | None = None  # default: the assembled input height; must match it
+    input_width: int | None = None  # default: the assembled input width; must match it
+    input_channel: int = 3
+    batch_size: int = -1  # -1: dynamic batch axis named "batch"
+    do_constant_folding: bool = False
+    verbose: bool = False
+
+
+@dataclass
+class CalibrationConfig:
+    cal_image_dir: list[str] = field(default_factory=list)
+    cal_cache_file: str | None = None
+    cal_batch_size: int = 1
+    cal_batches: int = 1
+
+
+@dataclass
+class TensorRTConfig:
+    data_type: str = "fp32"  # fp32 | fp16 | int8
+    workspace_size: int = 1024  # MiB
+    min_batch_size: int = 1
+    opt_batch_size: int | None = None  # default dataset.batch_size
+    max_batch_size: int | None = None  # default dataset.batch_size
+    layers_precision: list[str] = field(default_factory=list)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+
+@dataclass
+class GenTrtEngineConfig:
+    results_dir: str = "${results_dir}/gen_trt_engine"
+    gpu_id: int = 0
+    onnx_file: str | None = None
+    trt_engine: str | None = None
+    timing_cache: str | None = None
+    batch_size: int = -1
+    verbose: bool = False
+    tensorrt: TensorRTConfig = field(default_factory=TensorRTConfig)
+
+
+@dataclass
+class DatasetConvertConfig:
+    """TAO's dataset_convert section; accepted so TAO specs load, not used by oi-ray."""
+
+    root_dataset_dir: str | None = None
+    data_convert_output_dir: str | None = None
+    train_pcb_dataset_dir: str | None = None
+    val_pcb_dataset_dir: str | None = None
+    all_pcb_dataset_dir: str | None = None
+    golden_csv_dir: str | None = None
+    project_name: str | None = None
+    bot_top: str | None = None
+
+
+@dataclass
+class WandBConfig:
+    """TAO's wandb section; accepted so TAO specs load, not used by oi-ray."""
+
+    enable: bool = True
+    project: str = "TAO Toolkit"
+    entity: str | None = ""
+    tags: list[str] = field(default_factory=lambda: ["tao-toolkit"])
+    reinit: bool = False
+    sync_tensorboard: bool = False
+    save_code: bool = False
+    name: str = "TAO Toolkit Training"
+
+
+@dataclass
+class RayConfig:
+    """oi-ray's own section: where and how the Ray jobs run."""
+
+    address: str | None = None  # None: embedded local Ray; "auto" or ray://host:10001: a cluster
+    num_workers: int | None = None  # training workers; default train.num_gpus with GPUs, else 1
+    use_gpu: bool | None = None  # default: use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    storage_path: str = "${train.results_dir}/ray"  # Ray Train storage (shared by all nodes)
+    max_failures: int = 0  # worker-group restarts from the last checkpoint
+    num_cpus: int | None = None  # logical CPUs of an embedded Ray; default max(4, cores)
+    object_store_memory_mb: int | None = None  # embedded Ray object store; default Ray's
+
+
+@dataclass
+class ExperimentConfig:
+    results_dir: str = "results"  # root of every task's outputs
+    encryption_key: str | None = None
+    model_name: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    gen_trt_engine: GenTrtEngineConfig = field(default_factory=GenTrtEngineConfig)
+    dataset_convert: DatasetConvertConfig = field(default_factory=DatasetConvertConfig)
+    wandb: WandBConfig = field(default_factory=WandBConfig)
+    ray: RayConfig = field(default_factory=RayConfig)

@@ -1,0 +1,193 @@
+"""Derived defaults and value checks for a merged ExperimentConfig.
+
+Every problem is reported with its full dotted key, the offending value and what is
+allowed; all problems are collected so a user fixes them in one go.
+"""
+
+import logging
+from typing import Any
+
+from oi_ray.config.schema import (
+    DatasetConfig,
+    ExperimentConfig,
+    ExportConfig,
+    ModelConfig,
+    RayConfig,
+    TensorRTConfig,
+    TrainConfig,
+)
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = ("Siamese_3", "Siamese_1", "Siamese")
+CONCAT_TYPES = ("linear", "grid")
+OPTIMIZERS = ("Adam", "SGD")
+TRT_DATA_TYPES = ("fp32", "fp16", "int8")
+
+
+def resolve_derived(config: ExperimentConfig) -> None:
+    """Fill values TAO derives: ``num_input`` from ``input_map``; GPU count vs ids."""
+    dataset = config.dataset
+    if dataset.num_input is None:
+        dataset.num_input = len(dataset.input_map) if dataset.input_map else 1
+    for section_name in ("train", "evaluate", "inference"):
+        section = getattr(config, section_name)
+        num_gpus, gpu_ids = reconcile_gpus(section.num_gpus, section.gpu_ids)
+        if (num_gpus, gpu_ids) != (section.num_gpus, section.gpu_ids):
+            log.warning(
+                "%s.num_gpus=%s does not match %s.gpu_ids=%s; using num_gpus=%s, gpu_ids=%s (TAO rule)",
+                section_name, section.num_gpus, section_name, section.gpu_ids, num_gpus, gpu_ids,
+            )
+            section.num_gpus, section.gpu_ids = num_gpus, gpu_ids
+
+
+def reconcile_gpus(num_gpus: int, gpu_ids: list[int]) -> tuple[int, list[int]]:
+    """TAO's rule: take the larger count; ids become 0..n-1 unless they already match it."""
+    if num_gpus == len(gpu_ids):
+        return num_gpus, list(gpu_ids)
+    count = max(num_gpus, len(gpu_ids))
+    return count, list(gpu_ids) if len(gpu_ids) == count else list(range(count))
+
+
+class _Problems:
+    """Collects problems; each check names the dotted key, the value and what is allowed."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def check(self, ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            self.messages.append(f"{key}={value!r} is invalid: {allowed}")
+
+    def one_of(self, key: str, value: Any, choices: tuple[str, ...]) -> None:
+        if value not in choices:
+            self.messages.append(f"{key}={value!r} is not one of {list(choices)}")
+
+    def in_range(self, key: str, value: float, low: float, high: float) -> None:
+        self.check(low <= value <= high, key, value, f"expected {low} <= value <= {high}")
+
+    def at_least(self, key: str, value: float, low: float) -> None:
+        self.check(value >= low, key, value, f"expected >= {low}")
+
+
+def validate(config: ExperimentConfig) -> list[str]:
+    """Return human-readable problems (empty when the config is valid)."""
+    resolve_derived(config)
+    p = _Problems()
+    _check_model(p, config.model)
+    _check_dataset(p, config.dataset)
+    _check_train(p, config.train)
+    for name in ("evaluate", "inference"):
+        section = getattr(config, name)
+        p.at_least(f"{name}.num_gpus", section.num_gpus, 1)
+        p.at_least(f"{name}.num_nodes", section.num_nodes, 1)
+    _check_export(p, config.export)
+    _check_tensorrt(p, config.gen_trt_engine.tensorrt)
+    _check_ray(p, config.ray)
+    return p.messages
+
+
+def _check_model(p: _Problems, model: ModelConfig) -> None:
+    p.one_of("model.model_type", model.model_type, MODEL_TYPES)
+    p.one_of("model.model_backbone", model.model_backbone, ("custom",))
+    p.at_least("model.embedding_vectors", model.embedding_vectors, 1)
+    p.check(model.margin > 0, "model.margin", model.margin, "expected > 0")
+
+
+def _check_dataset(p: _Problems, dataset: DatasetConfig) -> None:
+    p.check(dataset.image_ext.startswith("."), "dataset.image_ext", dataset.image_ext,
+            "include the dot, e.g. '.jpg'")
+    p.at_least("dataset.batch_size", dataset.batch_size, 1)
+    p.at_least("dataset.workers", dataset.workers, 0)
+    p.check(0 < dataset.fpratio_sampling <= 1, "dataset.fpratio_sampling",
+            dataset.fpratio_sampling, "expected 0 < value <= 1 (defects drawn per PASS pair)")
+    p.at_least("dataset.image_width", dataset.image_width, 1)
+    p.at_least("dataset.image_height", dataset.image_height, 1)
+    p.at_least("dataset.num_input", dataset.num_input, 1)
+    p.one_of("dataset.concat_type", dataset.concat_type, CONCAT_TYPES)
+
+    lights = dataset.input_map
+    if lights:
+        p.check(dataset.num_input == len(lights), "dataset.num_input", dataset.num_input,
+                f"dataset.input_map lists {len(lights)} lightings ({', '.join(lights)})")
+        if list(lights.values()) != list(range(len(lights))):
+            log.warning(
+                "dataset.input_map values %s are ignored: lightings are used in the order "
+                "written (%s), as TAO does", list(lights.values()), ", ".join(lights),
+            )
+    else:
+        p.check(dataset.num_input == 1, "dataset.num_input", dataset.num_input,
+                "without dataset.input_map there is one image per side, so num_input must be 1")
+
+    grid = dataset.grid_map
+    if dataset.concat_type == "grid":
+        layout = "unset" if grid is None else f"x={grid.x}, y={grid.y}"
+        p.check(grid is not None and grid.x >= 1 and grid.y >= 1
+                and grid.x * grid.y == dataset.num_input, "dataset.grid_map", layout,
+                f"concat_type grid needs grid_map x*y == dataset.num_input ({dataset.num_input})")
+
+    aug = dataset.augmentation_config
+    prefix = "dataset.augmentation_config"
+    for name in ("rgb_input_mean", "rgb_input_std"):
+        values = getattr(aug, name)
+        p.check(len(values) == 3, f"{prefix}.{name}", values, "expected 3 values (R, G, B)")
+    p.check(all(s > 0 for s in aug.rgb_input_std), f"{prefix}.rgb_input_std",
+            aug.rgb_input_std, "every std must be > 0")
+    p.in_range(f"{prefix}.random_flip.hflip_probability", aug.random_flip.hflip_probability, 0, 1)
+    p.in_range(f"{prefix}.random_flip.vflip_probability", aug.random_flip.vflip_probability, 0, 1)
+    p.in_range(f"{prefix}.random_rotate.rotate_probability",
+               aug.random_rotate.rotate_probability, 0, 1)
+    p.check(len(aug.random_rotate.angle_list) >= 1, f"{prefix}.random_rotate.angle_list",
+            aug.random_rotate.angle_list, "expected at least one angle")
+    color = aug.random_color
+    p.in_range(f"{prefix}.random_color.color_probability", color.color_probability, 0, 1)
+    for name in ("brightness", "contrast", "saturation"):
+        p.at_least(f"{prefix}.random_color.{name}", getattr(color, name), 0)
+    p.in_range(f"{prefix}.random_color.hue", color.hue, 0, 0.5)
+
+
+def _check_train(p: _Problems, train: TrainConfig) -> None:
+    p.at_least("train.num_gpus", train.num_gpus, 1)
+    p.at_least("train.num_nodes", train.num_nodes, 1)
+    p.at_least("train.seed", train.seed, -1)
+    p.at_least("train.num_epochs", train.num_epochs, 1)
+    for name in ("checkpoint_interval", "validation_interval"):
+        p.in_range(f"train.{name}", getattr(train, name), 1, train.num_epochs)
+    p.one_of("train.optim.type", train.optim.type, OPTIMIZERS)
+    p.check(train.optim.lr > 0, "train.optim.lr", train.optim.lr, "expected > 0")
+    p.in_range("train.optim.momentum", train.optim.momentum, 0, 1)
+    p.at_least("train.optim.weight_decay", train.optim.weight_decay, 0)
+    p.one_of("train.loss", train.loss, ("contrastive",))
+    p.at_least("train.clip_grad_norm", train.clip_grad_norm, 0)
+
+
+def _check_export(p: _Problems, export: ExportConfig) -> None:
+    p.at_least("export.opset_version", export.opset_version, 7)
+    p.check(export.batch_size == -1 or export.batch_size >= 1, "export.batch_size",
+            export.batch_size, "expected -1 (dynamic) or >= 1")
+    p.check(export.input_channel == 3, "export.input_channel", export.input_channel,
+            "the model takes RGB inputs (3)")
+
+
+def _check_tensorrt(p: _Problems, trt: TensorRTConfig) -> None:
+    prefix = "gen_trt_engine.tensorrt"
+    p.one_of(f"{prefix}.data_type", trt.data_type, TRT_DATA_TYPES)
+    p.at_least(f"{prefix}.workspace_size", trt.workspace_size, 0)
+    p.at_least(f"{prefix}.min_batch_size", trt.min_batch_size, 1)
+    for name in ("opt_batch_size", "max_batch_size"):
+        value = getattr(trt, name)
+        p.check(value is None or value >= trt.min_batch_size, f"{prefix}.{name}", value,
+                f"expected >= min_batch_size ({trt.min_batch_size})")
+    if trt.opt_batch_size is not None and trt.max_batch_size is not None:
+        p.check(trt.opt_batch_size <= trt.max_batch_size, f"{prefix}.opt_batch_size",
+                trt.opt_batch_size, f"expected <= max_batch_size ({trt.max_batch_size})")
+
+
+def _check_ray(p: _Problems, ray: RayConfig) -> None:
+    p.check(ray.num_workers is None or ray.num_workers >= 1, "ray.num_workers", ray.num_workers,
+            "expected >= 1")
+    p.check(ray.cpus_per_worker > 0, "ray.cpus_per_worker", ray.cpus_per_worker, "expected > 0")
+    p.at_least("ray.gpus_per_worker", ray.gpus_per_worker, 0)
+    p.at_least("ray.max_failures", ray.max_failures, -1)
+    p.check(ray.num_cpus is None or ray.num_cpus >= 1, "ray.num_cpus", ray.num_cpus,
+            "expected >= 1")

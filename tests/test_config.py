@@ -1,0 +1,198 @@
+"""Spec loading: TAO's example specs verbatim, overrides, and every validation error."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oi_ray.cli import main
+from oi_ray.config import load_config, to_yaml
+from oi_ray.config.validate import reconcile_gpus
+from oi_ray.errors import ConfigError
+
+TAO_SPECS = Path(__file__).resolve().parents[2] / "shared" / "tao_specs"
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+TRAIN_SPEC = TAO_SPECS / "train.yaml"
+
+
+@pytest.mark.parametrize("name", ["train.yaml", "evaluate_inference.yaml", "export.yaml"])
+def test_tao_example_specs_load_verbatim(name):
+    config = load_config(TAO_SPECS / name)
+    assert config.results_dir == "/path/to/experiment_results"
+    assert list(config.dataset.input_map) == ["LowAngleLight", "SolderLight", "UniformLight", "WhiteLight"]
+    assert config.dataset.num_input == 4
+    assert (config.dataset.image_width, config.dataset.image_height) == (100, 100)
+    assert config.model.model_type == "Siamese_3"
+    assert config.dataset.augmentation_config.rgb_input_std == [0.229, 0.224, 0.225]
+
+
+def test_interpolations_resolve():
+    evaluate = load_config(TAO_SPECS / "evaluate_inference.yaml")
+    assert evaluate.evaluate.checkpoint == "/path/to/experiment_results/train/oi_model_lastest.pth"
+    assert evaluate.inference.results_dir == "/path/to/experiment_results/inference"
+    export = load_config(TAO_SPECS / "export.yaml")
+    assert export.export.onnx_file == "/path/to/experiment_results/export/oi_model.onnx"
+    assert export.export.batch_size == 32
+    train = load_config(TRAIN_SPEC, ["results_dir=/tmp/run"])
+    assert train.train.results_dir == "/tmp/run/train"
+    assert train.ray.storage_path == "/tmp/run/train/ray"
+
+
+def test_tao_dataclass_defaults_apply_to_omitted_keys():
+    config = load_config(TRAIN_SPEC)
+    assert config.train.optim.momentum == 0.9
+    assert config.train.optim.weight_decay == 0.0005
+    assert config.train.clip_grad_norm == 0.0
+    assert config.export.opset_version == 17
+    assert config.export.do_constant_folding is False
+    assert config.evaluate.batch_size == -1
+    assert config.dataset.augmentation_config.augment is False
+
+
+def test_defaults_without_spec():
+    config = load_config(None)
+    assert config.dataset.input_map is None
+    assert config.dataset.num_input == 1
+    assert (config.dataset.image_width, config.dataset.image_height) == (128, 128)
+    assert config.dataset.image_ext == ".jpg"
+
+
+def test_overrides_win_over_spec_and_parse_types():
+    config = load_config(TRAIN_SPEC, ["train.num_epochs=20", "dataset.batch_size=8",
+                                      "train.optim.lr=1e-3", "ray.num_workers=2"])
+    assert config.train.num_epochs == 20
+    assert config.dataset.batch_size == 8
+    assert config.train.optim.lr == pytest.approx(1e-3)
+    assert config.ray.num_workers == 2
+
+
+def test_mapping_override_replaces_and_subkey_override_adds():
+    replaced = load_config(TRAIN_SPEC, ["dataset.input_map={WhiteLight: 0}", "dataset.num_input=1"])
+    assert replaced.dataset.input_map == {"WhiteLight": 0}
+    added = load_config(TRAIN_SPEC, ["dataset.input_map.Extra=4", "dataset.num_input=5"])
+    assert list(added.dataset.input_map)[-1] == "Extra"
+
+
+def test_num_input_defaults_to_input_map_length(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("dataset:\n  input_map:\n    B: 1\n    A: 0\n")
+    config = load_config(spec)
+    assert config.dataset.num_input == 2
+    assert list(config.dataset.input_map) == ["B", "A"], "file order is the lighting order"
+
+
+def _error(spec, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(spec, overrides)
+    return str(info.value)
+
+
+def test_unknown_key_in_file_names_dotted_path_and_suggestion(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("dataset:\n  image_widht: 64\ntrain:\n  optim:\n    learning_rate: 0.1\n")
+    message = _error(spec)
+    assert f"dataset.image_widht ({spec}): did you mean 'dataset.image_width'?" in message
+    assert "train.optim.learning_rate" in message and "valid keys: type, lr, momentum" in message
+
+
+def test_unknown_key_in_override():
+    message = _error(TRAIN_SPEC, ["modle.margin=1"])
+    assert "modle (override): did you mean 'model'?" in message
+
+
+def test_section_given_a_scalar():
+    assert "dataset.grid_map (override): is a section" in _error(TRAIN_SPEC, ["dataset.grid_map=5"])
+
+
+def test_bad_type_names_key_and_value():
+    message = _error(TRAIN_SPEC, ["dataset.image_width=wide"])
+    assert message.startswith("dataset.image_width:") and "'wide'" in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["dataset.concat_type=grd"], "dataset.concat_type='grd' is not one of ['linear', 'grid']"),
+        (["dataset.num_input=3"], "dataset.num_input=3 is invalid: dataset.input_map lists 4 lightings"),
+        (["dataset.concat_type=grid", "dataset.grid_map.x=3"],
+         "dataset.grid_map='x=3, y=2' is invalid: concat_type grid needs grid_map x*y == dataset.num_input (4)"),
+        (["train.num_epochs=3"], "train.checkpoint_interval=5 is invalid: expected 1 <= value <= 3"),
+        (["dataset.fpratio_sampling=0"], "dataset.fpratio_sampling=0.0 is invalid"),
+        (["dataset.image_ext=jpg"], "dataset.image_ext='jpg' is invalid: include the dot"),
+        (["model.model_type=ResNet"], "model.model_type='ResNet' is not one of ['Siamese_3', 'Siamese_1', 'Siamese']"),
+        (["train.optim.type=AdamW"], "train.optim.type='AdamW' is not one of ['Adam', 'SGD']"),
+        (["train.loss=triplet"], "train.loss='triplet' is not one of ['contrastive']"),
+        (["dataset.augmentation_config.rgb_input_std=[0.2,0.2]"], "rgb_input_std=[0.2, 0.2] is invalid: expected 3 values"),
+        (["gen_trt_engine.tensorrt.data_type=fp8"], "gen_trt_engine.tensorrt.data_type='fp8' is not one of"),
+        (["gen_trt_engine.tensorrt.opt_batch_size=8", "gen_trt_engine.tensorrt.max_batch_size=4"],
+         "gen_trt_engine.tensorrt.opt_batch_size=8 is invalid: expected <= max_batch_size (4)"),
+        (["export.batch_size=0"], "export.batch_size=0 is invalid: expected -1 (dynamic) or >= 1"),
+        (["ray.cpus_per_worker=0"], "ray.cpus_per_worker=0.0 is invalid: expected > 0"),
+        (["dataset.input_map=null"], "without dataset.input_map there is one image per side"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(overrides, expected):
+    assert expected in _error(TRAIN_SPEC, overrides)
+
+
+def test_all_problems_are_reported_together():
+    message = _error(TRAIN_SPEC, ["dataset.concat_type=grd", "model.margin=-1"])
+    assert "dataset.concat_type" in message and "model.margin=-1.0" in message
+
+
+def test_missing_spec_file_and_bad_yaml(tmp_path):
+    assert "spec file not found" in _error(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("dataset: [unclosed\n")
+    assert "not valid YAML" in _error(broken)
+    assert "not of the form dotted.key=value" in _error(TRAIN_SPEC, ["train.num_epochs"])
+
+
+def test_unresolvable_interpolation():
+    assert "cannot resolve interpolation" in _error(TRAIN_SPEC, ["results_dir=${nope}"])
+
+
+@pytest.mark.parametrize(
+    ("num_gpus", "gpu_ids", "expected"),
+    [
+        (1, [0], (1, [0])),
+        (2, [0, 1], (2, [0, 1])),
+        (2, [0], (2, [0, 1])),
+        (1, [2, 3], (2, [2, 3])),
+        (3, [1], (3, [0, 1, 2])),
+    ],
+)
+def test_tao_gpu_reconciliation(num_gpus, gpu_ids, expected):
+    assert reconcile_gpus(num_gpus, gpu_ids) == expected
+
+
+def test_gpu_reconciliation_is_applied_on_load():
+    config = load_config(TRAIN_SPEC, ["train.num_gpus=1", "train.gpu_ids=[2,3]"])
+    assert (config.train.num_gpus, config.train.gpu_ids) == (2, [2, 3])
+
+
+def test_print_config_prints_resolved_yaml(capsys):
+    status = main(["train", "-e", str(TRAIN_SPEC), "results_dir=/tmp/x", "--print-config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert status == 0
+    assert printed["train"]["results_dir"] == "/tmp/x/train"
+    assert printed["dataset"]["input_map"]["WhiteLight"] == 3
+    assert yaml.safe_load(to_yaml(load_config(TRAIN_SPEC, ["results_dir=/tmp/x"]))) == printed
+
+
+def test_cli_reports_config_error_in_one_line(capsys):
+    status = main(["train", "-e", str(TRAIN_SPEC), "dataset.imagewidth=5"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("oi-ray train: error: unknown or misplaced spec keys")
+    assert "Traceback" not in err
+
+
+def test_unbuilt_task_says_not_implemented(capsys):
+    assert main(["gen_trt_engine", "-e", str(TRAIN_SPEC)]) == 1
+    assert "'gen_trt_engine' is not implemented yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)
