@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from oi_ray import __version__
-from oi_ray.errors import OiRayError, TaskNotImplementedError
+from oi_ray.errors import TaskNotImplementedError, find_user_error
 
 SPEC_TASKS = {
     "train": "train a Siamese model on Ray Train (resumes from oi_model_latest.pth)",
@@ -38,10 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "synthesize":
             return _synthesize(args)
         return _run_spec_task(args)
-    except OiRayError as error:
-        if args.debug:
+    except Exception as error:  # user errors may arrive wrapped by Ray tasks
+        user_error = find_user_error(error)
+        if user_error is None or args.debug:
             raise
-        print(f"oi-ray {args.command}: error: {error}", file=sys.stderr)
+        print(f"oi-ray {args.command}: error: {user_error}", file=sys.stderr)
         return 1
 
 

@@ -8,6 +8,14 @@ exception is a bug and keeps its traceback.
 class OiRayError(Exception):
     """Base class for errors caused by user input or environment."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        # Kept apart from ``args``: Ray appends retry advice to the args of task errors.
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
 
 class ConfigError(OiRayError):
     """A spec file or override is invalid (unknown key, bad value, missing field)."""
@@ -23,3 +31,19 @@ class BackendUnavailableError(OiRayError):
 
 class TaskNotImplementedError(OiRayError):
     """The task exists in the CLI but is not built yet."""
+
+
+def find_user_error(error: BaseException) -> OiRayError | None:
+    """The OiRayError behind ``error``, unwrapping Ray task errors and exception chains."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)  # a Ray task error wraps the original here
+        if isinstance(current, OiRayError) and not isinstance(cause, OiRayError):
+            return current
+        pending.extend([current.__context__, current.__cause__, cause])
+    return None

@@ -1,0 +1,1 @@
+"""Data: pairs CSV validation, input assembly, augmentation, Ray Data pipelines, synthetic data."""

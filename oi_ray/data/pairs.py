@@ -1,0 +1,290 @@
+"""Pairs CSV loading and validation (TAO layout), done before any Ray work starts.
+
+A pairs CSV has the columns ``input_path, golden_path, object_name, label`` (label optional
+for inference; extra columns are kept). Each row names one test image set and its golden
+image set; the image of lighting ``L`` is
+``images_dir / input_path / f"{object_name}_{L}{image_ext}"`` (without ``_{L}`` when the spec
+has no ``input_map``); an absolute ``input_path`` / ``golden_path`` overrides ``images_dir``.
+
+Every problem (bad columns, labels, duplicated rows, missing or unreadable images) is
+collected and reported together, naming the file, row, column and path.
+"""
+
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from oi_ray.config.schema import DatasetConfig
+from oi_ray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+PATH_COLUMNS = ("input_path", "golden_path", "object_name")
+LABEL_COLUMN = "label"
+PASS_LABEL = "PASS"
+UNLABELED = -1
+MAX_LISTED_PROBLEMS = 20
+# Bytes a complete file ends with: a cheap check for truncated downloads and copies.
+FILE_TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+@dataclass(frozen=True)
+class ImageNaming:
+    """How a row's image files are named: the lightings in order and the extension."""
+
+    lights: tuple[str, ...]  # empty: one image per side, named object_name + image_ext
+    image_ext: str
+
+    @classmethod
+    def from_config(cls, dataset: DatasetConfig) -> "ImageNaming":
+        return cls(lights=tuple(dataset.input_map or ()), image_ext=dataset.image_ext)
+
+    def file_names(self, object_name: str) -> list[str]:
+        """File names of one side's images, one per lighting, in lighting order."""
+        if not self.lights:
+            return [f"{object_name}{self.image_ext}"]
+        return [f"{object_name}_{light}{self.image_ext}" for light in self.lights]
+
+
+@dataclass
+class PairTable:
+    """A validated pairs CSV with the image paths of every row resolved."""
+
+    csv_path: Path
+    rows: pd.DataFrame  # the CSV as read: every column, as strings, in file order
+    test_paths: list[list[str]]  # per row, one path per lighting
+    golden_paths: list[list[str]]
+    targets: np.ndarray  # int8 per row: 1 defect, 0 PASS, UNLABELED (-1) without labels
+
+    @property
+    def has_labels(self) -> bool:
+        return LABEL_COLUMN in self.rows.columns
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def label_counts(self) -> dict[str, int]:
+        """Rows per label value (PASS first), for logging."""
+        if not self.has_labels:
+            return {}
+        counts = Counter(self.rows[LABEL_COLUMN])
+        return dict(sorted(counts.items(), key=lambda item: (item[0] != PASS_LABEL, -item[1])))
+
+    def pipeline_frame(self) -> pd.DataFrame:
+        """The columns the Ray Data pipeline needs: row, test_paths, golden_paths, target."""
+        return pd.DataFrame({
+            "row": np.arange(len(self.rows), dtype=np.int64),
+            "test_paths": self.test_paths,
+            "golden_paths": self.golden_paths,
+            "target": self.targets,
+        })
+
+
+def load_pairs(
+    csv_path: str | Path,
+    images_dir: str | Path | None,
+    naming: ImageNaming,
+    *,
+    require_labels: bool = True,
+) -> PairTable:
+    """Read and validate a pairs CSV; raise DataError listing every problem found.
+
+    ``images_dir`` defaults to the CSV's folder. Checks: required columns, empty cells,
+    labels (exactly ``PASS`` or a defect name; near-misses like ``pass`` are errors),
+    duplicated pairs, and that every lighting image of both sides exists and opens.
+    """
+    csv_path = Path(csv_path)
+    frame = _read_csv(csv_path)
+    root = Path(images_dir) if images_dir else csv_path.parent
+    problems = _Problems(csv_path)
+
+    required = list(PATH_COLUMNS) + ([LABEL_COLUMN] if require_labels else [])
+    missing = [column for column in required if column not in frame.columns]
+    if missing:
+        stripped = {str(c).strip(): c for c in frame.columns}
+        hint = "; ".join(f"column {stripped[m]!r} has stray spaces" for m in missing if m in stripped)
+        raise DataError(
+            f"{csv_path}: missing column(s) {missing}; found {list(frame.columns)}"
+            + (f" ({hint})" if hint else "")
+        )
+
+    for column in required:
+        for index in np.flatnonzero(frame[column].str.strip() == ""):
+            problems.add(index, column, "is empty")
+    targets = _label_targets(frame, problems)
+    _check_duplicates(frame, problems)
+
+    test_paths = _image_paths(frame, "input_path", root, naming)
+    golden_paths = _image_paths(frame, "golden_path", root, naming)
+    _check_images(test_paths, golden_paths, root, naming, problems)
+    problems.raise_if_any()
+
+    table = PairTable(csv_path, frame, test_paths, golden_paths, targets)
+    counts = ", ".join(f"{label} {count}" for label, count in table.label_counts().items())
+    log.info("%s: %d pairs%s", csv_path, len(table), f" ({counts})" if counts else "")
+    return table
+
+
+class _Problems:
+    """Collects row problems of one CSV and raises them together as one DataError."""
+
+    def __init__(self, csv_path: Path) -> None:
+        self.csv_path = csv_path
+        self.messages: list[str] = []
+        self.hints: list[str] = []
+
+    def add(self, index: int, column: str, what: str) -> None:
+        self.messages.append(f"row {index + 1} (line {index + 2}), column '{column}': {what}")
+
+    def hint(self, text: str) -> None:
+        if text not in self.hints:
+            self.hints.append(text)
+
+    def raise_if_any(self) -> None:
+        if not self.messages:
+            return
+        shown = self.messages[:MAX_LISTED_PROBLEMS]
+        more = len(self.messages) - len(shown)
+        lines = [f"{self.csv_path}: {len(self.messages)} problem(s):", *(f"  - {m}" for m in shown)]
+        if more:
+            lines.append(f"  ... and {more} more")
+        lines.extend(f"hint: {h}" for h in self.hints)
+        raise DataError("\n".join(lines))
+
+
+def _read_csv(csv_path: Path) -> pd.DataFrame:
+    if not csv_path.is_file():
+        raise DataError(f"pairs CSV not found: {csv_path}")
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError(f"{csv_path}: cannot parse as CSV: {error}") from None
+    if frame.empty:
+        raise DataError(f"{csv_path}: has a header but no rows")
+    return frame.reset_index(drop=True)
+
+
+def _label_targets(frame: pd.DataFrame, problems: _Problems) -> np.ndarray:
+    if LABEL_COLUMN not in frame.columns:
+        return np.full(len(frame), UNLABELED, dtype=np.int8)
+    labels = frame[LABEL_COLUMN]
+    near_pass = (labels != PASS_LABEL) & (labels.str.strip().str.upper() == PASS_LABEL)
+    for index in np.flatnonzero(near_pass):
+        problems.add(index, LABEL_COLUMN, f"{labels.iloc[index]!r} is not exactly 'PASS' "
+                     "(TAO would silently count it as a defect); fix the case/spaces")
+    return (labels != PASS_LABEL).to_numpy(dtype=np.int8)
+
+
+def _check_duplicates(frame: pd.DataFrame, problems: _Problems) -> None:
+    first_seen: dict[tuple[str, ...], int] = {}
+    for index, key in enumerate(map(tuple, frame[list(PATH_COLUMNS)].to_numpy())):
+        first = first_seen.setdefault(key, index)
+        if first != index:
+            problems.add(index, "object_name", f"pair {key} repeats row {first + 1}")
+
+
+def _image_paths(frame: pd.DataFrame, column: str, root: Path, naming: ImageNaming) -> list[list[str]]:
+    return [
+        [os.path.join(root, folder, name) for name in naming.file_names(object_name)]
+        for folder, object_name in zip(frame[column], frame["object_name"], strict=True)
+    ]
+
+
+def _check_images(
+    test_paths: list[list[str]],
+    golden_paths: list[list[str]],
+    root: Path,
+    naming: ImageNaming,
+    problems: _Problems,
+) -> None:
+    """Report missing images per row and column, then unreadable ones (opened in threads)."""
+    index = _DirectoryIndex()
+    first_use: dict[str, tuple[int, str]] = {}
+    for column, side in (("input_path", test_paths), ("golden_path", golden_paths)):
+        for row, paths in enumerate(side):
+            for path in paths:
+                if path not in first_use:
+                    first_use[path] = (row, column)
+    existing = []
+    for path, (row, column) in first_use.items():
+        if index.exists(path):
+            existing.append(path)
+            continue
+        problems.add(row, column, f"image not found: {path}")
+        hint = _missing_image_hint(path, root, naming, index)
+        if hint:
+            problems.hint(hint)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for path, error in zip(existing, pool.map(_open_error, existing), strict=True):
+            if error:
+                row, column = first_use[path]
+                problems.add(row, column, f"cannot read image {path}: {error}")
+
+
+class _DirectoryIndex:
+    """File names per folder, listed once: existence checks for many files stay cheap."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, frozenset[str]] = {}
+
+    def names(self, folder: str) -> frozenset[str]:
+        if folder not in self._names:
+            try:
+                self._names[folder] = frozenset(os.listdir(folder))
+            except OSError:
+                self._names[folder] = frozenset()
+        return self._names[folder]
+
+    def exists(self, path: str) -> bool:
+        folder, name = os.path.split(path)
+        return name in self.names(folder)
+
+
+def _open_error(path: str) -> str | None:
+    """Why the image cannot be read (bad header, truncated JPEG/PNG), or None when it opens.
+
+    Cheap: reads the header and the file's last bytes, not the pixels.
+    """
+    try:
+        with Image.open(path) as image:
+            image_format = image.format
+            if image.width < 1 or image.height < 1:
+                return "empty image"
+        trailer = FILE_TRAILERS.get(image_format or "")
+        if trailer:
+            with open(path, "rb") as handle:
+                handle.seek(-len(trailer), os.SEEK_END)
+                if handle.read() != trailer:
+                    return f"truncated {image_format} file (no end marker)"
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        return str(error) or type(error).__name__
+    return None
+
+
+def _missing_image_hint(path: str, root: Path, naming: ImageNaming, index: _DirectoryIndex) -> str | None:
+    """Explain a common cause of a missing image: nesting, extension, lighting names."""
+    relative = os.path.relpath(path, root)
+    if not relative.startswith("..") and (root / "images" / relative).is_file():
+        return f"the images are one level deeper: set images_dir to {root / 'images'}"
+    folder, name = os.path.split(path)
+    stem = Path(name).stem
+    same_stem = sorted(n for n in index.names(folder) if Path(n).stem == stem)
+    if same_stem:
+        return (f"found {same_stem[0]} next to the missing {name}: "
+                f"check dataset.image_ext ({naming.image_ext})")
+    if not naming.lights:
+        return None
+    object_name = stem.rsplit("_", 1)[0]
+    lights = sorted({Path(n).stem[len(object_name) + 1:] for n in index.names(folder)
+                     if n.startswith(f"{object_name}_")})
+    if not lights:
+        return None
+    return (f"{folder} has {object_name} under lightings {', '.join(lights)}; "
+            f"dataset.input_map expects {', '.join(naming.lights)}")

@@ -1,0 +1,51 @@
+"""Starting or joining Ray, in one place, with defaults that suit small machines."""
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+import ray.data
+
+from oi_ray.config.schema import RayConfig
+
+log = logging.getLogger(__name__)
+
+MIN_LOCAL_CPUS = 4  # logical CPUs, so Ray Data has room next to two training workers
+RAY_ENV_DEFAULTS = {
+    "RAY_AUTH_MODE": "disabled",  # embedded single-user cluster on loopback: no token warning
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+@contextmanager
+def ray_session(config: RayConfig) -> Iterator[None]:
+    """Run the body with Ray available: join ``config.address`` or start an embedded Ray.
+
+    A Ray started here is shut down on exit; an already initialised Ray is reused as is.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    for name, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if config.address:
+        log.info("connecting to Ray cluster at %s", config.address)
+        ray.init(address=config.address, logging_level=logging.WARNING)
+    else:
+        num_cpus = config.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+        memory = config.object_store_memory_mb
+        ray.init(
+            num_cpus=num_cpus,
+            object_store_memory=memory * 1024 * 1024 if memory else None,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-execution INFO banners
+    # A DataError raised while decoding reaches the driver as itself, naming the image.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+    try:
+        yield
+    finally:
+        ray.shutdown()
