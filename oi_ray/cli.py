@@ -20,6 +20,7 @@ SPEC_TASKS = {
     "inference": "score dataset.infer_dataset and write inference.csv",
     "export": "export a checkpoint to ONNX with TAO's input/output names",
     "gen_trt_engine": "build a TensorRT engine from an exported ONNX model (GPU)",
+    "check_dataset": "validate every dataset split of the spec and preview the Ray Data pipeline",
 }
 
 OVERRIDES_HELP = (

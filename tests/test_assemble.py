@@ -1,9 +1,9 @@
 """Model input assembly (TAO's linear/grid concatenation, resize, normalise) and augmentation."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TAO_SPECS
 from PIL import Image
 
 from oi_ray.config import load_config
@@ -62,7 +62,7 @@ def test_normalize_matches_hand_computation():
 
 @pytest.mark.parametrize(("concat", "expected"), [("linear", (3, 400, 100)), ("grid", (3, 200, 200))])
 def test_input_shape_from_tao_spec(concat, expected):
-    spec = Path(__file__).resolve().parents[2] / "shared/tao_specs/train.yaml"
+    spec = TAO_SPECS / "train.yaml"
     geometry = InputGeometry.from_config(load_config(spec, [f"dataset.concat_type={concat}"]).dataset)
     assert geometry.input_shape == expected
     assert geometry.mean == (0.485, 0.456, 0.406)

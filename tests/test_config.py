@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import TAO_SPECS
 
 from oi_ray.cli import main
 from oi_ray.config import load_config, to_yaml
 from oi_ray.config.validate import reconcile_gpus
 from oi_ray.errors import ConfigError
 
-TAO_SPECS = Path(__file__).resolve().parents[2] / "shared" / "tao_specs"
 SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 TRAIN_SPEC = TAO_SPECS / "train.yaml"
 
@@ -196,3 +196,9 @@ def test_unbuilt_task_says_not_implemented(capsys):
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_tao_specs_are_present():
+    assert sorted(p.name for p in TAO_SPECS.glob("*.yaml")) == ["evaluate_inference.yaml", "export.yaml", "train.yaml"], (
+        f"TAO's example specs not found in {TAO_SPECS}; set OI_RAY_TAO_SPECS"
+    )
