@@ -1,0 +1,60 @@
+"""Siamese models (TAO layouts) and the contrastive loss."""
+
+import pytest
+import torch
+
+from oi_ray.config.validate import MODEL_TYPES
+from oi_ray.model.loss import contrastive_loss
+from oi_ray.model.siamese import MODELS, build_model, embedding_distance
+
+INPUT = (3, 24, 8)  # e.g. 3 lightings of 8x8, linear
+
+
+def test_registry_covers_every_accepted_model_type():
+    assert set(MODELS) == set(MODEL_TYPES)
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_forward_backward_shapes(model_type):
+    torch.manual_seed(0)
+    model = build_model(model_type, INPUT, embedding_dim=5)
+    test, golden = torch.randn(4, *INPUT), torch.randn(4, *INPUT)
+    first, second = model(test, golden)
+    assert first.shape == second.shape == (4, 5)
+    distance = model.distance(test, golden)
+    assert distance.shape == (4,)
+    contrastive_loss(distance, torch.tensor([0, 1, 0, 1]), margin=2.0).backward()
+    assert model.fc1[0].weight.grad is not None and model.cnn1[1].weight.grad is not None
+
+
+def test_branches_share_weights():
+    model = build_model("Siamese_3", INPUT, 5).eval()
+    images = torch.randn(2, *INPUT)
+    assert torch.allclose(model.distance(images, images), torch.zeros(2), atol=1e-5)
+
+
+def test_state_dict_layout_matches_tao():
+    siamese_3 = build_model("Siamese_3", INPUT, 5).state_dict()
+    assert siamese_3["fc1.0.weight"].shape == (512, 8 * 24 * 8), "first Linear sees 8 channels x H' x W'"
+    assert {"cnn1.1.weight", "cnn1.5.weight", "cnn1.9.weight", "cnn1.3.running_mean",
+            "cnn1.7.running_mean", "cnn1.11.running_mean", "fc1.2.running_var", "fc1.5.running_var",
+            "fc1.3.weight", "fc1.6.weight"} <= set(siamese_3)
+    assert siamese_3["fc1.6.weight"].shape == (5, 512)
+    siamese_1 = build_model("Siamese_1", INPUT, 7).state_dict()
+    assert [k for k in siamese_1 if k.startswith("fc1")] == [
+        "fc1.0.weight", "fc1.0.bias", "fc1.2.weight", "fc1.2.bias", "fc1.4.weight", "fc1.4.bias"]
+    assert siamese_1["fc1.0.weight"].shape == (500, 8 * 24 * 8)
+
+
+def test_distance_is_l2_with_tao_eps():
+    first = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    second = torch.tensor([[3.0, 4.0], [1.0, 1.0]])
+    assert embedding_distance(first, second).tolist() == pytest.approx([5.0, 2 ** 0.5 * 1e-6], rel=1e-4)
+
+
+def test_contrastive_loss_on_hand_made_distances():
+    distance = torch.tensor([0.5, 1.0, 3.0, 0.0])
+    target = torch.tensor([0, 1, 1, 0])
+    # PASS: 0.25 and 0; defects: (2-1)^2 = 1 and clamp(2-3) = 0 -> mean 1.25 / 4
+    assert contrastive_loss(distance, target, margin=2.0).item() == pytest.approx(1.25 / 4)
+    assert contrastive_loss(distance, target, margin=4.0).item() == pytest.approx((0.25 + 9 + 1) / 4)
