@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from oi_ray import __version__
 from oi_ray.errors import TaskNotImplementedError, find_user_error
@@ -117,21 +118,23 @@ def _run_spec_task(args: argparse.Namespace) -> int:
         return 0
     if args.cluster is not None:
         raise TaskNotImplementedError("--cluster is not implemented yet; run on a local Ray")
-    module_name = f"oi_ray.tasks.{args.command}"
-    try:
-        task = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        raise TaskNotImplementedError(f"'{args.command}' is not implemented yet") from None
-    task.run(config)
+    _import_command(args.command, f"oi_ray.tasks.{args.command}").run(config)
     return 0
 
 
-def _synthesize(args: argparse.Namespace) -> int:
-    from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
+def _import_command(command: str, module_name: str) -> ModuleType:
+    """Import the module implementing ``command``; a command not built yet says so."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        raise TaskNotImplementedError(f"'{command}' is not implemented yet") from None
 
-    spec = SyntheticSpec(
+
+def _synthesize(args: argparse.Namespace) -> int:
+    synthetic = _import_command("synthesize", "oi_ray.data.synthetic")
+    spec = synthetic.SyntheticSpec(
         num_pairs=args.num_pairs,
         defect_ratio=args.defect_ratio,
         lights=tuple(name.strip() for name in args.lights.split(",") if name.strip()),
@@ -140,7 +143,7 @@ def _synthesize(args: argparse.Namespace) -> int:
         height=args.size[1],
         seed=args.seed,
     )
-    summary = synthesize_dataset(args.output, spec, overwrite=args.overwrite)
+    summary = synthetic.synthesize_dataset(args.output, spec, overwrite=args.overwrite)
     print(summary.describe())
     return 0
 

@@ -130,3 +130,26 @@ def test_corrupt_image_during_decoding_names_the_file(ray_local, tmp_path):
     user_error = find_user_error(info.value)
     assert isinstance(user_error, DataError)
     assert str(user_error).startswith(f"cannot decode image {broken}")
+
+
+def test_check_dataset_cli_validates_and_runs_every_split(ray_local, table, tmp_path, capsys):
+    from oi_ray.cli import main
+
+    images = table.csv_path.parent / "images"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"dataset:\n"
+        f"  train_dataset: {{csv_path: {table.csv_path}, images_dir: {images}}}\n"
+        f"  infer_dataset: {{csv_path: {table.csv_path}, images_dir: {images}}}\n"
+        f"  image_ext: .png\n  input_map: {{LowAngleLight: 0, SolderLight: 1}}\n"
+        f"  image_width: 8\n  image_height: 6\n  fpratio_sampling: 0.5\n"
+    )
+    assert main(["check_dataset", "-e", str(spec), "dataset.batch_size=16"]) == 0
+    err = capsys.readouterr().err
+    assert "model input per side: 3x12x8 float32 (LowAngleLight, SolderLight, linear)" in err
+    assert f"train_dataset: {NUM_ROWS} pairs through Ray Data" in err
+    assert "batches of (16, 3, 12, 8) float32" in err
+    assert f"infer_dataset: {NUM_ROWS} pairs" in err and "dataset OK" in err
+
+    assert main(["check_dataset", "-e", str(spec), "dataset.image_ext=.jpg"]) == 1
+    assert "hint: images exist with extension .png: check dataset.image_ext (.jpg)" in capsys.readouterr().err

@@ -98,7 +98,7 @@ def test_missing_golden_lighting_names_path_and_lists_found_lightings(tmp_path):
     message = _load_error(csv_path, tmp_path / "images")
     assert "row 2 (line 3), column 'golden_path': image not found: " in message
     assert "C2@1_SolderLight.png" in message
-    assert "under lightings LowAngleLight" in message
+    assert "hint: images exist under lightings LowAngleLight; dataset.input_map expects LowAngleLight, SolderLight" in message
 
 
 def test_hint_for_images_nested_one_level_deeper(tmp_path):
@@ -111,7 +111,7 @@ def test_hint_for_images_nested_one_level_deeper(tmp_path):
 def test_hint_for_wrong_extension(tmp_path):
     csv_path = write_pair_dataset(tmp_path, GOOD_ROWS)
     message = _load_error(csv_path, tmp_path / "images", ImageNaming(LIGHTS, ".jpg"))
-    assert "check dataset.image_ext (.jpg)" in message
+    assert message.count("hint: images exist with extension .png: check dataset.image_ext (.jpg)") == 1
 
 
 def test_corrupt_image_is_named(tmp_path):

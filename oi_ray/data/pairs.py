@@ -277,7 +277,7 @@ def _missing_image_hint(path: str, root: Path, naming: ImageNaming, index: _Dire
     stem = Path(name).stem
     same_stem = sorted(n for n in index.names(folder) if Path(n).stem == stem)
     if same_stem:
-        return (f"found {same_stem[0]} next to the missing {name}: "
+        return (f"images exist with extension {Path(same_stem[0]).suffix}: "
                 f"check dataset.image_ext ({naming.image_ext})")
     if not naming.lights:
         return None
@@ -286,5 +286,5 @@ def _missing_image_hint(path: str, root: Path, naming: ImageNaming, index: _Dire
                      if n.startswith(f"{object_name}_")})
     if not lights:
         return None
-    return (f"{folder} has {object_name} under lightings {', '.join(lights)}; "
+    return (f"images exist under lightings {', '.join(lights)}; "
             f"dataset.input_map expects {', '.join(naming.lights)}")
