@@ -1,0 +1,140 @@
+"""Scores to metrics: TAO's four percentages, ROC/PR summaries, FAR at a defect recall,
+and the threshold calibration rule. Pure numpy; every score is a pair distance where larger
+means "more likely a defect", and the decision is ``score > threshold`` (TAO's rule).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A threshold and what it does on a labelled set."""
+
+    threshold: float
+    defect_recall: float  # caught defects / all defects
+    false_alarm_rate: float  # flagged PASS pairs / all PASS pairs
+
+
+def tao_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, float]:
+    """TAO's evaluate metrics, in percent, exactly as TAO computes them.
+
+    ``total_accuracy`` = correct / all; ``defect_accuracy`` = caught / all defects (0 without
+    defects); ``false_alarm`` = flagged PASS / **all pairs**; ``false_negative`` = missed
+    defects / **all pairs**.
+    """
+    scores, targets = _checked(scores, targets)
+    flagged = scores > threshold
+    defect = targets == 1
+    total = len(scores)
+    caught = np.count_nonzero(flagged & defect)
+    num_defects = np.count_nonzero(defect)
+    return {
+        "total_accuracy": 100.0 * np.count_nonzero(flagged == defect) / total,
+        "defect_accuracy": 100.0 * caught / num_defects if num_defects else 0.0,
+        "false_alarm": 100.0 * np.count_nonzero(flagged & ~defect) / total,
+        "false_negative": 100.0 * np.count_nonzero(~flagged & defect) / total,
+    }
+
+
+def confusion_matrix(scores: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, int]:
+    """Counts of the decision ``score > threshold`` against the labels."""
+    scores, targets = _checked(scores, targets)
+    flagged, defect = scores > threshold, targets == 1
+    return {
+        "true_pass": int(np.count_nonzero(~flagged & ~defect)),
+        "false_alarm": int(np.count_nonzero(flagged & ~defect)),
+        "missed_defect": int(np.count_nonzero(~flagged & defect)),
+        "caught_defect": int(np.count_nonzero(flagged & defect)),
+    }
+
+
+def roc_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False-alarm rate, defect recall and threshold at every distinct score, from strict to lax.
+
+    Point ``i`` flags the pairs whose score is >= ``thresholds[i]``; a leading (0, 0) point
+    with threshold +inf is included.
+    """
+    scores, targets = _checked(scores, targets, need_both=True)
+    order = np.argsort(-scores, kind="mergesort")
+    ranked, labels = scores[order], targets[order]
+    last_of_value = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    caught = np.cumsum(labels == 1)[last_of_value]
+    alarms = np.cumsum(labels == 0)[last_of_value]
+    recall = np.r_[0.0, caught / caught[-1]]
+    false_alarm = np.r_[0.0, alarms / alarms[-1]]
+    return false_alarm, recall, np.r_[np.inf, ranked[last_of_value]]
+
+
+def auroc(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Area under the ROC curve (ties count one half)."""
+    false_alarm, recall, _ = roc_curve(scores, targets)
+    return float(np.trapezoid(recall, false_alarm))
+
+
+def aupr(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Average precision of defect detection: sum over thresholds of recall gain x precision."""
+    scores, targets = _checked(scores, targets, need_both=True)
+    order = np.argsort(-scores, kind="mergesort")
+    ranked, labels = scores[order], targets[order]
+    last_of_value = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    caught = np.cumsum(labels == 1)[last_of_value]
+    flagged = last_of_value + 1
+    recall = caught / caught[-1]
+    precision = caught / flagged
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def at_defect_recall(scores: np.ndarray, targets: np.ndarray, recall: float) -> OperatingPoint:
+    """The strictest threshold that still catches at least ``recall`` of the defects.
+
+    The threshold sits halfway between the weakest defect that must be caught and the next
+    lower score, so ``score > threshold`` reproduces the point on new data with ties.
+    """
+    scores, targets = _checked(scores, targets, need_both=True)
+    defect_scores = np.sort(scores[targets == 1])[::-1]
+    needed = max(1, int(np.ceil(recall * len(defect_scores) - 1e-9)))
+    weakest = defect_scores[needed - 1]
+    lower = scores[scores < weakest]
+    threshold = float((weakest + lower.max()) / 2) if len(lower) else float(np.nextafter(weakest, -np.inf))
+    return _operating_point(scores, targets, threshold)
+
+
+def calibrate_threshold(scores: np.ndarray, targets: np.ndarray) -> OperatingPoint:
+    """The threshold that maximises balanced accuracy ``(recall + (1 - FAR)) / 2``.
+
+    Candidates are midpoints between consecutive distinct scores; among equally good ones the
+    lowest threshold (the one catching the most defects) wins.
+    """
+    false_alarm, recall, thresholds = roc_curve(scores, targets)
+    balanced = recall - false_alarm  # = 2 * balanced accuracy - 1
+    best = int(np.argmax(balanced[::-1]))
+    index = len(balanced) - 1 - best
+    if index == 0:
+        return _operating_point(*_checked(scores, targets), float(thresholds[1]))
+    upper = thresholds[index]
+    if index + 1 == len(thresholds):  # flag everything: just below the lowest score
+        return _operating_point(*_checked(scores, targets), float(np.nextafter(upper, -np.inf)))
+    return _operating_point(*_checked(scores, targets), float((upper + thresholds[index + 1]) / 2))
+
+
+def _operating_point(scores: np.ndarray, targets: np.ndarray, threshold: float) -> OperatingPoint:
+    flagged = scores > threshold
+    defect = targets == 1
+    return OperatingPoint(
+        threshold=threshold,
+        defect_recall=float(np.count_nonzero(flagged & defect) / max(1, np.count_nonzero(defect))),
+        false_alarm_rate=float(np.count_nonzero(flagged & ~defect) / max(1, np.count_nonzero(~defect))),
+    )
+
+
+def _checked(scores, targets, need_both: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    targets = np.asarray(targets).ravel().astype(np.int8)
+    if len(scores) != len(targets) or len(scores) == 0:
+        raise ValueError(f"need equal, non-zero numbers of scores and targets, got "
+                         f"{len(scores)} and {len(targets)}")
+    if need_both and not (np.any(targets == 1) and np.any(targets == 0)):
+        raise ValueError("this metric needs both PASS and defect pairs")
+    return scores, targets

@@ -1,0 +1,84 @@
+"""Metrics against sklearn and hand computation; threshold calibration."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from oi_ray import metrics
+
+
+def _data(seed=0, n=400, ties=False):
+    rng = np.random.default_rng(seed)
+    targets = (rng.random(n) < 0.2).astype(np.int8)
+    scores = rng.normal(1.0 + 1.5 * targets, 1.0)
+    return (np.round(scores, 1) if ties else scores), targets
+
+
+def test_tao_metrics_by_hand():
+    scores = np.array([0.5, 2.5, 3.0, 1.0, 2.1, 0.1])
+    targets = np.array([0, 0, 1, 1, 1, 0])
+    # flagged (> 2.0): 2.5 (PASS: false alarm), 3.0 and 2.1 (caught); 1.0 missed
+    result = metrics.tao_metrics(scores, targets, threshold=2.0)
+    assert result["total_accuracy"] == pytest.approx(100 * 4 / 6)
+    assert result["defect_accuracy"] == pytest.approx(100 * 2 / 3)
+    assert result["false_alarm"] == pytest.approx(100 * 1 / 6), "over all pairs, as TAO"
+    assert result["false_negative"] == pytest.approx(100 * 1 / 6)
+    assert metrics.confusion_matrix(scores, targets, 2.0) == {
+        "true_pass": 2, "false_alarm": 1, "missed_defect": 1, "caught_defect": 2}
+    assert metrics.tao_metrics(scores, np.zeros(6), 2.0)["defect_accuracy"] == 0.0
+
+
+def test_tao_decision_is_strictly_greater():
+    assert metrics.tao_metrics(np.array([2.0]), np.array([1]), 2.0)["defect_accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_auroc_and_aupr_match_sklearn(ties):
+    scores, targets = _data(ties=ties)
+    assert metrics.auroc(scores, targets) == pytest.approx(roc_auc_score(targets, scores), abs=1e-12)
+    assert metrics.aupr(scores, targets) == pytest.approx(average_precision_score(targets, scores), abs=1e-12)
+
+
+def test_roc_curve_matches_sklearn():
+    scores, targets = _data(ties=True)
+    false_alarm, recall, thresholds = metrics.roc_curve(scores, targets)
+    sk_fpr, sk_tpr, sk_thresholds = roc_curve(targets, scores, drop_intermediate=False)
+    np.testing.assert_allclose(false_alarm, sk_fpr)
+    np.testing.assert_allclose(recall, sk_tpr)
+    np.testing.assert_allclose(thresholds[1:], sk_thresholds[1:])
+
+
+def test_operating_point_at_full_and_99_percent_recall():
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.9, 0.5, 0.6, 0.8])
+    targets = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    point = metrics.at_defect_recall(scores, targets, 1.0)
+    assert point.defect_recall == 1.0
+    assert point.threshold == pytest.approx(0.45)
+    assert point.false_alarm_rate == pytest.approx(1 / 5)
+    assert metrics.at_defect_recall(scores, targets, 0.99) == point, "3 defects: 99 % needs all 3"
+    two_thirds = metrics.at_defect_recall(scores, targets, 0.6)
+    assert two_thirds.defect_recall == pytest.approx(2 / 3) and two_thirds.threshold == pytest.approx(0.55)
+
+
+def test_calibration_maximises_balanced_accuracy():
+    scores, targets = _data(seed=3)
+    point = metrics.calibrate_threshold(scores, targets)
+    best = max(
+        (np.mean(scores[targets == 1] > t) + np.mean(scores[targets == 0] <= t)) / 2
+        for t in np.r_[scores - 1e-9, scores + 1e-9]
+    )
+    achieved = (point.defect_recall + 1 - point.false_alarm_rate) / 2
+    assert achieved == pytest.approx(best)
+
+
+def test_calibration_on_separable_scores_lies_between_classes():
+    point = metrics.calibrate_threshold(np.array([0.1, 0.3, 1.1, 1.5]), np.array([0, 0, 1, 1]))
+    assert point.threshold == pytest.approx(0.7)
+    assert (point.defect_recall, point.false_alarm_rate) == (1.0, 0.0)
+
+
+def test_metrics_need_both_classes_and_matching_lengths():
+    with pytest.raises(ValueError, match="both PASS and defect"):
+        metrics.auroc(np.array([0.1, 0.2]), np.array([0, 0]))
+    with pytest.raises(ValueError, match="equal, non-zero"):
+        metrics.tao_metrics(np.array([0.1]), np.array([0, 1]), 1.0)
