@@ -1,0 +1,169 @@
+"""``.pth`` checkpoints: oi-ray's own (atomic writes) and TAO's, read without running pickles.
+
+An oi-ray checkpoint is a plain dict of tensors and primitives: model weights, optimizer
+state, epoch, the resolved spec (YAML text), the calibrated threshold and the model's
+identity. It loads with ``torch.load(weights_only=True)``.
+
+TAO writes Lightning checkpoints whose ``state_dict`` keys carry a ``model.`` prefix and
+whose other entries pickle arbitrary objects (configs, callbacks) that PyTorch >= 2.6 refuses
+under ``weights_only=True``. Those are read with an unpickler that resolves only tensor
+rebuild functions and replaces every other class or function by an inert stub, so nothing
+from the file is ever called; only the tensors are used.
+"""
+
+import io
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oi_ray.errors import DataError
+
+FORMAT = "oi-ray/1"
+TAO_MODEL_PREFIX = "model."
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds; TAO checkpoints fill only ``model_state`` (and ``epoch``)."""
+
+    model_state: dict[str, torch.Tensor]
+    epoch: int = 0  # epochs completed
+    optimizer_state: dict[str, Any] | None = None
+    config_yaml: str | None = None  # the resolved spec the run used
+    threshold: float | None = None  # calibrated decision threshold
+    model_type: str | None = None
+    input_shape: tuple[int, int, int] | None = None
+    embedding_dim: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # metrics and other primitives
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "state_dict": self.model_state,
+            "epoch": self.epoch,
+            "optimizer": self.optimizer_state,
+            "config": self.config_yaml,
+            "threshold": self.threshold,
+            "model_type": self.model_type,
+            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "embedding_dim": self.embedding_dim,
+            "extra": self.extra,
+        }
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
+    """Write ``checkpoint`` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(checkpoint.to_dict(), buffer)
+    write_atomically(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read an oi-ray or TAO ``.pth`` without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        data = _load_tensors_only(path)
+    except (RuntimeError, EOFError, OSError) as error:
+        raise DataError(f"cannot read checkpoint {path}: {error}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("state_dict"), dict):
+        raise DataError(f"{path} is not a model checkpoint (no state_dict)")
+    if data.get("format") == FORMAT:
+        shape = data.get("input_shape")
+        return Checkpoint(
+            model_state=data["state_dict"], epoch=int(data.get("epoch") or 0),
+            optimizer_state=data.get("optimizer"), config_yaml=data.get("config"),
+            threshold=data.get("threshold"), model_type=data.get("model_type"),
+            input_shape=tuple(shape) if shape else None, embedding_dim=data.get("embedding_dim"),
+            extra=data.get("extra") or {},
+        )
+    return _from_tao(data)
+
+
+def write_atomically(path: Path, payload: bytes) -> None:
+    """Write bytes so readers see the old file or the complete new one, never a partial one."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(payload)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _from_tao(data: dict[str, Any]) -> Checkpoint:
+    """Keep TAO's model tensors (``model.`` prefix stripped) and its epoch."""
+    state = {key.removeprefix(TAO_MODEL_PREFIX): value for key, value in data["state_dict"].items()
+             if isinstance(value, torch.Tensor)}
+    epoch = data.get("epoch")
+    return Checkpoint(model_state=state, epoch=int(epoch) if isinstance(epoch, int) else 0)
+
+
+class _Stub:
+    """Stands in for any class or function a checkpoint names but oi-ray does not trust."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_Stub":
+        return _Stub()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+_TRUSTED = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch", "Size"),
+    ("torch", "device"),
+}
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _TRUSTED:
+            return super().find_class(module, name)
+        if module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        if (module, name) == ("torch.storage", "UntypedStorage"):
+            return super().find_class(module, name)
+        return _Stub
+
+
+class _TensorsOnlyPickle:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler never resolves untrusted names."""
+
+    Unpickler = _TensorsOnlyUnpickler
+    load = staticmethod(pickle.load)
+    __name__ = "oi_ray_tensors_only_pickle"
+
+
+def _load_tensors_only(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle)
+    except Exception as error:  # any failure here means the file is not a usable checkpoint
+        raise DataError(f"cannot read checkpoint {path}: {error}") from None
