@@ -140,16 +140,15 @@ _TRUSTED = {
     ("torch._utils", "_rebuild_parameter"),
     ("torch", "Size"),
     ("torch", "device"),
+    ("torch.storage", "UntypedStorage"),
 }
 
 
 class _TensorsOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _TRUSTED:
-            return super().find_class(module, name)
-        if module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        if (module, name) == ("torch.storage", "UntypedStorage"):
+        storage_or_dtype = module == "torch" and (
+            name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype))
+        if (module, name) in _TRUSTED or storage_or_dtype:
             return super().find_class(module, name)
         return _Stub
 
