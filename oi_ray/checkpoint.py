@@ -12,9 +12,7 @@ from the file is ever called; only the tensors are used.
 """
 
 import io
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import torch
 
 from oi_ray.errors import DataError
+from oi_ray.fileio import write_atomically
 
 FORMAT = "oi-ray/1"
 TAO_MODEL_PREFIX = "model."
@@ -88,20 +87,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             extra=data.get("extra") or {},
         )
     return _from_tao(data)
-
-
-def write_atomically(path: Path, payload: bytes) -> None:
-    """Write bytes so readers see the old file or the complete new one, never a partial one."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _from_tao(data: dict[str, Any]) -> Checkpoint:

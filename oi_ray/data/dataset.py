@@ -13,7 +13,6 @@ Batches carry ``row`` (CSV row index), ``target`` (1 defect, 0 PASS, -1 unlabele
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import ray.data
 from ray.data import Dataset
 
@@ -49,7 +48,7 @@ def decode_cache(table: PairTable, spec: PipelineSpec, *, for_training: bool) ->
     return (
         _source(table)
         .map_batches(_decode_batch, fn_kwargs={"geometry": spec.geometry, "resample": resample},
-                     batch_size=DECODE_BATCH_ROWS, batch_format="pandas")
+                     batch_size=DECODE_BATCH_ROWS, batch_format="numpy")
         .materialize()
     )
 
@@ -81,7 +80,7 @@ def evaluation_dataset(table: PairTable | Dataset, spec: PipelineSpec) -> Datase
     """
     cache = table if isinstance(table, Dataset) else _source(table).map_batches(
         _decode_batch, fn_kwargs={"geometry": spec.geometry, "resample": RESIZE_PLAIN},
-        batch_size=DECODE_BATCH_ROWS, batch_format="pandas")
+        batch_size=DECODE_BATCH_ROWS, batch_format="numpy")
     dataset = cache.map_batches(_finish_batch, batch_format="numpy", fn_kwargs={
         "geometry": spec.geometry, "augmentation": None, "seed": 0})
     dataset.context.execution_options.preserve_order = True
@@ -111,10 +110,10 @@ def _source(table: PairTable) -> Dataset:
                                  for start in range(0, len(frame), ROWS_PER_BLOCK)])
 
 
-def _decode_batch(batch: pd.DataFrame, geometry: InputGeometry, resample) -> dict[str, np.ndarray]:
+def _decode_batch(batch: dict[str, np.ndarray], geometry: InputGeometry, resample) -> dict[str, np.ndarray]:
     return {
-        "row": batch["row"].to_numpy(),
-        "target": batch["target"].to_numpy(),
+        "row": batch["row"],
+        "target": batch["target"],
         "test": np.stack([read_stack(list(paths), geometry, resample) for paths in batch["test_paths"]]),
         "golden": np.stack([read_stack(list(paths), geometry, resample)
                             for paths in batch["golden_paths"]]),
