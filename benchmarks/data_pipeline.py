@@ -3,12 +3,13 @@
 Both sides decode the same synthetic dataset (4 lightings at 100x100 by default, test and
 golden per pair, page cache warmed first). The baseline decodes every pair's images with
 PIL in a single Python loop: the decode limit of one process. The pipeline is
-``evaluation_dataset``: Ray Data decodes, tiles and normalises in parallel tasks and the
-driver iterates float32 model-input batches. Ray start-up is excluded; the first ("cold")
+``evaluation_dataset``: Ray Data decodes and tiles in parallel tasks and the driver iterates
+uint8 picture batches (normalisation happens on the model's device, see
+``oi_ray.model.inputs``). Ray start-up is excluded; the first ("cold")
 pass includes worker start-up, the second ("warm") is the steady state. Also reported: a
 training epoch from the decoded cache (resample, shuffle, assemble).
 
-    python benchmarks/data_pipeline.py --pairs 1000
+    python benchmarks/data_pipeline.py --pairs 2000
 """
 
 import argparse
@@ -31,7 +32,7 @@ LIGHTS = ("LowAngleLight", "SolderLight", "UniformLight", "WhiteLight")
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=1000)
+    parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--size", type=int, default=100)
     parser.add_argument("--lights", type=int, default=4, choices=range(1, 5))
     parser.add_argument("--batch-size", type=int, default=32)

@@ -11,6 +11,7 @@ from oi_ray.config.schema import AugmentationConfig
 from oi_ray.data import augment
 from oi_ray.data.assemble import InputGeometry, assemble, read_image, read_stack, tile
 from oi_ray.errors import DataError
+from oi_ray.model.inputs import InputNormalizer
 
 UNIT = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
@@ -54,7 +55,9 @@ def test_normalize_matches_hand_computation():
     stacks = np.zeros((1, 1, 1, 2, 3), dtype=np.uint8)
     stacks[0, 0, 0, 0] = (255, 0, 51)
     stacks[0, 0, 0, 1] = (0, 255, 102)
-    inputs = assemble(stacks, _geometry(1, height=1, width=2, mean_std=(mean, std)))
+    pictures = assemble(stacks, _geometry(1, height=1, width=2, mean_std=(mean, std)))
+    assert pictures.shape == (1, 1, 2, 3) and pictures.dtype == np.uint8
+    inputs = InputNormalizer(_geometry(1, height=1, width=2, mean_std=(mean, std)))(pictures).numpy()
     assert inputs.shape == (1, 3, 1, 2) and inputs.dtype == np.float32
     np.testing.assert_allclose(inputs[0, :, 0, 0], [1.0, -1.0, 0.1], rtol=1e-6)
     np.testing.assert_allclose(inputs[0, :, 0, 1], [-1.0, 3.0, 0.2], rtol=1e-6)

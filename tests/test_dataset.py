@@ -69,8 +69,8 @@ def test_training_epoch_resamples_every_epoch(ray_local, table):
     epochs = []
     for epoch in range(3):
         batches = _rows(training_epoch(cache, table.targets, spec, epoch=epoch, seed=7))
-        assert batches[0]["test"].shape[1:] == (3, 12, 8)
-        assert batches[0]["test"].dtype == np.float32 and batches[0]["golden"].dtype == np.float32
+        assert batches[0]["test"].shape[1:] == (12, 8, 3)
+        assert batches[0]["test"].dtype == np.uint8 and batches[0]["golden"].dtype == np.uint8
         epochs.append(np.concatenate([b["row"] for b in batches]))
         targets = np.concatenate([b["target"] for b in batches])
         assert len(targets) == NUM_ROWS
@@ -89,7 +89,8 @@ def test_training_epoch_with_augmentation(ray_local, table):
     batches = _rows(training_epoch(decode_cache(table, spec, for_training=True), table.targets, spec,
                                    epoch=0, seed=1))
     assert sum(len(b["row"]) for b in batches) == NUM_ROWS
-    assert all(np.isfinite(b["test"]).all() for b in batches)
+    shapes = {(b["test"].shape[1:], b["golden"].dtype.name) for b in batches}
+    assert shapes == {((12, 8, 3), "uint8")}
 
 
 @pytest.mark.parametrize("concat", ["linear", "grid"])
@@ -102,7 +103,8 @@ def test_evaluation_reads_every_pair_once_in_order(ray_local, table, concat):
     assert rows.tolist() == list(range(NUM_ROWS))
     test = np.concatenate([b["test"] for b in batches])
     geometry = InputGeometry.from_config(config)
-    assert test.shape == (NUM_ROWS, *geometry.input_shape)
+    channels, height, width = geometry.input_shape
+    assert test.shape == (NUM_ROWS, height, width, channels)
     expected = assemble(read_stack(table.test_paths[57], geometry)[None], geometry)[0]
     np.testing.assert_array_equal(test[57], expected)
     targets = np.concatenate([b["target"] for b in batches])
@@ -148,7 +150,7 @@ def test_check_dataset_cli_validates_and_runs_every_split(ray_local, table, tmp_
     err = capsys.readouterr().err
     assert "model input per side: 3x12x8 float32 (LowAngleLight, SolderLight, linear)" in err
     assert f"train_dataset: {NUM_ROWS} pairs through Ray Data" in err
-    assert "batches of (16, 3, 12, 8) float32" in err
+    assert "batches of (16, 12, 8, 3) uint8 -> model input (16, 3, 12, 8) float32" in err
     assert f"infer_dataset: {NUM_ROWS} pairs" in err and "dataset OK" in err
 
     assert main(["check_dataset", "-e", str(spec), "dataset.image_ext=.jpg"]) == 1

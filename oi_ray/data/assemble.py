@@ -3,9 +3,11 @@
 One side of a pair is ``num_input`` lighting images. Each is decoded to RGB, resized to
 ``(image_height, image_width)`` and the images are tiled into one picture: ``linear``
 stacks them along the height, ``grid`` fills ``grid_map.y`` rows of ``grid_map.x`` images
-row-major. The picture is scaled to [0, 1] and normalised with the RGB mean/std, giving a
-``(3, H', W')`` float32 array. Decoding/resizing is split from tiling/normalising so the
-pipeline can cache the compact uint8 stacks and finish batches later.
+row-major. The pipelines carry these pictures as compact ``(H', W', 3)`` uint8; scaling to
+[0, 1] and normalising with the RGB mean/std happens where the model runs
+(:func:`oi_ray.model.inputs.to_model_input`), so a quarter of the bytes cross the object
+store and the host-to-device copy. Decoding/resizing is split from tiling so the pipeline
+can cache the uint8 lighting stacks and finish batches later.
 """
 
 from collections.abc import Sequence
@@ -85,14 +87,6 @@ def tile(stacks: np.ndarray, geometry: InputGeometry) -> np.ndarray:
     return grid.transpose(0, 1, 3, 2, 4, 5).reshape(batch, rows * height, columns * width, channels)
 
 
-def normalize(pictures: np.ndarray, geometry: InputGeometry) -> np.ndarray:
-    """``(B, H', W', 3)`` uint8 -> ``(B, 3, H', W')`` float32, ``(x / 255 - mean) / std``."""
-    scaled = pictures.astype(np.float32) / np.float32(255.0)
-    mean = np.asarray(geometry.mean, dtype=np.float32)
-    std = np.asarray(geometry.std, dtype=np.float32)
-    return np.ascontiguousarray(((scaled - mean) / std).transpose(0, 3, 1, 2))
-
-
 def assemble(stacks: np.ndarray, geometry: InputGeometry) -> np.ndarray:
-    """Lighting stacks ``(B, L, H, W, 3)`` uint8 -> model inputs ``(B, 3, H', W')`` float32."""
-    return normalize(tile(stacks, geometry), geometry)
+    """Lighting stacks ``(B, L, H, W, 3)`` -> contiguous tiled pictures ``(B, H', W', 3)`` uint8."""
+    return np.ascontiguousarray(tile(stacks, geometry))

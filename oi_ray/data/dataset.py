@@ -3,11 +3,12 @@
 Decoding and resizing are deterministic, so they run once (``map_batches`` over all CPUs)
 into a materialized cache of compact uint8 lighting stacks. Everything random comes after
 the cache and is redone per epoch: TAO's ``fpratio_sampling`` resample with replacement,
-a shuffle, optional paired augmentation, then tiling and normalisation. Evaluation and
-inference read every pair exactly once, in CSV order.
+a shuffle, optional paired augmentation, then tiling. Evaluation and inference read every
+pair exactly once, in CSV order.
 
 Batches carry ``row`` (CSV row index), ``target`` (1 defect, 0 PASS, -1 unlabeled) and
-``test`` / ``golden``: float32 ``(B, 3, H', W')`` model inputs.
+``test`` / ``golden``: tiled uint8 ``(B, H', W', 3)`` pictures, which
+:class:`oi_ray.model.inputs.InputNormalizer` turns into model inputs on the model's device.
 """
 
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from oi_ray.data.pairs import PairTable
 from oi_ray.errors import DataError
 
 DECODE_BATCH_ROWS = 32
-ROWS_PER_BLOCK = 64
+ROWS_PER_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def decode_cache(table: PairTable, spec: PipelineSpec, *, for_training: bool) ->
 
 def training_epoch(cache: Dataset, targets: np.ndarray, spec: PipelineSpec, *,
                    epoch: int, seed: int) -> Dataset:
-    """One epoch of training pairs: fpratio resample, shuffle, augment, assemble.
+    """One epoch of training pairs: fpratio resample, shuffle, augment, tile.
 
     The draw depends only on ``(seed, epoch)`` (``seed < 0``: fresh entropy), so a resumed
     run sees the same epochs as an uninterrupted one.
@@ -74,7 +75,7 @@ def training_epoch(cache: Dataset, targets: np.ndarray, spec: PipelineSpec, *,
 
 
 def evaluation_dataset(table: PairTable | Dataset, spec: PipelineSpec) -> Dataset:
-    """Every pair once, in CSV order, assembled without augmentation.
+    """Every pair once, in CSV order, tiled without augmentation.
 
     ``table`` is a PairTable, or a cache from :func:`decode_cache` to score repeatedly.
     """

@@ -15,6 +15,7 @@ from oi_ray.config.schema import DataPathFormat, ExperimentConfig
 from oi_ray.data.dataset import PipelineSpec, decode_cache, evaluation_dataset, training_epoch
 from oi_ray.data.pairs import ImageNaming, PairTable, load_pairs
 from oi_ray.errors import ConfigError
+from oi_ray.model.inputs import InputNormalizer
 from oi_ray.runtime import ray_session
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def run(config: ExperimentConfig) -> None:
     shape = "x".join(map(str, spec.geometry.input_shape))
     lights = ", ".join(naming.lights) or "one image per side"
     log.info("model input per side: %s float32 (%s, %s)", shape, lights, dataset.concat_type)
+    normalize = InputNormalizer(spec.geometry)
     with ray_session(config.ray):
         for split, table in tables.items():
             start = time.perf_counter()
@@ -49,8 +51,10 @@ def run(config: ExperimentConfig) -> None:
                 pipeline = evaluation_dataset(table, spec)
             rows, targets, first = _drain(pipeline, dataset.batch_size)
             seconds = time.perf_counter() - start
-            summary = f"{split}: {rows} pairs through Ray Data in {seconds:.1f} s, batches of " \
-                      f"{first['test'].shape} {first['test'].dtype}"
+            model_input = normalize(first["test"])
+            summary = (f"{split}: {rows} pairs through Ray Data in {seconds:.1f} s, batches of "
+                       f"{first['test'].shape} {first['test'].dtype} -> model input "
+                       f"{tuple(model_input.shape)} {str(model_input.dtype).removeprefix('torch.')}")
             if split == "train_dataset":
                 summary += (f"; epoch 0 drew {np.mean(targets == 1):.1%} defects "
                             f"(fpratio_sampling {dataset.fpratio_sampling} -> "
