@@ -12,6 +12,7 @@ from the file is ever called; only the tensors are used.
 """
 
 import io
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from oi_ray.fileio import write_atomically
 
 FORMAT = "oi-ray/1"
 TAO_MODEL_PREFIX = "model."
+LATEST_NAME = "oi_model_latest.pth"  # TAO's name for the newest checkpoint
 
 
 @dataclass
@@ -62,6 +64,40 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save(checkpoint.to_dict(), buffer)
     write_atomically(path, buffer.getvalue())
+
+
+def epoch_checkpoint_path(results_dir: str | Path, epoch: int) -> Path:
+    """``model_epoch_NNN.pth`` for the checkpoint taken after ``epoch`` epochs."""
+    return Path(results_dir) / f"model_epoch_{epoch:03d}.pth"
+
+
+def point_latest_to(checkpoint_path: Path) -> Path:
+    """Atomically make ``oi_model_latest.pth`` (same folder) a relative link to ``checkpoint_path``."""
+    latest = checkpoint_path.parent / LATEST_NAME
+    staging = latest.with_name(f".{LATEST_NAME}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(checkpoint_path.name)
+    os.replace(staging, latest)
+    return latest
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, source: str | Path,
+                 model_type: str, input_shape: tuple[int, int, int]) -> None:
+    """Load ``checkpoint``'s weights into ``model`` or say why they do not fit it."""
+    wanted = f"model.model_type={model_type} with input {'x'.join(map(str, input_shape))}"
+    if checkpoint.model_type is not None and (checkpoint.model_type, checkpoint.input_shape) != (
+            model_type, tuple(input_shape)):
+        held = f"{checkpoint.model_type} with input {'x'.join(map(str, checkpoint.input_shape or ()))}"
+        raise DataError(f"checkpoint {source} holds a {held} model; the spec asks for {wanted}")
+    expected = model.state_dict()
+    problems = sorted(set(expected) ^ set(checkpoint.model_state))
+    problems += [f"{key}: {tuple(value.shape)} in the file, {tuple(expected[key].shape)} expected"
+                 for key, value in checkpoint.model_state.items()
+                 if key in expected and value.shape != expected[key].shape]
+    if problems:
+        shown = ", ".join(problems[:4]) + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else "")
+        raise DataError(f"checkpoint {source} does not fit {wanted}: {shown}")
+    model.load_state_dict(checkpoint.model_state)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

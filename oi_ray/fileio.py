@@ -1,15 +1,15 @@
 """Writing files so that nothing half-written is ever seen."""
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 
 def write_atomically(path: Path, payload: bytes) -> None:
     """Write bytes so readers see the old file or the complete new one, never a partial one."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(handle, "wb") as out:
+        with open(temporary, "xb") as out:  # unlike mkstemp, honours the umask (0644 files)
             out.write(payload)
             out.flush()
             os.fsync(out.fileno())

@@ -32,7 +32,7 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         os.environ.setdefault(name, value)
     if config.address:
         log.info("connecting to Ray cluster at %s", config.address)
-        ray.init(address=config.address, logging_level=logging.WARNING)
+        ray.init(address=config.address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         num_cpus = config.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
         memory = config.object_store_memory_mb
@@ -41,6 +41,8 @@ def ray_session(config: RayConfig) -> Iterator[None]:
             object_store_memory=memory * 1024 * 1024 if memory else None,
             include_dashboard=False,
             logging_level=logging.WARNING,
+            # Workers' output stays in Ray's log files; the driver draws progress and summaries.
+            log_to_driver=False,
         )
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-execution INFO banners
     # A DataError raised while decoding reaches the driver as itself, naming the image.
@@ -49,3 +51,21 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def torch_threads(config: RayConfig, workers: int) -> int:
+    """Intra-op threads for each torch process: ``ray.torch_threads``, else a fair share.
+
+    An embedded Ray splits this machine's cores between the ``workers``; on a cluster each
+    worker gets ``ray.cpus_per_worker`` threads (Ray's own default would be one).
+    """
+    if config.torch_threads:
+        return config.torch_threads
+    if config.address:
+        return max(1, int(config.cpus_per_worker))
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def cluster_has_gpus() -> bool:
+    """Whether the connected Ray cluster offers any GPU."""
+    return ray.cluster_resources().get("GPU", 0) > 0

@@ -121,6 +121,9 @@ class TrainConfig:
     clip_grad_norm: float = 0.0  # 0 disables gradient clipping
     tensorboard: TensorBoardLogger = field(default_factory=TensorBoardLogger)
     pretrained_model_path: str | None = None  # weights only; training starts at epoch 0
+    # oi-ray extensions (not in TAO's schema)
+    mixed_precision: bool = False  # torch autocast: bf16 on CPU, fp16 (with grad scaling) on GPU
+    channels_last: bool = False  # NHWC memory layout for the convolutional trunk
 
 
 @dataclass
@@ -228,6 +231,7 @@ class RayConfig:
     num_workers: int | None = None  # training workers; default train.num_gpus with GPUs, else 1
     use_gpu: bool | None = None  # default: use GPUs when the cluster has them
     cpus_per_worker: float = 1.0
+    torch_threads: int | None = None  # per worker; default: embedded Ray cores // workers, else 1
     gpus_per_worker: float = 1.0
     storage_path: str = "${train.results_dir}/ray"  # Ray Train storage (shared by all nodes)
     max_failures: int = 0  # worker-group restarts from the last checkpoint

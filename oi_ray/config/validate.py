@@ -189,5 +189,7 @@ def _check_ray(p: _Problems, ray: RayConfig) -> None:
     p.check(ray.cpus_per_worker > 0, "ray.cpus_per_worker", ray.cpus_per_worker, "expected > 0")
     p.at_least("ray.gpus_per_worker", ray.gpus_per_worker, 0)
     p.at_least("ray.max_failures", ray.max_failures, -1)
+    p.check(ray.torch_threads is None or ray.torch_threads >= 1, "ray.torch_threads",
+            ray.torch_threads, "expected >= 1")
     p.check(ray.num_cpus is None or ray.num_cpus >= 1, "ray.num_cpus", ray.num_cpus,
             "expected >= 1")

@@ -1,0 +1,127 @@
+"""``oi-ray train``: validate inputs, decide where to resume, run the Ray Train job.
+
+Everything a user can get wrong (spec, CSVs, images, resume checkpoint, batch size against
+the number of workers) is checked here, before any Ray work starts. A rerun continues from
+``oi_model_latest.pth`` in ``train.results_dir`` (``train.resume_training_checkpoint_path``
+wins), so only the remaining epochs run.
+"""
+
+import logging
+import time
+from pathlib import Path
+
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from oi_ray.checkpoint import LATEST_NAME, load_checkpoint, load_weights
+from oi_ray.config.schema import ExperimentConfig
+from oi_ray.data.dataset import PipelineSpec, decode_cache
+from oi_ray.data.pairs import ImageNaming, PairTable, load_pairs
+from oi_ray.errors import ConfigError, DataError
+from oi_ray.model.siamese import build_model
+from oi_ray.runtime import cluster_has_gpus, ray_session, torch_threads
+from oi_ray.training.loop import TrainJob, train_worker
+from oi_ray.training.progress import ProgressFeed
+
+log = logging.getLogger(__name__)
+
+
+def run(config: ExperimentConfig) -> None:
+    """Train ``config`` on Ray Train, resuming where the last run stopped."""
+    train = config.train
+    results_dir = Path(train.results_dir).resolve()
+    resume_from, done_epochs = _resume_point(config, results_dir)
+    if done_epochs >= train.num_epochs:
+        log.info("training already complete: %s holds epoch %d of %d; nothing to do "
+                 "(raise train.num_epochs to train longer)", resume_from, done_epochs, train.num_epochs)
+        return
+    train_table, validation_table = _load_tables(config)
+
+    pipeline = PipelineSpec.from_config(config.dataset)
+    with ray_session(config.ray):
+        use_gpu = cluster_has_gpus() if config.ray.use_gpu is None else config.ray.use_gpu
+        workers = config.ray.num_workers or (train.num_gpus if use_gpu else 1)
+        _check_batches(train_table, config.dataset.batch_size, workers)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        log.info("training %s on %d %s worker(s): epochs %d to %d, %d training pairs%s; results in %s",
+                 config.model.model_type, workers, "GPU" if use_gpu else "CPU", done_epochs + 1,
+                 train.num_epochs, len(train_table), _validation_note(validation_table), results_dir)
+        if resume_from is not None:
+            log.info("resuming from %s (epoch %d)", resume_from, done_epochs)
+        job = TrainJob(
+            config=config, pipeline=pipeline,
+            train_cache=decode_cache(train_table, pipeline, for_training=True),
+            train_targets=train_table.targets,
+            validation_cache=(decode_cache(validation_table, pipeline, for_training=False)
+                              if validation_table is not None else None),
+            results_dir=results_dir, resume_from=resume_from,
+            threads=torch_threads(config.ray, workers), progress=ProgressFeed(),
+        )
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"job": job},
+            scaling_config=_scaling(config, workers, use_gpu),
+            run_config=RunConfig(
+                name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(Path(config.ray.storage_path).resolve()),
+                failure_config=FailureConfig(max_failures=config.ray.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=1),
+            ),
+        )
+        job.progress.render_while(trainer.fit)
+    latest = results_dir / LATEST_NAME
+    final = load_checkpoint(latest)
+    threshold = "none (no validation set; model.margin decides)" if final.threshold is None \
+        else f"{final.threshold:.4f}"
+    log.info("done: %s -> %s (epoch %d), calibrated threshold %s; per-epoch metrics in %s",
+             latest, latest.resolve().name, final.epoch, threshold, results_dir / "status.json")
+
+
+def _resume_point(config: ExperimentConfig, results_dir: Path) -> tuple[Path | None, int]:
+    """The checkpoint to continue from and its epoch, checked against the spec's model."""
+    explicit = config.train.resume_training_checkpoint_path
+    path = Path(explicit) if explicit else results_dir / LATEST_NAME
+    if not explicit and not path.exists():
+        return None, 0
+    if not path.is_file():
+        raise ConfigError(f"train.resume_training_checkpoint_path={explicit!r}: no such file")
+    checkpoint = load_checkpoint(path)
+    geometry = PipelineSpec.from_config(config.dataset).geometry
+    model = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
+    load_weights(model, checkpoint, path, config.model.model_type, geometry.input_shape)
+    return path, checkpoint.epoch
+
+
+def _load_tables(config: ExperimentConfig) -> tuple[PairTable, PairTable | None]:
+    dataset = config.dataset
+    naming = ImageNaming.from_config(dataset)
+    if not dataset.train_dataset.csv_path:
+        raise ConfigError("dataset.train_dataset.csv_path is not set")
+    train_table = load_pairs(dataset.train_dataset.csv_path, dataset.train_dataset.images_dir, naming)
+    if not dataset.validation_dataset.csv_path:
+        log.warning("dataset.validation_dataset is not set: no validation metrics and no calibrated "
+                    "threshold (evaluate and inference will decide with model.margin)")
+        return train_table, None
+    split = dataset.validation_dataset
+    validation = load_pairs(split.csv_path, split.images_dir, naming)
+    return train_table, validation
+
+
+def _check_batches(table: PairTable, batch_size: int, workers: int) -> None:
+    per_worker = len(table) // workers
+    if per_worker < batch_size:
+        raise DataError(
+            f"{table.csv_path}: {len(table)} training pairs give each of {workers} worker(s) "
+            f"{per_worker} pairs, less than one batch of dataset.batch_size={batch_size} "
+            f"(incomplete batches are dropped); lower dataset.batch_size or add pairs")
+
+
+def _scaling(config: ExperimentConfig, workers: int, use_gpu: bool) -> ScalingConfig:
+    resources = {"CPU": config.ray.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = config.ray.gpus_per_worker
+    return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def _validation_note(table: PairTable | None) -> str:
+    return f", {len(table)} validation pairs" if table is not None else ", no validation set"

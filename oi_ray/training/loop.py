@@ -1,0 +1,262 @@
+"""What every Ray Train worker runs: TAO's Siamese training loop, validation and checkpoints.
+
+Each epoch, rank 0 builds the epoch's Ray Data pipeline (fresh fpratio resample + shuffle of
+the decoded cache), splits it into equal shards (``streaming_split(equal=True)``) and hands
+one iterator to every rank, so all ranks run the same number of steps. Rank 0 alone
+validates, calibrates the threshold and writes ``model_epoch_NNN.pth``; the same file is the
+Ray Train checkpoint that a restarted worker group resumes from.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.data import DataIterator, Dataset
+
+from oi_ray.checkpoint import (
+    Checkpoint,
+    epoch_checkpoint_path,
+    load_checkpoint,
+    load_weights,
+    point_latest_to,
+    save_checkpoint,
+)
+from oi_ray.config import to_yaml
+from oi_ray.config.schema import ExperimentConfig, OptimConfig
+from oi_ray.data.dataset import PipelineSpec, evaluation_dataset, training_epoch
+from oi_ray.metrics import at_defect_recall, auroc, calibrate_threshold, tao_metrics
+from oi_ray.model.inputs import InputNormalizer
+from oi_ray.model.loss import contrastive_loss
+from oi_ray.model.siamese import SiameseNet, build_model
+from oi_ray.predictors import TorchPredictor
+from oi_ray.scoring import score_batches
+from oi_ray.training.progress import ProgressFeed
+
+RAY_CHECKPOINT_FILE = "checkpoint.pth"
+STATUS_FILE = "status.json"
+PROGRESS_EVERY_STEPS = 10  # loss shown on the progress bar (one host sync per update)
+RECALL_TARGET = 0.99
+
+
+@dataclass
+class TrainJob:
+    """Everything the workers need, built once by the driver."""
+
+    config: ExperimentConfig
+    pipeline: PipelineSpec
+    train_cache: Dataset
+    train_targets: np.ndarray
+    validation_cache: Dataset | None
+    results_dir: Path
+    resume_from: Path | None  # .pth to continue from (oi_model_latest.pth or the spec's path)
+    threads: int
+    progress: ProgressFeed
+
+
+class PairDistance(torch.nn.Module):
+    """``forward`` = the model's pair distance, so DDP's hooks see the whole computation."""
+
+    def __init__(self, net: SiameseNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, test: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
+        return self.net.distance(test, golden)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: train ``job`` from its start epoch to the end."""
+    job: TrainJob = loop_config["job"]
+    config, train = job.config, job.config.train
+    torch.set_num_threads(job.threads)
+    if train.seed >= 0:
+        torch.manual_seed(train.seed)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    geometry = job.pipeline.geometry
+    net = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
+    state = _restore(net, job)
+    net.to(device)
+    if train.channels_last:
+        net.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(net.parameters(), train.optim)
+    if state.optimizer_state is not None:
+        optimizer.load_state_dict(state.optimizer_state)
+    model = ray.train.torch.prepare_model(PairDistance(net), move_to_device=False)
+    precision = _Precision(device, train.mixed_precision)
+    normalize = InputNormalizer(geometry, device, channels_last=train.channels_last)
+
+    threshold, last_validation = state.threshold, state.extra.get("validation")
+    batch_size = config.dataset.batch_size
+    epoch_pairs = len(job.train_targets) // world // batch_size * batch_size * world
+    for epoch in range(state.epoch + 1, train.num_epochs + 1):
+        start = time.perf_counter()
+        shard = _epoch_shard(job, epoch, rank, world)
+        net.train()
+        loss_sum, steps = torch.zeros((), device=device), 0
+        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True,
+                                        batch_format="numpy", prefetch_batches=2):
+            target = torch.from_numpy(batch["target"].copy()).to(device, non_blocking=True)
+            with precision.autocast():
+                distance = model(normalize(batch["test"]), normalize(batch["golden"]))
+            loss = contrastive_loss(distance.float(), target, config.model.margin)
+            optimizer.zero_grad(set_to_none=True)
+            precision.backward_and_step(loss, optimizer, net, train.clip_grad_norm)
+            loss_sum += loss.detach()
+            steps += 1
+            if rank == 0 and steps % PROGRESS_EVERY_STEPS == 0:
+                job.progress.step(epoch, steps * batch_size * world, epoch_pairs, loss.item())
+        metrics = {"epoch": epoch, "train_loss": _mean_over_ranks(loss_sum, steps, world),
+                   "pairs_per_s": steps * batch_size * world / (time.perf_counter() - start)}
+        last_epoch = epoch == train.num_epochs
+        if rank == 0 and job.validation_cache is not None and (
+                epoch % train.validation_interval == 0 or last_epoch):
+            last_validation = validate(net, job, device)
+            threshold = last_validation["threshold"]
+            metrics.update(last_validation)
+        metrics["seconds"] = time.perf_counter() - start
+        checkpointing = epoch % train.checkpoint_interval == 0 or last_epoch
+        if rank == 0:
+            _append_status(job.results_dir, metrics)
+            job.progress.epoch_done(metrics, train.num_epochs)
+        if checkpointing and rank == 0:
+            saved = Checkpoint(
+                model_state=net.state_dict(), epoch=epoch, optimizer_state=optimizer.state_dict(),
+                config_yaml=to_yaml(config), threshold=threshold, model_type=config.model.model_type,
+                input_shape=geometry.input_shape, embedding_dim=config.model.embedding_vectors,
+                extra={"validation": last_validation, "train_loss": metrics["train_loss"]},
+            )
+            _report_with_checkpoint(metrics, saved, job.results_dir)
+        else:
+            ray.train.report(metrics)
+
+
+def make_optimizer(parameters, optim: OptimConfig) -> torch.optim.Optimizer:
+    """TAO's rule: ``Adam`` -> Adam(lr) without weight decay; ``SGD`` -> SGD(lr, momentum, wd)."""
+    if optim.type == "Adam":
+        return torch.optim.Adam(parameters, lr=optim.lr)
+    return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+
+
+def validate(net: SiameseNet, job: TrainJob, device: torch.device) -> dict[str, Any]:
+    """Loss and metrics on the validation set; the calibrated threshold is the one that
+    maximises balanced accuracy. TAO's KPIs (``val_acc``, ``val_fpr``) use ``model.margin``."""
+    margin = job.config.model.margin
+    predictor = TorchPredictor(net, job.pipeline.geometry, device=device,
+                               channels_last=job.config.train.channels_last)
+    batches = evaluation_dataset(job.validation_cache, job.pipeline).iter_batches(
+        batch_size=job.config.dataset.batch_size, batch_format="numpy", prefetch_batches=2)
+    scores = score_batches(predictor, batches)
+    distances, targets = scores.distances, scores.targets
+    tao = tao_metrics(distances, targets, margin)
+    calibrated = calibrate_threshold(distances, targets)
+    at_recall = at_defect_recall(distances, targets, RECALL_TARGET)
+    loss = contrastive_loss(torch.from_numpy(distances), torch.from_numpy(targets), margin)
+    return {
+        "val_loss": float(loss), "val_acc": tao["total_accuracy"], "val_fpr": tao["false_alarm"],
+        "val_auroc": auroc(distances, targets), "threshold": calibrated.threshold,
+        "val_defect_recall": calibrated.defect_recall, "val_false_alarm_rate": calibrated.false_alarm_rate,
+        "val_far_at_99_recall": at_recall.false_alarm_rate,
+    }
+
+
+class _Precision:
+    """Optional autocast (bf16 on CPU, fp16 with gradient scaling on CUDA) and the optimizer step."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.device_type = device.type
+        self.enabled = enabled
+        self.dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and device.type == "cuda")
+
+    def autocast(self) -> AbstractContextManager:
+        if not self.enabled:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                          net: torch.nn.Module, clip_grad_norm: float) -> None:
+        self.scaler.scale(loss).backward()
+        if clip_grad_norm > 0:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad_norm)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def _restore(net: SiameseNet, job: TrainJob) -> Checkpoint:
+    """Weights and progress to start from: the Ray Train checkpoint after a worker-group
+    restart, else the run's resume file, else pretrained weights (epoch 0), else fresh."""
+    config = job.config
+    ray_checkpoint = ray.train.get_checkpoint()
+    if ray_checkpoint is not None:
+        with ray_checkpoint.as_directory() as folder:
+            path = Path(folder) / RAY_CHECKPOINT_FILE
+            checkpoint = load_checkpoint(path)
+    elif job.resume_from is not None:
+        path, checkpoint = job.resume_from, load_checkpoint(job.resume_from)
+    elif config.train.pretrained_model_path:
+        path = Path(config.train.pretrained_model_path)
+        weights = load_checkpoint(path)
+        checkpoint = Checkpoint(model_state=weights.model_state, model_type=weights.model_type,
+                                input_shape=weights.input_shape)
+    else:
+        return Checkpoint(model_state=net.state_dict())
+    load_weights(net, checkpoint, path, config.model.model_type, job.pipeline.geometry.input_shape)
+    return checkpoint
+
+
+def _epoch_shard(job: TrainJob, epoch: int, rank: int, world: int) -> DataIterator:
+    """This rank's equal share of epoch ``epoch`` (1-based; the draw uses ``epoch - 1``)."""
+    shards: list[DataIterator | None] = [None] * world
+    if rank == 0:
+        dataset = training_epoch(job.train_cache, job.train_targets, job.pipeline,
+                                 epoch=epoch - 1, seed=job.config.train.seed)
+        shards = dataset.streaming_split(world, equal=True) if world > 1 else [dataset.iterator()]
+    if world > 1:
+        dist.broadcast_object_list(shards, src=0)
+    shard = shards[rank]
+    assert shard is not None
+    return shard
+
+
+def _mean_over_ranks(loss_sum: torch.Tensor, steps: int, world: int) -> float:
+    totals = torch.stack([loss_sum.detach().double().cpu(), torch.tensor(float(steps), dtype=torch.float64)])
+    if world > 1:
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+
+def _report_with_checkpoint(metrics: dict[str, Any], checkpoint: Checkpoint, results_dir: Path) -> None:
+    """Write ``model_epoch_NNN.pth``, repoint ``oi_model_latest.pth``, report it to Ray Train."""
+    path = epoch_checkpoint_path(results_dir, checkpoint.epoch)
+    save_checkpoint(checkpoint, path)
+    point_latest_to(path)
+    with tempfile.TemporaryDirectory(prefix="oi-ray-ckpt-") as folder:
+        staged = Path(folder) / RAY_CHECKPOINT_FILE
+        try:
+            os.link(path, staged)
+        except OSError:  # another file system
+            shutil.copyfile(path, staged)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _append_status(results_dir: Path, metrics: dict[str, Any]) -> None:
+    """One JSON line per epoch in ``status.json`` (TAO's KPI log), written with one append."""
+    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **metrics}) + "\n"
+    with open(results_dir / STATUS_FILE, "a", encoding="utf-8") as status:
+        status.write(line)

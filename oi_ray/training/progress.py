@@ -1,0 +1,90 @@
+"""Rank 0 -> driver channel for the console: per-epoch progress bars and summary lines.
+
+Workers' own stdout stays in Ray's log files (the session starts with ``log_to_driver``
+off), so the driver alone draws the console: one tqdm bar per epoch (only on a terminal)
+and one summary line per epoch through logging.
+"""
+
+import logging
+import queue as queue_module
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ray.util.queue import Empty, Queue
+from tqdm import tqdm
+
+log = logging.getLogger("oi_ray.tasks.train")
+Result = TypeVar("Result")
+POLL_SECONDS = 0.5
+
+
+class ProgressFeed:
+    """A small Ray queue; rank 0 puts events, the driver renders them."""
+
+    def __init__(self) -> None:
+        self._queue = Queue(actor_options={"num_cpus": 0})
+
+    def step(self, epoch: int, pairs: int, total: int, loss: float) -> None:
+        """Rank 0: ``pairs`` of ``total`` done in ``epoch``, latest batch loss."""
+        self._queue.put(("step", epoch, pairs, total, loss))
+
+    def epoch_done(self, metrics: dict[str, Any], num_epochs: int) -> None:
+        """Rank 0: the epoch's metrics (train and, when validated, validation)."""
+        self._queue.put(("epoch", metrics, num_epochs))
+
+    def render_while(self, work: Callable[[], Result]) -> Result:
+        """Driver: run ``work`` in a thread and draw its events until it returns."""
+        outcome: queue_module.Queue = queue_module.Queue()
+        thread = threading.Thread(target=lambda: outcome.put(_capture(work)), daemon=True)
+        thread.start()
+        bar: tqdm | None = None
+        while thread.is_alive() or not self._queue.empty():
+            try:
+                event = self._queue.get(timeout=POLL_SECONDS)
+            except Empty:
+                continue
+            bar = self._draw(event, bar)
+        if bar is not None:
+            bar.close()
+        error, result = outcome.get()
+        self._queue.shutdown()
+        if error is not None:
+            raise error
+        return result
+
+    @staticmethod
+    def _draw(event: tuple, bar: tqdm | None) -> tqdm | None:
+        if event[0] == "step":
+            _, epoch, pairs, total, loss = event
+            if bar is None or bar.desc.split()[1] != str(epoch):
+                if bar is not None:
+                    bar.close()
+                bar = tqdm(total=total, unit="pair", desc=f"epoch {epoch}", leave=False, disable=None)
+            bar.update(pairs - bar.n)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            return bar
+        _, metrics, num_epochs = event
+        if bar is not None:
+            bar.close()
+        log.info(summary_line(metrics, num_epochs))
+        return None
+
+
+def summary_line(metrics: dict[str, Any], num_epochs: int) -> str:
+    """One readable line per epoch."""
+    parts = [f"epoch {metrics['epoch']}/{num_epochs}", f"train_loss {metrics['train_loss']:.4f}",
+             f"{metrics['pairs_per_s']:.0f} pairs/s", f"{metrics['seconds']:.1f} s"]
+    if "val_loss" in metrics:
+        parts += [f"val_loss {metrics['val_loss']:.4f}", f"val_auroc {metrics['val_auroc']:.3f}",
+                  f"val_acc {metrics['val_acc']:.1f}% at margin",
+                  f"threshold {metrics['threshold']:.3f} (recall {metrics['val_defect_recall']:.1%}, "
+                  f"false alarms {metrics['val_false_alarm_rate']:.1%})"]
+    return " | ".join(parts)
+
+
+def _capture(work: Callable[[], Result]) -> tuple[BaseException | None, Result | None]:
+    try:
+        return None, work()
+    except BaseException as error:  # handed to the driver's main thread
+        return error, None
