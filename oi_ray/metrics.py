@@ -73,16 +73,19 @@ def auroc(scores: np.ndarray, targets: np.ndarray) -> float:
     return float(np.trapezoid(recall, false_alarm))
 
 
-def aupr(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Average precision of defect detection: sum over thresholds of recall gain x precision."""
+def pr_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Defect recall and precision at every distinct score, from strict to lax."""
     scores, targets = _checked(scores, targets, need_both=True)
     order = np.argsort(-scores, kind="mergesort")
     ranked, labels = scores[order], targets[order]
     last_of_value = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
     caught = np.cumsum(labels == 1)[last_of_value]
-    flagged = last_of_value + 1
-    recall = caught / caught[-1]
-    precision = caught / flagged
+    return caught / caught[-1], caught / (last_of_value + 1)
+
+
+def aupr(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Average precision of defect detection: sum over thresholds of recall gain x precision."""
+    recall, precision = pr_curve(scores, targets)
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 

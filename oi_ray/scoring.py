@@ -1,10 +1,13 @@
 """Scoring a dataset split: Ray Data batch inference with a predictor, results in CSV order."""
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import ray.data
 import torch
+from ray.util.annotations import RayDeprecationWarning
 
 from oi_ray.data.dataset import PipelineSpec, evaluation_dataset
 from oi_ray.data.pairs import PairTable
@@ -34,11 +37,15 @@ def score_table(table: PairTable, spec: PipelineSpec, load_predictor: Callable[[
                 batch_size: int, use_gpu: bool, actors: int, threads: int) -> Scores:
     """Score every pair of ``table`` with Ray Data: ``actors`` predictor replicas, one per GPU
     when ``use_gpu``. ``load_predictor`` runs once in each replica."""
-    scored = evaluation_dataset(table, spec).map_batches(
-        _ScoreBatch, fn_constructor_kwargs={"load_predictor": load_predictor, "threads": threads},
-        batch_size=batch_size, batch_format="numpy", concurrency=actors,
-        num_gpus=1 if use_gpu else 0, num_cpus=1,
-    )
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter in Ray 2.60; without it Ray logs a restart caveat
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+        scored = evaluation_dataset(table, spec).map_batches(
+            _ScoreBatch, fn_constructor_kwargs={"load_predictor": load_predictor, "threads": threads},
+            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if use_gpu else 0, num_cpus=1,
+            max_restarts=0,  # a replica that dies fails the run instead of being restarted silently
+        )
     columns = scored.to_pandas()
     scores = _in_row_order(columns["row"].to_numpy(), columns["target"].to_numpy(),
                            columns["distance"].to_numpy())

@@ -135,6 +135,8 @@ class EvaluateConfig:
     trt_engine: str | None = None  # TensorRT engine, as TAO Deploy accepts
     results_dir: str = "${results_dir}/evaluate"
     batch_size: int = -1  # <= 0: dataset.batch_size
+    # oi-ray extension: decision threshold; None = the checkpoint's calibrated one, else model.margin
+    threshold: float | None = None
 
 
 @dataclass
@@ -146,6 +148,8 @@ class InferenceConfig:
     trt_engine: str | None = None
     results_dir: str = "${results_dir}/inference"
     batch_size: int = 1  # <= 0: dataset.batch_size
+    # oi-ray extension: decision threshold; None = the checkpoint's calibrated one, else model.margin
+    threshold: float | None = None
 
 
 @dataclass

@@ -1,0 +1,76 @@
+"""What ``evaluate`` and ``inference`` share: which split to read, which model and threshold
+to use, and scoring the split with Ray Data. Everything is checked before Ray starts."""
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from oi_ray.config.schema import ExperimentConfig
+from oi_ray.data.dataset import PipelineSpec
+from oi_ray.data.pairs import ImageNaming, PairTable, load_pairs
+from oi_ray.errors import ConfigError
+from oi_ray.predictors import load_torch_predictor
+from oi_ray.runtime import cluster_has_gpus, ray_session, torch_threads
+from oi_ray.scoring import Scores, score_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoringRun:
+    """A split scored with a checkpoint, and the decision threshold to apply."""
+
+    split: str
+    table: PairTable
+    scores: Scores
+    threshold: float
+    threshold_source: str
+
+
+def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *,
+                require_labels: bool) -> ScoringRun:
+    """Score the first configured split of ``splits`` with ``<task>.checkpoint``."""
+    section = getattr(config, task)
+    if not section.checkpoint:
+        raise ConfigError(f"{task}.checkpoint is not set: give the .pth to use, "
+                          f"e.g. {task}.checkpoint=results/train/oi_model_latest.pth")
+    split = _choose_split(config, task, splits)
+    paths = getattr(config.dataset, split)
+    table = load_pairs(paths.csv_path, paths.images_dir, ImageNaming.from_config(config.dataset),
+                       require_labels=require_labels)
+    checkpoint = Path(section.checkpoint)
+    carried = load_torch_predictor(checkpoint, config).threshold  # also checks model fit
+    threshold, source = _decision_threshold(section.threshold, carried, config.model.margin, task)
+    batch_size = section.batch_size if section.batch_size > 0 else config.dataset.batch_size
+
+    with ray_session(config.ray):
+        use_gpu = cluster_has_gpus() if config.ray.use_gpu is None else config.ray.use_gpu
+        actors = section.num_gpus if use_gpu else 1
+        log.info("scoring %d pairs of %s with %s on %d %s replica(s), batch %d", len(table),
+                 table.csv_path, checkpoint, actors, "GPU" if use_gpu else "CPU", batch_size)
+        load = functools.partial(load_torch_predictor, checkpoint, config, "cuda" if use_gpu else "cpu")
+        scores = score_table(table, PipelineSpec.from_config(config.dataset), load,
+                             batch_size=batch_size, use_gpu=use_gpu, actors=actors,
+                             threads=torch_threads(config.ray, actors))
+    return ScoringRun(split, table, scores, threshold, source)
+
+
+def _choose_split(config: ExperimentConfig, task: str, splits: Sequence[str]) -> str:
+    for split in splits:
+        if getattr(config.dataset, split).csv_path:
+            if split != splits[0]:
+                log.info("dataset.%s is not set: %s uses dataset.%s", splits[0], task, split)
+            return split
+    wanted = " or ".join(f"dataset.{split}.csv_path" for split in splits)
+    raise ConfigError(f"{task} needs a dataset: set {wanted}")
+
+
+def _decision_threshold(explicit: float | None, carried: float | None, margin: float,
+                        task: str) -> tuple[float, str]:
+    if explicit is not None:
+        return float(explicit), f"{task}.threshold"
+    if carried is not None:
+        return float(carried), "calibrated on the validation set (stored in the checkpoint)"
+    return float(margin), "model.margin (the checkpoint carries no calibrated threshold)"
