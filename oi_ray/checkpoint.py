@@ -87,8 +87,8 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, source: str | P
     wanted = f"model.model_type={model_type} with input {'x'.join(map(str, input_shape))}"
     if checkpoint.model_type is not None and (checkpoint.model_type, checkpoint.input_shape) != (
             model_type, tuple(input_shape)):
-        held = f"{checkpoint.model_type} with input {'x'.join(map(str, checkpoint.input_shape or ()))}"
-        raise DataError(f"checkpoint {source} holds a {held} model; the spec asks for {wanted}")
+        held = f"{checkpoint.model_type} model with input {'x'.join(map(str, checkpoint.input_shape or ()))}"
+        raise DataError(f"checkpoint {source} holds a {held}; the spec asks for {wanted}")
     expected = model.state_dict()
     problems = sorted(set(expected) ^ set(checkpoint.model_state))
     problems += [f"{key}: {tuple(value.shape)} in the file, {tuple(expected[key].shape)} expected"

@@ -64,7 +64,7 @@ def training_epoch(cache: Dataset, targets: np.ndarray, spec: PipelineSpec, *,
     rng = np.random.default_rng(None if seed < 0 else [seed, epoch])
     counts = resample_counts(targets, spec.fpratio_sampling, rng)
     shuffle_seed = int(rng.integers(2**31))
-    return (
+    epoch_pairs = (
         cache.map_batches(_repeat_rows, fn_kwargs={"counts": counts}, batch_format="numpy")
         .random_shuffle(seed=shuffle_seed)
         .map_batches(_finish_batch, batch_format="numpy", fn_kwargs={
@@ -72,6 +72,9 @@ def training_epoch(cache: Dataset, targets: np.ndarray, spec: PipelineSpec, *,
             "seed": int(rng.integers(2**31)),
         })
     )
+    # Blocks in shuffle order, not in whichever order tasks finish: a seeded run repeats exactly.
+    epoch_pairs.context.execution_options.preserve_order = True
+    return epoch_pairs
 
 
 def evaluation_dataset(table: PairTable | Dataset, spec: PipelineSpec) -> Dataset:

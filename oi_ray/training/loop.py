@@ -90,6 +90,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     geometry = job.pipeline.geometry
     net = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
     state = _restore(net, job)
+    if rank == 0 and ray.train.get_checkpoint() is not None:
+        job.progress.note(f"worker group restarted: continuing after epoch {state.epoch} "
+                          f"from the last Ray Train checkpoint")
     net.to(device)
     if train.channels_last:
         net.to(memory_format=torch.channels_last)

@@ -33,6 +33,10 @@ class ProgressFeed:
         """Rank 0: the epoch's metrics (train and, when validated, validation)."""
         self._queue.put(("epoch", metrics, num_epochs))
 
+    def note(self, message: str) -> None:
+        """Rank 0: a line for the user's console."""
+        self._queue.put(("note", message))
+
     def render_while(self, work: Callable[[], Result]) -> Result:
         """Driver: run ``work`` in a thread and draw its events until it returns."""
         outcome: queue_module.Queue = queue_module.Queue()
@@ -64,10 +68,12 @@ class ProgressFeed:
             bar.update(pairs - bar.n)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             return bar
-        _, metrics, num_epochs = event
         if bar is not None:
             bar.close()
-        log.info(summary_line(metrics, num_epochs))
+        if event[0] == "note":
+            log.info(event[1])
+        else:
+            log.info(summary_line(*event[1:]))
         return None
 
 
