@@ -1,7 +1,8 @@
 """The ``oi-ray`` command line: argument parsing and dispatch only.
 
 ``oi-ray <task> -e SPEC.yaml [dotted.key=value ...]`` loads and validates the spec, then calls
-``oi_ray.tasks.<task>.run(config)``. ``oi-ray synthesize`` writes a synthetic dataset.
+``oi_ray.tasks.<task>.run(config)``. ``oi-ray synthesize`` writes a synthetic dataset;
+``oi-ray quickstart`` runs the whole workflow on one.
 """
 
 import argparse
@@ -39,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "synthesize":
             return _synthesize(args)
+        if args.command == "quickstart":
+            return _quickstart(args)
         return _run_spec_task(args)
     except Exception as error:  # user errors may arrive wrapped by Ray tasks
         user_error = find_user_error(error)
@@ -89,6 +92,18 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed (output is deterministic)")
     synth.add_argument("--overwrite", action="store_true",
                        help="allow writing into a non-empty output directory")
+
+    quick = commands.add_parser(
+        "quickstart", parents=[common],
+        help="synthetic data -> train -> evaluate -> inference on an embedded local Ray",
+        description="Synthesize a small dataset, train a few epochs, evaluate and run inference; "
+                    "everything goes under --output.",
+    )
+    quick.add_argument("--output", type=Path, default=Path("oi-ray-quickstart"),
+                       help="folder for the data and results (default: ./oi-ray-quickstart)")
+    quick.add_argument("--num-pairs", type=int, default=1000, help="synthetic pairs (all splits)")
+    quick.add_argument("--epochs", type=int, default=5, help="training epochs")
+    quick.add_argument("--overwrite", action="store_true", help="reuse a non-empty --output folder")
     return parser
 
 
@@ -145,6 +160,14 @@ def _synthesize(args: argparse.Namespace) -> int:
     )
     summary = synthetic.synthesize_dataset(args.output, spec, overwrite=args.overwrite)
     print(summary.describe())
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from oi_ray.quickstart import QuickstartSpec, run_quickstart
+
+    run_quickstart(QuickstartSpec(output=args.output, num_pairs=args.num_pairs, epochs=args.epochs,
+                                  overwrite=args.overwrite))
     return 0
 
 

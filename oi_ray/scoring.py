@@ -21,6 +21,7 @@ class Scores:
     rows: np.ndarray  # CSV row indices 0..n-1
     targets: np.ndarray  # 1 defect, 0 PASS, -1 unlabeled
     distances: np.ndarray  # float32
+    pixel_differences: np.ndarray | None = None  # mean |test - golden| per pair, a naive baseline
 
 
 def score_batches(predictor: Predictor, batches: Iterable[dict[str, np.ndarray]]) -> Scores:
@@ -30,7 +31,7 @@ def score_batches(predictor: Predictor, batches: Iterable[dict[str, np.ndarray]]
         rows.append(batch["row"])
         targets.append(batch["target"])
         distances.append(predictor.distances(batch["test"], batch["golden"]))
-    return _in_row_order(np.concatenate(rows), np.concatenate(targets), np.concatenate(distances))
+    return _in_row_order(np.concatenate(rows), np.concatenate(targets), np.concatenate(distances), None)
 
 
 def score_table(table: PairTable, spec: PipelineSpec, load_predictor: Callable[[], Predictor], *,
@@ -48,7 +49,7 @@ def score_table(table: PairTable, spec: PipelineSpec, load_predictor: Callable[[
         )
     columns = scored.to_pandas()
     scores = _in_row_order(columns["row"].to_numpy(), columns["target"].to_numpy(),
-                           columns["distance"].to_numpy())
+                           columns["distance"].to_numpy(), columns["pixel_difference"].to_numpy())
     if len(scores.rows) != len(table) or not np.array_equal(scores.rows, np.arange(len(table))):
         raise RuntimeError(f"scored {len(scores.rows)} pairs of {len(table)}: rows lost or repeated")
     return scores
@@ -62,10 +63,14 @@ class _ScoreBatch:
         self.predictor = load_predictor()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        test, golden = batch["test"], batch["golden"]
         return {"row": batch["row"], "target": batch["target"],
-                "distance": self.predictor.distances(batch["test"], batch["golden"])}
+                "distance": self.predictor.distances(test, golden),
+                "pixel_difference": np.abs(test.astype(np.int16) - golden).mean(axis=(1, 2, 3))}
 
 
-def _in_row_order(rows: np.ndarray, targets: np.ndarray, distances: np.ndarray) -> Scores:
+def _in_row_order(rows: np.ndarray, targets: np.ndarray, distances: np.ndarray,
+                  pixel_differences: np.ndarray | None) -> Scores:
     order = np.argsort(rows, kind="stable")
-    return Scores(rows[order], targets[order].astype(np.int8), distances[order].astype(np.float32))
+    return Scores(rows[order], targets[order].astype(np.int8), distances[order].astype(np.float32),
+                  None if pixel_differences is None else pixel_differences[order].astype(np.float32))

@@ -54,6 +54,8 @@ def build_report(config: ExperimentConfig, scored: ScoringRun) -> dict[str, Any]
         "confusion_matrix": confusion_matrix(distances, targets, scored.threshold),
         "auroc": auroc(distances, targets),
         "aupr": aupr(distances, targets),
+        # the same pairs scored by mean absolute pixel difference: what a trained model must beat
+        "baseline_pixel_difference_auroc": auroc(scored.scores.pixel_differences, targets),
         **{f"at_{round(recall * 100)}_defect_recall": _point(at_defect_recall(distances, targets, recall))
            for recall in RECALL_TARGETS},
     }
@@ -78,7 +80,8 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(f"{name:<28}{tao[key]:>18.2f}{at_threshold[key]:>22.2f}")
     lines += [
         f"threshold source: {report['threshold']['source']}",
-        f"AUROC {report['auroc']:.4f}   AUPR {report['aupr']:.4f}",
+        f"AUROC {report['auroc']:.4f}   AUPR {report['aupr']:.4f}   "
+        f"(pixel-difference baseline AUROC {report['baseline_pixel_difference_auroc']:.4f})",
     ]
     for key in ("at_99_defect_recall", "at_100_defect_recall"):
         point = report[key]

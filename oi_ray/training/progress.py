@@ -42,39 +42,44 @@ class ProgressFeed:
         outcome: queue_module.Queue = queue_module.Queue()
         thread = threading.Thread(target=lambda: outcome.put(_capture(work)), daemon=True)
         thread.start()
-        bar: tqdm | None = None
+        console = _Console()
         while thread.is_alive() or not self._queue.empty():
             try:
-                event = self._queue.get(timeout=POLL_SECONDS)
+                console.draw(self._queue.get(timeout=POLL_SECONDS))
             except Empty:
                 continue
-            bar = self._draw(event, bar)
-        if bar is not None:
-            bar.close()
+        console.close_bar()
         error, result = outcome.get()
         self._queue.shutdown()
         if error is not None:
             raise error
         return result
 
-    @staticmethod
-    def _draw(event: tuple, bar: tqdm | None) -> tqdm | None:
+
+class _Console:
+    """One tqdm bar for the running epoch (drawn only on a terminal), log lines for the rest."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.epoch: int | None = None
+
+    def draw(self, event: tuple) -> None:
         if event[0] == "step":
             _, epoch, pairs, total, loss = event
-            if bar is None or bar.desc.split()[1] != str(epoch):
-                if bar is not None:
-                    bar.close()
-                bar = tqdm(total=total, unit="pair", desc=f"epoch {epoch}", leave=False, disable=None)
-            bar.update(pairs - bar.n)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            return bar
-        if bar is not None:
-            bar.close()
-        if event[0] == "note":
-            log.info(event[1])
-        else:
-            log.info(summary_line(*event[1:]))
-        return None
+            if epoch != self.epoch:
+                self.close_bar()
+                self.bar = tqdm(total=total, unit="pair", desc=f"epoch {epoch}", leave=False, disable=None)
+                self.epoch = epoch
+            self.bar.update(pairs - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            return
+        self.close_bar()
+        log.info(event[1] if event[0] == "note" else summary_line(*event[1:]))
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.epoch = None, None
 
 
 def summary_line(metrics: dict[str, Any], num_epochs: int) -> str:
