@@ -63,7 +63,7 @@ def test_train_writes_tao_checkpoints_then_resumes_and_stops(spec, tmp_path, cap
     assert len(_status(results)) == 3
 
 
-def test_resume_path_override_and_checkpoint_interval(spec, tmp_path):
+def test_resume_path_override_checkpoint_interval_and_pretrained(spec, tmp_path):
     first = tmp_path / "first"
     assert _train(spec, first, "train.num_epochs=3", "train.checkpoint_interval=2",
                   "train.validation_interval=2") == 0
@@ -76,6 +76,11 @@ def test_resume_path_override_and_checkpoint_interval(spec, tmp_path):
     start = first / "train/model_epoch_002.pth"
     assert _train(spec, second, "train.num_epochs=4", f"train.resume_training_checkpoint_path={start}") == 0
     assert [line["epoch"] for line in _status(second)] == [3, 4]
+
+    third = tmp_path / "third"  # pretrained weights only: training starts again at epoch 1
+    assert _train(spec, third, "train.num_epochs=1", f"train.pretrained_model_path={start}") == 0
+    assert [line["epoch"] for line in _status(third)] == [1]
+    assert _status(third)[0]["train_loss"] < _status(first)[0]["train_loss"]
 
 
 def test_one_worker_run_is_reproducible_with_a_seed(spec, tmp_path):

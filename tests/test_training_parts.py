@@ -1,0 +1,87 @@
+"""Pieces of the training loop that need no Ray: optimiser rule, precision, checkpoint files."""
+
+import os
+
+import pytest
+import torch
+
+from oi_ray.checkpoint import Checkpoint, epoch_checkpoint_path, load_weights, point_latest_to
+from oi_ray.config.schema import OptimConfig
+from oi_ray.data.assemble import InputGeometry
+from oi_ray.errors import DataError
+from oi_ray.model.inputs import InputNormalizer
+from oi_ray.model.loss import contrastive_loss
+from oi_ray.model.siamese import build_model
+from oi_ray.training.loop import PairDistance, _Precision, make_optimizer
+
+SHAPE = (3, 16, 8)
+
+
+def test_optimizer_follows_tao_rule():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    adam = make_optimizer(params, OptimConfig(type="Adam", lr=0.01, weight_decay=0.5))
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["weight_decay"] == 0
+    sgd = make_optimizer(params, OptimConfig(type="SGD", lr=0.01, momentum=0.8, weight_decay=0.5))
+    assert isinstance(sgd, torch.optim.SGD)
+    assert (sgd.defaults["momentum"], sgd.defaults["weight_decay"]) == (0.8, 0.5)
+
+
+def test_pair_distance_module_is_the_models_distance():
+    torch.manual_seed(0)
+    net = build_model("Siamese_1", SHAPE, 5).eval()
+    test, golden = torch.randn(4, *SHAPE), torch.randn(4, *SHAPE)
+    torch.testing.assert_close(PairDistance(net)(test, golden), net.distance(test, golden))
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("clip", [0.0, 0.1])
+def test_training_steps_lower_the_loss(mixed, clip):
+    torch.manual_seed(0)
+    net = build_model("Siamese_3", SHAPE, 5)
+    optimizer = make_optimizer(net.parameters(), OptimConfig(lr=1e-3))
+    precision = _Precision(torch.device("cpu"), mixed)
+    test, golden = torch.randn(16, *SHAPE), torch.randn(16, *SHAPE)
+    target = torch.tensor([0, 1] * 8)
+    losses = []
+    for _ in range(10):
+        with precision.autocast():
+            distance = net.distance(test, golden)
+        assert distance.dtype == (torch.bfloat16 if mixed else torch.float32)
+        loss = contrastive_loss(distance.float(), target, 2.0)
+        optimizer.zero_grad()
+        precision.backward_and_step(loss, optimizer, net, clip)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_channels_last_normalizer_keeps_values():
+    geometry = InputGeometry(1, 4, 5, None, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5))
+    pictures = torch.randint(0, 256, (2, 4, 5, 3), dtype=torch.uint8)
+    plain = InputNormalizer(geometry)(pictures)
+    nhwc = InputNormalizer(geometry, channels_last=True)(pictures)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(plain, nhwc)
+    expected = (pictures[0, 1, 2, 0].float() / 255 - 0.5) / 0.2
+    torch.testing.assert_close(plain[0, 0, 1, 2], expected)
+
+
+def test_latest_link_is_replaced_atomically(tmp_path):
+    for epoch in (1, 2):
+        path = epoch_checkpoint_path(tmp_path, epoch)
+        path.write_bytes(b"x")
+        latest = point_latest_to(path)
+    assert path.name == "model_epoch_002.pth"
+    assert os.readlink(latest) == "model_epoch_002.pth" and latest.name == "oi_model_latest.pth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model_epoch_001.pth", "model_epoch_002.pth", "oi_model_latest.pth"]
+
+
+def test_weights_that_do_not_fit_are_named(tmp_path):
+    small = build_model("Siamese_1", SHAPE, 5)
+    bigger_input = build_model("Siamese_1", (3, 32, 8), 5)
+    with pytest.raises(DataError, match=r"does not fit model.model_type=Siamese_1 with input 3x32x8: "
+                                        r"fc1.0.weight: \(500, 1024\) in the file, \(500, 2048\) expected"):
+        load_weights(bigger_input, Checkpoint(small.state_dict()), "old.pth", "Siamese_1", (3, 32, 8))
+    with pytest.raises(DataError, match=r"does not fit .*fc1.2.running_mean.* \(\+\d+ more\)"):
+        load_weights(build_model("Siamese_3", SHAPE, 5), Checkpoint(small.state_dict()), "x.pth",
+                     "Siamese_3", SHAPE)
