@@ -97,6 +97,8 @@ def test_bad_resume_checkpoint_fails_before_training(spec, tmp_path, capsys):
     assert "train.resume_training_checkpoint_path='/nonexistent.pth': no such file" in capsys.readouterr().err
     assert _train(spec, tmp_path, "dataset.batch_size=500") == 1
     assert "less than one batch of dataset.batch_size=500" in capsys.readouterr().err
+    assert _train(spec, tmp_path, "ray.num_workers=4") == 1  # the fixture's Ray has 4 CPUs
+    assert "= 4 CPUs leave none of the cluster's 4 for Ray Data" in capsys.readouterr().err
 
 
 def test_killed_worker_resumes_from_last_checkpoint(spec, tmp_path, capsys):

@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 
+import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -42,6 +43,7 @@ def run(config: ExperimentConfig) -> None:
         use_gpu = cluster_has_gpus() if config.ray.use_gpu is None else config.ray.use_gpu
         workers = config.ray.num_workers or (train.num_gpus if use_gpu else 1)
         _check_batches(train_table, config.dataset.batch_size, workers)
+        _check_cpus(config, workers)
         results_dir.mkdir(parents=True, exist_ok=True)
         log.info("training %s on %d %s worker(s): epochs %d to %d, %d training pairs%s; results in %s",
                  config.model.model_type, workers, "GPU" if use_gpu else "CPU", done_epochs + 1,
@@ -114,6 +116,17 @@ def _check_batches(table: PairTable, batch_size: int, workers: int) -> None:
             f"{table.csv_path}: {len(table)} training pairs give each of {workers} worker(s) "
             f"{per_worker} pairs, less than one batch of dataset.batch_size={batch_size} "
             f"(incomplete batches are dropped); lower dataset.batch_size or add pairs")
+
+
+def _check_cpus(config: ExperimentConfig, workers: int) -> None:
+    """Ray Data (epoch shuffles, validation) needs CPUs beside the workers, or training hangs."""
+    total = ray.cluster_resources().get("CPU", 0)
+    needed = workers * config.ray.cpus_per_worker
+    if needed >= total:
+        raise ConfigError(
+            f"{workers} worker(s) x ray.cpus_per_worker={config.ray.cpus_per_worker} = {needed:g} CPUs "
+            f"leave none of the cluster's {total:g} for Ray Data; lower ray.num_workers or "
+            f"ray.cpus_per_worker, or raise ray.num_cpus")
 
 
 def _scaling(config: ExperimentConfig, workers: int, use_gpu: bool) -> ScalingConfig:
