@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from oi_ray.crypto import protect, unprotect
 from oi_ray.errors import DataError
 from oi_ray.fileio import write_atomically
 
@@ -57,13 +58,13 @@ class Checkpoint:
         }
 
 
-def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
-    """Write ``checkpoint`` atomically (temp file in the same folder, then rename)."""
+def save_checkpoint(checkpoint: Checkpoint, path: str | Path, key: str | None = None) -> None:
+    """Write ``checkpoint`` atomically (temp file, then rename); encrypted when ``key`` is set."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(checkpoint.to_dict(), buffer)
-    write_atomically(path, buffer.getvalue())
+    write_atomically(path, protect(buffer.getvalue(), key))
 
 
 def epoch_checkpoint_path(results_dir: str | Path, epoch: int) -> Path:
@@ -100,15 +101,16 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, source: str | P
     model.load_state_dict(checkpoint.model_state)
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read an oi-ray or TAO ``.pth`` without executing pickled code."""
+def load_checkpoint(path: str | Path, key: str | None = None) -> Checkpoint:
+    """Read an oi-ray or TAO ``.pth`` without executing pickled code (decrypting with ``key``)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint not found: {path}")
+    payload = unprotect(path.read_bytes(), key, path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        data = _load_tensors_only(path)
+        data = _load_tensors_only(path, payload)
     except (RuntimeError, EOFError, OSError) as error:
         raise DataError(f"cannot read checkpoint {path}: {error}") from None
     if not isinstance(data, dict) or not isinstance(data.get("state_dict"), dict):
@@ -182,8 +184,9 @@ class _TensorsOnlyPickle:
     __name__ = "oi_ray_tensors_only_pickle"
 
 
-def _load_tensors_only(path: Path) -> Any:
+def _load_tensors_only(path: Path, payload: bytes) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle)
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False,
+                          pickle_module=_TensorsOnlyPickle)
     except Exception as error:  # any failure here means the file is not a usable checkpoint
         raise DataError(f"cannot read checkpoint {path}: {error}") from None

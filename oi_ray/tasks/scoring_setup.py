@@ -10,8 +10,8 @@ from pathlib import Path
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.dataset import PipelineSpec
 from oi_ray.data.pairs import ImageNaming, PairTable, load_pairs
-from oi_ray.errors import ConfigError
-from oi_ray.predictors import load_torch_predictor
+from oi_ray.errors import BackendUnavailableError, ConfigError
+from oi_ray.predictors import checked_threshold, is_tensorrt_file, load_predictor
 from oi_ray.runtime import cluster_has_gpus, ray_session, torch_threads
 from oi_ray.scoring import Scores, score_table
 
@@ -33,24 +33,28 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *,
                 require_labels: bool) -> ScoringRun:
     """Score the first configured split of ``splits`` with ``<task>.checkpoint``."""
     section = getattr(config, task)
-    if not section.checkpoint:
-        raise ConfigError(f"{task}.checkpoint is not set: give the .pth to use, "
+    model_file = section.trt_engine or section.checkpoint
+    if not model_file:
+        raise ConfigError(f"{task}.checkpoint is not set: give the .pth, .onnx or .engine to use, "
                           f"e.g. {task}.checkpoint=results/train/oi_model_latest.pth")
     split = _choose_split(config, task, splits)
     paths = getattr(config.dataset, split)
     table = load_pairs(paths.csv_path, paths.images_dir, ImageNaming.from_config(config.dataset),
                        require_labels=require_labels)
-    checkpoint = Path(section.checkpoint)
-    carried = load_torch_predictor(checkpoint, config).threshold  # also checks model fit
+    checkpoint = Path(model_file)
+    carried = checked_threshold(checkpoint, config)
     threshold, source = _decision_threshold(section.threshold, carried, config.model.margin, task)
     batch_size = section.batch_size if section.batch_size > 0 else config.dataset.batch_size
 
     with ray_session(config.ray):
         use_gpu = cluster_has_gpus() if config.ray.use_gpu is None else config.ray.use_gpu
+        if is_tensorrt_file(checkpoint) and not use_gpu:
+            raise BackendUnavailableError(f"{checkpoint} is a TensorRT engine, which needs GPU replicas, "
+                                          f"and the Ray cluster has no GPU; score the .onnx model instead")
         actors = section.num_gpus if use_gpu else 1
         log.info("scoring %d pairs of %s with %s on %d %s replica(s), batch %d", len(table),
                  table.csv_path, checkpoint, actors, "GPU" if use_gpu else "CPU", batch_size)
-        load = functools.partial(load_torch_predictor, checkpoint, config, "cuda" if use_gpu else "cpu")
+        load = functools.partial(load_predictor, checkpoint, config, use_gpu)
         scores = score_table(table, PipelineSpec.from_config(config.dataset), load,
                              batch_size=batch_size, use_gpu=use_gpu, actors=actors,
                              threads=torch_threads(config.ray, actors))

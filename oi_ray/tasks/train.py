@@ -72,7 +72,7 @@ def run(config: ExperimentConfig) -> None:
         )
         job.progress.render_while(trainer.fit)
     latest = results_dir / LATEST_NAME
-    final = load_checkpoint(latest)
+    final = load_checkpoint(latest, config.encryption_key)
     threshold = "none (no validation set; model.margin decides)" if final.threshold is None \
         else f"{final.threshold:.4f}"
     log.info("done: %s -> %s (epoch %d), calibrated threshold %s; per-epoch metrics in %s",
@@ -87,7 +87,7 @@ def _resume_point(config: ExperimentConfig, results_dir: Path) -> tuple[Path | N
         return None, 0
     if not path.is_file():
         raise ConfigError(f"train.resume_training_checkpoint_path={explicit!r}: no such file")
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, config.encryption_key)
     geometry = PipelineSpec.from_config(config.dataset).geometry
     model = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
     load_weights(model, checkpoint, path, config.model.model_type, geometry.input_shape)

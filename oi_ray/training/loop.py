@@ -143,7 +143,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 input_shape=geometry.input_shape, embedding_dim=config.model.embedding_vectors,
                 extra={"validation": last_validation, "train_loss": metrics["train_loss"]},
             )
-            _report_with_checkpoint(metrics, saved, job.results_dir)
+            _report_with_checkpoint(metrics, saved, job.results_dir, config.encryption_key)
         else:
             ray.train.report(metrics)
 
@@ -204,17 +204,17 @@ class _Precision:
 def _restore(net: SiameseNet, job: TrainJob) -> Checkpoint:
     """Weights and progress to start from: the Ray Train checkpoint after a worker-group
     restart, else the run's resume file, else pretrained weights (epoch 0), else fresh."""
-    config = job.config
+    config, key = job.config, job.config.encryption_key
     ray_checkpoint = ray.train.get_checkpoint()
     if ray_checkpoint is not None:
         with ray_checkpoint.as_directory() as folder:
             path = Path(folder) / RAY_CHECKPOINT_FILE
-            checkpoint = load_checkpoint(path)
+            checkpoint = load_checkpoint(path, key)
     elif job.resume_from is not None:
-        path, checkpoint = job.resume_from, load_checkpoint(job.resume_from)
+        path, checkpoint = job.resume_from, load_checkpoint(job.resume_from, key)
     elif config.train.pretrained_model_path:
         path = Path(config.train.pretrained_model_path)
-        weights = load_checkpoint(path)
+        weights = load_checkpoint(path, key)
         checkpoint = Checkpoint(model_state=weights.model_state, model_type=weights.model_type,
                                 input_shape=weights.input_shape)
     else:
@@ -244,10 +244,11 @@ def _mean_over_ranks(loss_sum: torch.Tensor, steps: int, world: int) -> float:
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
 
-def _report_with_checkpoint(metrics: dict[str, Any], checkpoint: Checkpoint, results_dir: Path) -> None:
+def _report_with_checkpoint(metrics: dict[str, Any], checkpoint: Checkpoint, results_dir: Path,
+                            key: str | None) -> None:
     """Write ``model_epoch_NNN.pth``, repoint ``oi_model_latest.pth``, report it to Ray Train."""
     path = epoch_checkpoint_path(results_dir, checkpoint.epoch)
-    save_checkpoint(checkpoint, path)
+    save_checkpoint(checkpoint, path, key)
     point_latest_to(path)
     with tempfile.TemporaryDirectory(prefix="oi-ray-ckpt-") as folder:
         staged = Path(folder) / RAY_CHECKPOINT_FILE

@@ -1,0 +1,95 @@
+"""The JSON sidecar that travels with an exported model (``<model file>.json``).
+
+It holds everything needed to use the model correctly without the training spec: the input
+layout (lighting order, concatenation, image size, mean/std), the decision threshold, and
+where the model came from. Loaders check it against the spec they run with.
+"""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from oi_ray.config.schema import ExperimentConfig
+from oi_ray.data.assemble import InputGeometry
+from oi_ray.errors import DataError
+from oi_ray.fileio import write_atomically
+
+CARD_SUFFIX = ".json"
+INPUT_NAMES = ("input_1", "input_2")  # TAO's ONNX interface: test side, golden side
+OUTPUT_NAMES = ("output_1", "output_2")  # their embeddings
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What an exported model expects and decides."""
+
+    model_type: str
+    input_shape: tuple[int, int, int]  # (3, H', W') of each side
+    lights: tuple[str, ...]  # input_map order; () = one image per side
+    concat_type: str
+    grid_map: tuple[int, int] | None  # (x, y) for grid
+    image_size: tuple[int, int]  # (height, width) of one lighting image
+    rgb_mean: tuple[float, float, float]
+    rgb_std: tuple[float, float, float]
+    embedding_dim: int
+    margin: float
+    threshold: float | None  # calibrated on validation data; None: use margin
+    batch_size: int  # -1: dynamic batch axis "batch"; else the fixed batch of the trace
+    opset_version: int
+    oi_ray_version: str
+    source_checkpoint: str
+    source_checkpoint_sha256: str
+
+    @classmethod
+    def describe(cls, config: ExperimentConfig, threshold: float | None, **provenance: Any) -> "ModelCard":
+        """The card for a model trained with ``config``; ``provenance`` fills the rest."""
+        dataset = config.dataset
+        geometry = InputGeometry.from_config(dataset)
+        return cls(
+            model_type=config.model.model_type, input_shape=geometry.input_shape,
+            lights=tuple(dataset.input_map or ()), concat_type=dataset.concat_type, grid_map=geometry.grid,
+            image_size=(geometry.height, geometry.width), rgb_mean=geometry.mean, rgb_std=geometry.std,
+            embedding_dim=config.model.embedding_vectors, margin=config.model.margin, threshold=threshold,
+            **provenance,
+        )
+
+    def check_matches(self, config: ExperimentConfig, model_path: Path) -> None:
+        """Refuse a spec whose input layout differs from the one the model was exported for."""
+        provenance = ("batch_size", "opset_version", "oi_ray_version", "source_checkpoint",
+                      "source_checkpoint_sha256")
+        expected = ModelCard.describe(config, None, **{name: getattr(self, name) for name in provenance})
+        layout = ("model_type", "input_shape", "lights", "concat_type", "grid_map", "image_size",
+                  "rgb_mean", "rgb_std")
+        differences = [f"{name}: model {getattr(self, name)!r}, spec {getattr(expected, name)!r}"
+                       for name in layout if getattr(self, name) != getattr(expected, name)]
+        if differences:
+            raise DataError(f"{model_path} was exported for another input layout than the spec's: "
+                            + "; ".join(differences))
+
+    def write(self, model_path: Path) -> Path:
+        """Write the card beside ``model_path``; return its path."""
+        path = card_path(model_path)
+        write_atomically(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
+        return path
+
+
+def card_path(model_path: Path) -> Path:
+    """``oi_model.onnx`` -> ``oi_model.onnx.json``."""
+    return model_path.with_name(model_path.name + CARD_SUFFIX)
+
+
+def read_card(model_path: Path) -> ModelCard:
+    """The card beside ``model_path``, or a clear error when it is missing or unreadable."""
+    path = card_path(model_path)
+    try:
+        fields = json.loads(path.read_text())
+        for name in ("input_shape", "lights", "grid_map", "image_size", "rgb_mean", "rgb_std"):
+            if fields.get(name) is not None:
+                fields[name] = tuple(fields[name])
+        return ModelCard(**fields)
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: oi-ray needs the sidecar that `oi-ray export` writes "
+                        f"beside {model_path.name}") from None
+    except (ValueError, TypeError) as error:
+        raise DataError(f"{path} is not an oi-ray model card: {error}") from None

@@ -1,0 +1,141 @@
+"""``oi-ray export``: a checkpoint -> ONNX with TAO's interface, verified, plus its model card.
+
+Inputs ``input_1`` (test side) and ``input_2`` (golden side), outputs ``output_1`` and
+``output_2`` (their embeddings), NCHW float32 of the assembled input size, batch axis named
+``batch`` (TAO's ``batch_size: -1``). After writing, ``onnx.checker`` and an ONNX Runtime vs
+torch comparison must pass, or the command fails. The comparison runs on the first pairs of
+the spec's dataset (real inputs keep the embeddings at their trained scale), or on random
+pictures when the spec names no dataset; the tolerance is 1e-4 x max(1, largest |embedding|).
+"""
+
+import hashlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from oi_ray import __version__
+from oi_ray.checkpoint import load_checkpoint, load_weights
+from oi_ray.config.schema import ExperimentConfig
+from oi_ray.crypto import protect
+from oi_ray.data.assemble import InputGeometry, assemble, read_stack
+from oi_ray.data.pairs import ImageNaming, load_pairs
+from oi_ray.errors import ConfigError, DataError
+from oi_ray.fileio import write_atomically
+from oi_ray.model.inputs import InputNormalizer
+from oi_ray.model.siamese import SiameseNet, build_model
+from oi_ray.model_card import INPUT_NAMES, OUTPUT_NAMES, ModelCard
+
+log = logging.getLogger(__name__)
+DYNAMIC_BATCH = "batch"
+VERIFY_BATCH = 4
+TOLERANCE = 1e-4  # max |ORT - torch| on the embeddings
+
+
+def run(config: ExperimentConfig) -> None:
+    """Export ``export.checkpoint`` to ``export.onnx_file`` and check the result."""
+    export = config.export
+    if not export.checkpoint:
+        raise ConfigError("export.checkpoint is not set: give the .pth to export")
+    geometry = InputGeometry.from_config(config.dataset)
+    _check_input_size(config, geometry.input_shape)
+    onnx_path = Path(export.onnx_file or Path(export.results_dir) / "oi_model.onnx").resolve()
+
+    source = Path(export.checkpoint)
+    checkpoint = load_checkpoint(source, config.encryption_key)
+    model = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
+    load_weights(model, checkpoint, source, config.model.model_type, geometry.input_shape)
+    model.eval()
+
+    batch = export.batch_size if export.batch_size > 0 else 1
+    onnx_bytes = export_onnx(model, geometry.input_shape, batch, dynamic=export.batch_size == -1,
+                             opset=export.opset_version, constant_folding=export.do_constant_folding)
+    test, golden = _verification_inputs(config, geometry, VERIFY_BATCH if export.batch_size == -1 else batch)
+    difference = verify_onnx(onnx_bytes, model, test, golden)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    if onnx_path.exists():
+        log.info("replacing %s", onnx_path)
+    write_atomically(onnx_path, protect(onnx_bytes, config.encryption_key))
+    card = ModelCard.describe(
+        config, checkpoint.threshold, batch_size=export.batch_size, opset_version=export.opset_version,
+        oi_ray_version=__version__, source_checkpoint=str(source.resolve()),
+        source_checkpoint_sha256=hashlib.sha256(source.read_bytes()).hexdigest(),
+    ).write(onnx_path)
+    threshold = "none (model.margin decides)" if checkpoint.threshold is None \
+        else f"{checkpoint.threshold:.4g}"
+    batch_text = f"batch axis '{DYNAMIC_BATCH}'" if export.batch_size == -1 else f"fixed batch {batch}"
+    log.info("wrote %s (%s, inputs 2 x %s, %s, opset %d%s); ONNX Runtime matches torch within %.1e; "
+             "threshold %s; model card %s", onnx_path, config.model.model_type,
+             "x".join(map(str, geometry.input_shape)), batch_text, export.opset_version,
+             ", encrypted" if config.encryption_key else "", difference, threshold, card)
+    log.info("score with it: oi-ray evaluate -e SPEC evaluate.checkpoint=%s", onnx_path)
+
+
+def export_onnx(model: SiameseNet, input_shape: tuple[int, int, int], batch: int, *, dynamic: bool,
+                opset: int, constant_folding: bool) -> bytes:
+    """The ONNX bytes of ``model`` with TAO's input/output names."""
+    example = torch.zeros(batch, *input_shape)
+    axes = {name: {0: DYNAMIC_BATCH} for name in (*INPUT_NAMES, *OUTPUT_NAMES)} if dynamic else None
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation and folding notices
+        warnings.simplefilter("ignore")
+        # dynamo=False: torch's TorchScript-based exporter needs no onnxscript and exports
+        # these plain conv/linear layers exactly.
+        torch.onnx.export(model, (example, example), buffer, input_names=list(INPUT_NAMES),
+                          output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=opset,
+                          do_constant_folding=constant_folding, dynamo=False)
+    return buffer.getvalue()
+
+
+def verify_onnx(onnx_bytes: bytes, model: SiameseNet, test: torch.Tensor, golden: torch.Tensor) -> float:
+    """Check the graph and compare ONNX Runtime with torch on one batch; return the max error."""
+    try:
+        onnx.checker.check_model(onnx.load_from_string(onnx_bytes), full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise DataError(f"the exported model fails onnx.checker: {error}") from None
+    with torch.inference_mode():
+        expected = [output.numpy() for output in model(test, golden)]
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    actual = session.run(list(OUTPUT_NAMES), {INPUT_NAMES[0]: test.numpy(), INPUT_NAMES[1]: golden.numpy()})
+    difference = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected, strict=True))
+    allowed = TOLERANCE * max(1.0, *(float(np.abs(e).max()) for e in expected))
+    if not difference <= allowed:
+        raise DataError(f"the exported model disagrees with torch: max |difference| {difference:.2e} on the "
+                        f"embeddings (allowed {allowed:.1e}); nothing was written")
+    return difference
+
+
+def _verification_inputs(config: ExperimentConfig, geometry: InputGeometry,
+                         batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model inputs for the check: the first pairs of a configured split, else random pictures."""
+    normalize = InputNormalizer(geometry)
+    for split in ("validation_dataset", "test_dataset", "train_dataset", "infer_dataset"):
+        paths = getattr(config.dataset, split)
+        if paths.csv_path:
+            table = load_pairs(paths.csv_path, paths.images_dir, ImageNaming.from_config(config.dataset),
+                               require_labels=False)
+            rows = [index % len(table) for index in range(batch)]
+            return tuple(normalize(np.concatenate([assemble(read_stack(side[row], geometry)[None], geometry)
+                                                   for row in rows]))
+                         for side in (table.test_paths, table.golden_paths))
+    generator = np.random.default_rng(0)
+    _, height, width = geometry.input_shape
+    return tuple(normalize(generator.integers(0, 256, (batch, height, width, 3), dtype=np.uint8))
+                 for _ in range(2))
+
+
+def _check_input_size(config: ExperimentConfig, input_shape: tuple[int, int, int]) -> None:
+    _, height, width = input_shape
+    export = config.export
+    problems = [f"export.{name}={value} contradicts the assembled input {expected} "
+                f"(from dataset.image_{name.split('_')[1]}, num_input and concat_type)"
+                for name, value, expected in (("input_height", export.input_height, height),
+                                              ("input_width", export.input_width, width))
+                if value is not None and value != expected]
+    if problems:
+        raise ConfigError("; ".join(problems))
