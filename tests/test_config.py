@@ -188,9 +188,9 @@ def test_cli_reports_config_error_in_one_line(capsys):
     assert "Traceback" not in err
 
 
-def test_unbuilt_task_says_not_implemented(capsys):
-    assert main(["gen_trt_engine", "-e", str(TRAIN_SPEC)]) == 1
-    assert "'gen_trt_engine' is not implemented yet" in capsys.readouterr().err
+def test_unbuilt_cluster_mode_says_not_implemented(capsys):
+    assert main(["train", "-e", str(TRAIN_SPEC), "--cluster", "cluster.yaml"]) == 1
+    assert "--cluster is not implemented yet" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
