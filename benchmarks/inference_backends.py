@@ -1,0 +1,95 @@
+"""Pairs/s of the scoring backends on the same model and inputs, measured side by side.
+
+CPU: ONNX Runtime vs torch eager (both through oi-ray's predictors, uint8 pictures in,
+distances out) at batch 1 and 32. With an NVIDIA GPU and the ``gpu`` extra also TensorRT vs
+ONNX Runtime's CUDA provider. The model is the TAO Siamese_3 with random weights at the given
+lightings and image size (4 x 100x100 by default: TAO's documented setup).
+
+    python benchmarks/inference_backends.py --lights 4 --size 100
+"""
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from oi_ray.config import load_config
+from oi_ray.data.assemble import InputGeometry
+from oi_ray.model.siamese import build_model
+from oi_ray.model_card import ModelCard
+from oi_ray.predictors import OnnxPredictor, Predictor, TensorRTPredictor, TorchPredictor
+from oi_ray.tasks.export import export_onnx
+
+LIGHTS = ("LowAngleLight", "SolderLight", "UniformLight", "WhiteLight")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lights", type=int, default=4, choices=range(1, 5))
+    parser.add_argument("--size", type=int, default=100)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per backend and batch")
+    args = parser.parse_args()
+
+    lights = ",".join(f"{name}: {index}" for index, name in enumerate(LIGHTS[: args.lights]))
+    config = load_config(None, [f"dataset.input_map={{{lights}}}", f"dataset.image_width={args.size}",
+                                f"dataset.image_height={args.size}"])
+    geometry = InputGeometry.from_config(config.dataset)
+    torch.manual_seed(0)
+    model = build_model("Siamese_3", geometry.input_shape, 5).eval()
+    onnx_bytes = export_onnx(model, geometry.input_shape, 1, dynamic=True, opset=17, constant_folding=True)
+    backends: dict[str, Predictor] = {
+        "torch eager (CPU)": TorchPredictor(model, geometry),
+        "ONNX Runtime (CPU)": OnnxPredictor(onnx_bytes, geometry, threshold=None),
+    }
+    gpu_pairs = _gpu_backends(config, model, onnx_bytes, geometry) if torch.cuda.is_available() else {}
+    print(f"model Siamese_3, input 2 x {geometry.input_shape}, {torch.get_num_threads()} torch threads")
+    for batch in args.batches:
+        rng = np.random.default_rng(batch)
+        _, height, width = geometry.input_shape
+        test, golden = (rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8) for _ in range(2))
+        rates = {name: _pairs_per_second(backend, test, golden, args.seconds) for name, backend in
+                 {**backends, **gpu_pairs}.items()}
+        print(f"batch {batch}:")
+        for name, rate in rates.items():
+            print(f"  {name:<26}{rate:10.1f} pairs/s")
+        cpu_ratio = rates["ONNX Runtime (CPU)"] / rates["torch eager (CPU)"]
+        print(f"  ratio ONNX Runtime / torch (CPU): {cpu_ratio:.2f}")
+        if gpu_pairs:
+            print(f"  ratio TensorRT / ORT CUDA: {rates['TensorRT'] / rates['ONNX Runtime (CUDA)']:.2f}")
+    if not gpu_pairs:
+        print("no NVIDIA GPU: TensorRT vs ONNX Runtime CUDA not measured")
+
+
+def _gpu_backends(config, model, onnx_bytes: bytes, geometry: InputGeometry) -> dict[str, Predictor]:
+    from oi_ray.tasks import gen_trt_engine
+
+    cuda = OnnxPredictor(onnx_bytes, geometry, threshold=None, use_gpu=True)
+    backends: dict[str, Predictor] = {"ONNX Runtime (CUDA)": cuda}
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_file, engine = Path(tmp) / "m.onnx", Path(tmp) / "m.engine"
+        onnx_file.write_bytes(onnx_bytes)
+        ModelCard.describe(config, None, batch_size=-1, opset_version=17, oi_ray_version="bench",
+                           source_checkpoint="random", source_checkpoint_sha256="").write(onnx_file)
+        config.gen_trt_engine.onnx_file, config.gen_trt_engine.trt_engine = str(onnx_file), str(engine)
+        config.dataset.batch_size = 32
+        gen_trt_engine.run(config)
+        backends["TensorRT"] = TensorRTPredictor(engine.read_bytes(), geometry, threshold=None)
+    return backends
+
+
+def _pairs_per_second(backend: Predictor, test: np.ndarray, golden: np.ndarray, seconds: float) -> float:
+    backend.distances(test, golden)  # warm-up: allocations, kernel selection
+    pairs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        backend.distances(test, golden)
+        pairs += len(test)
+    return pairs / (time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()
