@@ -1,0 +1,50 @@
+"""Score test/golden pairs from Python with an exported model, without Ray.
+
+    python examples/score_pairs.py SPEC.yaml MODEL.onnx [MODEL.pth ...]
+
+Reads the spec's inference split (else test, else validation), builds each pair's input the
+way training did (oi_ray.data.assemble), and prints the distance and decision of the first
+pairs with every model given, using the same predictor interface as evaluate and inference.
+"""
+
+import sys
+
+import numpy as np
+
+from oi_ray.config import load_config
+from oi_ray.data.assemble import InputGeometry, assemble, read_stack
+from oi_ray.data.pairs import ImageNaming, load_pairs
+from oi_ray.predictors import load_predictor
+
+PAIRS_SHOWN = 8
+
+
+def main(spec_path: str, *model_paths: str) -> None:
+    config = load_config(spec_path)
+    dataset = config.dataset
+    split = next(s for s in (dataset.infer_dataset, dataset.test_dataset, dataset.validation_dataset)
+                 if s.csv_path)
+    table = load_pairs(split.csv_path, split.images_dir, ImageNaming.from_config(dataset),
+                       require_labels=False)
+    geometry = InputGeometry.from_config(dataset)
+    rows = range(min(PAIRS_SHOWN, len(table)))
+
+    def pictures(sides: list[list[str]]) -> np.ndarray:  # (B, H', W', 3) uint8, like the pipeline
+        return np.concatenate([assemble(read_stack(sides[row], geometry)[None], geometry) for row in rows])
+
+    test, golden = pictures(table.test_paths), pictures(table.golden_paths)
+    for model_path in model_paths:
+        predictor = load_predictor(model_path, config)
+        threshold = predictor.threshold if predictor.threshold is not None else config.model.margin
+        print(f"{model_path} (threshold {threshold:.4g}):")
+        for row, distance in zip(rows, predictor.distances(test, golden), strict=True):
+            decision = "NO_PASS" if distance > threshold else "PASS"
+            row_values = table.rows.iloc[row]
+            print(f"  {row_values['object_name']:<10} {distance:8.4f}  {decision:<8} "
+                  f"(label {row_values.get('label', '-')})")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(*sys.argv[1:])
