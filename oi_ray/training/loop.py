@@ -99,32 +99,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     optimizer = make_optimizer(net.parameters(), train.optim)
     if state.optimizer_state is not None:
         optimizer.load_state_dict(state.optimizer_state)
-    model = ray.train.torch.prepare_model(PairDistance(net), move_to_device=False)
-    precision = _Precision(device, train.mixed_precision)
-    normalize = InputNormalizer(geometry, device, channels_last=train.channels_last)
+    runner = _EpochRunner(
+        model=ray.train.torch.prepare_model(PairDistance(net), move_to_device=False), net=net,
+        optimizer=optimizer, precision=_Precision(device, train.mixed_precision),
+        normalize=InputNormalizer(geometry, device, channels_last=train.channels_last), config=config,
+        progress=job.progress if rank == 0 else None, num_pairs=len(job.train_targets), world=world,
+    )
 
     threshold, last_validation = state.threshold, state.extra.get("validation")
-    batch_size = config.dataset.batch_size
-    epoch_pairs = len(job.train_targets) // world // batch_size * batch_size * world
     for epoch in range(state.epoch + 1, train.num_epochs + 1):
         start = time.perf_counter()
-        shard = _epoch_shard(job, epoch, rank, world)
-        net.train()
-        loss_sum, steps = torch.zeros((), device=device), 0
-        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True,
-                                        batch_format="numpy", prefetch_batches=2):
-            target = torch.from_numpy(batch["target"].copy()).to(device, non_blocking=True)
-            with precision.autocast():
-                distance = model(normalize(batch["test"]), normalize(batch["golden"]))
-            loss = contrastive_loss(distance.float(), target, config.model.margin)
-            optimizer.zero_grad(set_to_none=True)
-            precision.backward_and_step(loss, optimizer, net, train.clip_grad_norm)
-            loss_sum += loss.detach()
-            steps += 1
-            if rank == 0 and steps % PROGRESS_EVERY_STEPS == 0:
-                job.progress.step(epoch, steps * batch_size * world, epoch_pairs, loss.item())
+        loss_sum, steps = runner.run(_epoch_shard(job, epoch, rank, world), epoch)
         metrics = {"epoch": epoch, "train_loss": _mean_over_ranks(loss_sum, steps, world),
-                   "pairs_per_s": steps * batch_size * world / (time.perf_counter() - start)}
+                   "pairs_per_s": steps * config.dataset.batch_size * world / (time.perf_counter() - start)}
         last_epoch = epoch == train.num_epochs
         if rank == 0 and job.validation_cache is not None and (
                 epoch % train.validation_interval == 0 or last_epoch):
@@ -132,11 +119,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             threshold = last_validation["threshold"]
             metrics.update(last_validation)
         metrics["seconds"] = time.perf_counter() - start
-        checkpointing = epoch % train.checkpoint_interval == 0 or last_epoch
         if rank == 0:
             _append_status(job.results_dir, metrics)
             job.progress.epoch_done(metrics, train.num_epochs)
-        if checkpointing and rank == 0:
+        if rank == 0 and (epoch % train.checkpoint_interval == 0 or last_epoch):
             saved = Checkpoint(
                 model_state=net.state_dict(), epoch=epoch, optimizer_state=optimizer.state_dict(),
                 config_yaml=to_yaml(config), threshold=threshold, model_type=config.model.model_type,
@@ -146,6 +132,41 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             _report_with_checkpoint(metrics, saved, job.results_dir, config.encryption_key)
         else:
             ray.train.report(metrics)
+
+
+@dataclass
+class _EpochRunner:
+    """Runs one epoch of optimisation steps with no host synchronisation except progress updates."""
+
+    model: torch.nn.Module  # PairDistance, DDP-wrapped when world > 1
+    net: SiameseNet
+    optimizer: torch.optim.Optimizer
+    precision: "_Precision"
+    normalize: InputNormalizer
+    config: ExperimentConfig
+    progress: ProgressFeed | None  # rank 0 only
+    num_pairs: int
+    world: int
+
+    def run(self, shard: DataIterator, epoch: int) -> tuple[torch.Tensor, int]:
+        """Train on every full batch of ``shard``; return the summed loss and the step count."""
+        self.net.train()
+        device, batch_size = self.normalize.device, self.config.dataset.batch_size
+        epoch_pairs = self.num_pairs // self.world // batch_size * batch_size * self.world
+        loss_sum, steps = torch.zeros((), device=device), 0
+        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy",
+                                        prefetch_batches=2):
+            target = torch.from_numpy(batch["target"].copy()).to(device, non_blocking=True)
+            with self.precision.autocast():
+                distance = self.model(self.normalize(batch["test"]), self.normalize(batch["golden"]))
+            loss = contrastive_loss(distance.float(), target, self.config.model.margin)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.precision.backward_and_step(loss, self.optimizer, self.net, self.config.train.clip_grad_norm)
+            loss_sum += loss.detach()
+            steps += 1
+            if self.progress is not None and steps % PROGRESS_EVERY_STEPS == 0:
+                self.progress.step(epoch, steps * batch_size * self.world, epoch_pairs, loss.item())
+        return loss_sum, steps
 
 
 def make_optimizer(parameters, optim: OptimConfig) -> torch.optim.Optimizer:
