@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from oi_ray.crypto import protect, unprotect
+from oi_ray.crypto import MAGIC, is_encrypted, protect, unprotect
 from oi_ray.errors import DataError
 from oi_ray.fileio import write_atomically
 
@@ -106,11 +106,14 @@ def load_checkpoint(path: str | Path, key: str | None = None) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint not found: {path}")
-    payload = unprotect(path.read_bytes(), key, path)
+    with open(path, "rb") as file:
+        encrypted = is_encrypted(file.read(len(MAGIC)))
+    # Plain files load straight from disk; encrypted ones are decrypted in memory first.
+    source = io.BytesIO(unprotect(path.read_bytes(), key, path)) if encrypted else path
     try:
-        data = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        data = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        data = _load_tensors_only(path, payload)
+        data = _load_tensors_only(path, source)
     except (RuntimeError, EOFError, OSError) as error:
         raise DataError(f"cannot read checkpoint {path}: {error}") from None
     if not isinstance(data, dict) or not isinstance(data.get("state_dict"), dict):
@@ -184,9 +187,10 @@ class _TensorsOnlyPickle:
     __name__ = "oi_ray_tensors_only_pickle"
 
 
-def _load_tensors_only(path: Path, payload: bytes) -> Any:
+def _load_tensors_only(path: Path, source: Path | io.BytesIO) -> Any:
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
     try:
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False,
-                          pickle_module=_TensorsOnlyPickle)
+        return torch.load(source, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle)
     except Exception as error:  # any failure here means the file is not a usable checkpoint
         raise DataError(f"cannot read checkpoint {path}: {error}") from None
