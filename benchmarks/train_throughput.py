@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from oi_ray.config import load_config
-from oi_ray.data.assemble import InputGeometry, assemble, read_stack
-from oi_ray.data.pairs import ImageNaming, load_pairs
+from oi_ray.data.assemble import InputGeometry, read_pictures
+from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.loss import contrastive_loss
@@ -77,14 +77,9 @@ def _bare_pytorch(config, threads: int) -> tuple[float, int]:
     torch.manual_seed(config.train.seed)
     dataset = config.dataset
     geometry = InputGeometry.from_config(dataset)
-    table = load_pairs(dataset.train_dataset.csv_path, dataset.train_dataset.images_dir,
-                       ImageNaming.from_config(dataset))
-
-    def pictures(paths: list[list[str]]) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([assemble(read_stack(side, geometry)[None], geometry)
-                                                for side in paths]))
-
-    test, golden = pictures(table.test_paths), pictures(table.golden_paths)
+    table = load_split(dataset, "train_dataset")
+    test = torch.from_numpy(read_pictures(table.test_paths, geometry))
+    golden = torch.from_numpy(read_pictures(table.golden_paths, geometry))
     targets = torch.from_numpy(table.targets.astype(np.int64))
     passes, defects = int((targets == 0).sum()), int((targets == 1).sum())
     weights = torch.where(targets == 1, passes / defects * dataset.fpratio_sampling, 1.0)

@@ -9,11 +9,9 @@ pairs with every model given, using the same predictor interface as evaluate and
 
 import sys
 
-import numpy as np
-
 from oi_ray.config import load_config
-from oi_ray.data.assemble import InputGeometry, assemble, read_stack
-from oi_ray.data.pairs import ImageNaming, load_pairs
+from oi_ray.data.assemble import InputGeometry, read_pictures
+from oi_ray.data.pairs import first_configured_split, load_split
 from oi_ray.predictors import load_predictor
 
 PAIRS_SHOWN = 8
@@ -21,18 +19,13 @@ PAIRS_SHOWN = 8
 
 def main(spec_path: str, *model_paths: str) -> None:
     config = load_config(spec_path)
-    dataset = config.dataset
-    split = next(s for s in (dataset.infer_dataset, dataset.test_dataset, dataset.validation_dataset)
-                 if s.csv_path)
-    table = load_pairs(split.csv_path, split.images_dir, ImageNaming.from_config(dataset),
-                       require_labels=False)
-    geometry = InputGeometry.from_config(dataset)
+    split = first_configured_split(config.dataset, ("infer_dataset", "test_dataset", "validation_dataset"))
+    table = load_split(config.dataset, split, require_labels=False)
+    geometry = InputGeometry.from_config(config.dataset)
     rows = range(min(PAIRS_SHOWN, len(table)))
-
-    def pictures(sides: list[list[str]]) -> np.ndarray:  # (B, H', W', 3) uint8, like the pipeline
-        return np.concatenate([assemble(read_stack(sides[row], geometry)[None], geometry) for row in rows])
-
-    test, golden = pictures(table.test_paths), pictures(table.golden_paths)
+    # (B, H', W', 3) uint8 pictures, exactly what the Ray Data pipeline hands to predictors
+    test = read_pictures(table.test_paths[: len(rows)], geometry)
+    golden = read_pictures(table.golden_paths[: len(rows)], geometry)
     for model_path in model_paths:
         predictor = load_predictor(model_path, config)
         threshold = predictor.threshold if predictor.threshold is not None else config.model.margin

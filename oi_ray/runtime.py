@@ -74,6 +74,8 @@ def torch_threads(config: RayConfig, workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-def cluster_has_gpus() -> bool:
-    """Whether the connected Ray cluster offers any GPU."""
+def uses_gpus(config: RayConfig) -> bool:
+    """``ray.use_gpu`` when set, else whether the connected Ray cluster offers any GPU."""
+    if config.use_gpu is not None:
+        return config.use_gpu
     return ray.cluster_resources().get("GPU", 0) > 0

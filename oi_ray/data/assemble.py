@@ -90,3 +90,8 @@ def tile(stacks: np.ndarray, geometry: InputGeometry) -> np.ndarray:
 def assemble(stacks: np.ndarray, geometry: InputGeometry) -> np.ndarray:
     """Lighting stacks ``(B, L, H, W, 3)`` -> contiguous tiled pictures ``(B, H', W', 3)`` uint8."""
     return np.ascontiguousarray(tile(stacks, geometry))
+
+
+def read_pictures(sides: Sequence[Sequence[str]], geometry: InputGeometry) -> np.ndarray:
+    """Decode and tile several sides in this process (no Ray): ``(B, H', W', 3)`` uint8."""
+    return assemble(np.stack([read_stack(paths, geometry) for paths in sides]), geometry)

@@ -13,6 +13,7 @@ collected and reported together, naming the file, row, column and path.
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,18 @@ class PairTable:
             "golden_paths": self.golden_paths,
             "target": self.targets,
         })
+
+
+def first_configured_split(dataset: DatasetConfig, splits: Sequence[str]) -> str | None:
+    """The first of ``splits`` (e.g. ``"test_dataset"``) whose ``csv_path`` the spec sets."""
+    return next((split for split in splits if getattr(dataset, split).csv_path), None)
+
+
+def load_split(dataset: DatasetConfig, split: str, *, require_labels: bool = True) -> PairTable:
+    """Load and validate the spec's ``dataset.<split>`` with its image naming."""
+    paths = getattr(dataset, split)
+    return load_pairs(paths.csv_path, paths.images_dir, ImageNaming.from_config(dataset),
+                      require_labels=require_labels)
 
 
 def load_pairs(

@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 
-from oi_ray.config.schema import DataPathFormat, ExperimentConfig
+from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.dataset import PipelineSpec, decode_cache, evaluation_dataset, training_epoch
-from oi_ray.data.pairs import ImageNaming, PairTable, load_pairs
+from oi_ray.data.pairs import ImageNaming, PairTable, load_split
 from oi_ray.errors import ConfigError
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.runtime import ray_session
@@ -27,12 +27,10 @@ def run(config: ExperimentConfig) -> None:
     """Validate all configured splits, then run them through Ray Data and report."""
     dataset = config.dataset
     naming = ImageNaming.from_config(dataset)
-    tables: dict[str, PairTable] = {}
-    for split in SPLITS:
-        paths: DataPathFormat = getattr(dataset, split)
-        if paths.csv_path:
-            tables[split] = load_pairs(paths.csv_path, paths.images_dir, naming,
-                                       require_labels=split != "infer_dataset")
+    tables: dict[str, PairTable] = {
+        split: load_split(dataset, split, require_labels=split != "infer_dataset")
+        for split in SPLITS if getattr(dataset, split).csv_path
+    }
     if not tables:
         raise ConfigError(f"no dataset split is set: give dataset.<split>.csv_path for one of {SPLITS}")
 

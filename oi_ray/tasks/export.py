@@ -23,8 +23,8 @@ from oi_ray import __version__
 from oi_ray.checkpoint import load_checkpoint, load_weights
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.crypto import protect
-from oi_ray.data.assemble import InputGeometry, assemble, read_stack
-from oi_ray.data.pairs import ImageNaming, load_pairs
+from oi_ray.data.assemble import InputGeometry, read_pictures
+from oi_ray.data.pairs import first_configured_split, load_split
 from oi_ray.errors import ConfigError, DataError
 from oi_ray.fileio import write_atomically
 from oi_ray.model.inputs import InputNormalizer
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 DYNAMIC_BATCH = "batch"
 VERIFY_BATCH = 4
 TOLERANCE = 1e-4  # max |ORT - torch| on the embeddings
+VERIFICATION_SPLITS = ("validation_dataset", "test_dataset", "train_dataset", "infer_dataset")
 
 
 def run(config: ExperimentConfig) -> None:
@@ -114,15 +115,12 @@ def _verification_inputs(config: ExperimentConfig, geometry: InputGeometry,
                          batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Model inputs for the check: the first pairs of a configured split, else random pictures."""
     normalize = InputNormalizer(geometry)
-    for split in ("validation_dataset", "test_dataset", "train_dataset", "infer_dataset"):
-        paths = getattr(config.dataset, split)
-        if paths.csv_path:
-            table = load_pairs(paths.csv_path, paths.images_dir, ImageNaming.from_config(config.dataset),
-                               require_labels=False)
-            rows = [index % len(table) for index in range(batch)]
-            return tuple(normalize(np.concatenate([assemble(read_stack(side[row], geometry)[None], geometry)
-                                                   for row in rows]))
-                         for side in (table.test_paths, table.golden_paths))
+    split = first_configured_split(config.dataset, VERIFICATION_SPLITS)
+    if split is not None:
+        table = load_split(config.dataset, split, require_labels=False)
+        rows = [index % len(table) for index in range(batch)]
+        return (normalize(read_pictures([table.test_paths[row] for row in rows], geometry)),
+                normalize(read_pictures([table.golden_paths[row] for row in rows], geometry)))
     generator = np.random.default_rng(0)
     _, height, width = geometry.input_shape
     return tuple(normalize(generator.integers(0, 256, (batch, height, width, 3), dtype=np.uint8))

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.dataset import PipelineSpec
-from oi_ray.data.pairs import ImageNaming, PairTable, load_pairs
+from oi_ray.data.pairs import PairTable, first_configured_split, load_split
 from oi_ray.errors import BackendUnavailableError, ConfigError
 from oi_ray.predictors import checked_threshold, is_tensorrt_file, load_predictor
-from oi_ray.runtime import cluster_has_gpus, ray_session, torch_threads
+from oi_ray.runtime import ray_session, torch_threads, uses_gpus
 from oi_ray.scoring import Scores, score_table
 
 log = logging.getLogger(__name__)
@@ -38,16 +38,14 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *,
         raise ConfigError(f"{task}.checkpoint is not set: give the .pth, .onnx or .engine to use, "
                           f"e.g. {task}.checkpoint=results/train/oi_model_latest.pth")
     split = _choose_split(config, task, splits)
-    paths = getattr(config.dataset, split)
-    table = load_pairs(paths.csv_path, paths.images_dir, ImageNaming.from_config(config.dataset),
-                       require_labels=require_labels)
+    table = load_split(config.dataset, split, require_labels=require_labels)
     checkpoint = Path(model_file)
     carried = checked_threshold(checkpoint, config)
     threshold, source = _decision_threshold(section.threshold, carried, config.model.margin, task)
     batch_size = section.batch_size if section.batch_size > 0 else config.dataset.batch_size
 
     with ray_session(config.ray):
-        use_gpu = cluster_has_gpus() if config.ray.use_gpu is None else config.ray.use_gpu
+        use_gpu = uses_gpus(config.ray)
         if is_tensorrt_file(checkpoint) and not use_gpu:
             raise BackendUnavailableError(f"{checkpoint} is a TensorRT engine, which needs GPU replicas, "
                                           f"and the Ray cluster has no GPU; score the .onnx model instead")
@@ -62,13 +60,13 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *,
 
 
 def _choose_split(config: ExperimentConfig, task: str, splits: Sequence[str]) -> str:
-    for split in splits:
-        if getattr(config.dataset, split).csv_path:
-            if split != splits[0]:
-                log.info("dataset.%s is not set: %s uses dataset.%s", splits[0], task, split)
-            return split
-    wanted = " or ".join(f"dataset.{split}.csv_path" for split in splits)
-    raise ConfigError(f"{task} needs a dataset: set {wanted}")
+    split = first_configured_split(config.dataset, splits)
+    if split is None:
+        wanted = " or ".join(f"dataset.{name}.csv_path" for name in splits)
+        raise ConfigError(f"{task} needs a dataset: set {wanted}")
+    if split != splits[0]:
+        log.info("dataset.%s is not set: %s uses dataset.%s", splits[0], task, split)
+    return split
 
 
 def _decision_threshold(explicit: float | None, carried: float | None, margin: float,

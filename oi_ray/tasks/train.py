@@ -17,10 +17,10 @@ from ray.train.torch import TorchTrainer
 from oi_ray.checkpoint import LATEST_NAME, load_checkpoint, load_weights
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.dataset import PipelineSpec, decode_cache
-from oi_ray.data.pairs import ImageNaming, PairTable, load_pairs
+from oi_ray.data.pairs import PairTable, load_split
 from oi_ray.errors import ConfigError, DataError
 from oi_ray.model.siamese import build_model
-from oi_ray.runtime import cluster_has_gpus, ray_session, torch_threads
+from oi_ray.runtime import ray_session, torch_threads, uses_gpus
 from oi_ray.training.loop import TrainJob, train_worker
 from oi_ray.training.progress import ProgressFeed
 
@@ -40,7 +40,7 @@ def run(config: ExperimentConfig) -> None:
 
     pipeline = PipelineSpec.from_config(config.dataset)
     with ray_session(config.ray):
-        use_gpu = cluster_has_gpus() if config.ray.use_gpu is None else config.ray.use_gpu
+        use_gpu = uses_gpus(config.ray)
         workers = config.ray.num_workers or (train.num_gpus if use_gpu else 1)
         _check_batches(train_table, config.dataset.batch_size, workers)
         _check_cpus(config, workers)
@@ -96,17 +96,14 @@ def _resume_point(config: ExperimentConfig, results_dir: Path) -> tuple[Path | N
 
 def _load_tables(config: ExperimentConfig) -> tuple[PairTable, PairTable | None]:
     dataset = config.dataset
-    naming = ImageNaming.from_config(dataset)
     if not dataset.train_dataset.csv_path:
         raise ConfigError("dataset.train_dataset.csv_path is not set")
-    train_table = load_pairs(dataset.train_dataset.csv_path, dataset.train_dataset.images_dir, naming)
+    train_table = load_split(dataset, "train_dataset")
     if not dataset.validation_dataset.csv_path:
         log.warning("dataset.validation_dataset is not set: no validation metrics and no calibrated "
                     "threshold (evaluate and inference will decide with model.margin)")
         return train_table, None
-    split = dataset.validation_dataset
-    validation = load_pairs(split.csv_path, split.images_dir, naming)
-    return train_table, validation
+    return train_table, load_split(dataset, "validation_dataset")
 
 
 def _check_batches(table: PairTable, batch_size: int, workers: int) -> None:
