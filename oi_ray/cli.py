@@ -11,7 +11,6 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 from oi_ray import __version__
 from oi_ray.errors import TaskNotImplementedError, find_user_error
@@ -133,22 +132,14 @@ def _run_spec_task(args: argparse.Namespace) -> int:
         return 0
     if args.cluster is not None:
         raise TaskNotImplementedError("--cluster is not implemented yet; run on a local Ray")
-    _import_command(args.command, f"oi_ray.tasks.{args.command}").run(config)
+    # Imported on demand: `oi-ray --help` stays fast and only the task's dependencies load.
+    importlib.import_module(f"oi_ray.tasks.{args.command}").run(config)
     return 0
 
 
-def _import_command(command: str, module_name: str) -> ModuleType:
-    """Import the module implementing ``command``; a command not built yet says so."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        raise TaskNotImplementedError(f"'{command}' is not implemented yet") from None
-
-
 def _synthesize(args: argparse.Namespace) -> int:
-    synthetic = _import_command("synthesize", "oi_ray.data.synthetic")
+    from oi_ray.data import synthetic
+
     spec = synthetic.SyntheticSpec(
         num_pairs=args.num_pairs,
         defect_ratio=args.defect_ratio,
