@@ -94,9 +94,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     quick = commands.add_parser(
         "quickstart", parents=[common],
-        help="synthetic data -> train -> evaluate -> inference on an embedded local Ray",
-        description="Synthesize a small dataset, train a few epochs, evaluate and run inference; "
-                    "everything goes under --output.",
+        help="synthetic data -> train -> evaluate -> inference -> ONNX export on an embedded local Ray",
+        description="Synthesize a small dataset, train a few epochs, evaluate, run inference and export "
+                    "to ONNX; everything goes under --output.",
     )
     quick.add_argument("--output", type=Path, default=Path("oi-ray-quickstart"),
                        help="folder for the data and results (default: ./oi-ray-quickstart)")

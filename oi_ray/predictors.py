@@ -83,7 +83,10 @@ class OnnxPredictor:
         wanted = ["CPUExecutionProvider"]
         if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
             wanted.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(model_bytes, providers=wanted)
+        try:
+            self.session = ort.InferenceSession(model_bytes, providers=wanted)
+        except Exception as error:  # onnxruntime raises its own pybind classes (Fail, InvalidProtobuf...)
+            raise DataError(f"cannot load ONNX model {source}: {str(error).strip()}") from None
         # onnxruntime-gpu lists CUDA even without a usable GPU and silently falls back: say so.
         self.providers = self.session.get_providers()
         if use_gpu and "CUDAExecutionProvider" not in self.providers:
@@ -143,12 +146,12 @@ def import_tensorrt():
 
 
 def checked_threshold(path: str | Path, config: ExperimentConfig) -> float | None:
-    """Check that the model file fits the spec (on the CPU, no GPU runtime needed) and return
-    the decision threshold it carries."""
+    """Check that the model file fits the spec and loads (on the CPU; a TensorRT engine only by
+    its model card, as it needs a GPU) and return the decision threshold it carries."""
     path = Path(path)
-    if path.suffix == ".pth":
-        return load_torch_predictor(path, config).threshold
-    return _checked_card(path, config).threshold
+    if is_tensorrt_file(path):
+        return _checked_card(path, config).threshold
+    return load_predictor(path, config).threshold
 
 
 def load_predictor(path: str | Path, config: ExperimentConfig, use_gpu: bool = False) -> Predictor:

@@ -114,6 +114,13 @@ def test_onnx_model_for_another_layout_is_refused(ray_local, spec, tmp_path, cap
     err = capsys.readouterr().err
     assert "was exported for another input layout than the spec's: lights: model ('WhiteLight', 'SolderLight')" in err
 
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(onnx_file.read_bytes()[:1000])
+    broken.with_name("broken.onnx.json").write_text(onnx_file.with_name("m.onnx.json").read_text())
+    assert main(["inference", "-e", str(spec), f"inference.checkpoint={broken}"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot load ONNX model {broken}:" in err and "Traceback" not in err
+
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the message on machines without an NVIDIA GPU")
 def test_gen_trt_engine_without_gpu_says_what_is_missing(spec, tmp_path, capsys):
