@@ -100,6 +100,7 @@ def test_pth_and_onnx_evaluate_to_the_same_metrics(ray_local, spec, tmp_path):
                      f"evaluate.results_dir={results}"]) == 0
         reports.append(json.loads((results / "metrics.json").read_text()))
     pth, onnx_report = reports
+    assert (pth["checkpoint"], onnx_report["checkpoint"]) == (str(checkpoint.resolve()), str(onnx_file.resolve()))
     assert round(pth["auroc"], 4) == round(onnx_report["auroc"], 4)
     assert pth["tao_metrics_at_margin"] == onnx_report["tao_metrics_at_margin"]
     assert pth["threshold"]["value"] == onnx_report["threshold"]["value"] == 0.25

@@ -43,7 +43,7 @@ def build_report(config: ExperimentConfig, scored: ScoringRun) -> dict[str, Any]
     distances, targets = scored.scores.distances, scored.scores.targets
     margin = config.model.margin
     return {
-        "checkpoint": str(Path(config.evaluate.checkpoint).resolve()),
+        "checkpoint": str(scored.model_file.resolve()),
         "dataset": str(scored.table.csv_path),
         "split": scored.split,
         "pairs": int(len(targets)),

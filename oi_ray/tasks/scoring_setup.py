@@ -23,6 +23,7 @@ SLOW_SINGLE_PAIR_ROWS = 1000  # above this, batch 1 scoring is worth a hint
 class ScoringRun:
     """A split scored with a checkpoint, and the decision threshold to apply."""
 
+    model_file: Path  # the .pth, .onnx or .engine that scored
     split: str
     table: PairTable
     scores: Scores
@@ -60,7 +61,7 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *,
         scores = score_table(table, PipelineSpec.from_config(config.dataset), load,
                              batch_size=batch_size, use_gpu=use_gpu, actors=actors,
                              threads=torch_threads(config.ray, actors))
-    return ScoringRun(split, table, scores, threshold, source)
+    return ScoringRun(checkpoint, split, table, scores, threshold, source)
 
 
 def _choose_split(config: ExperimentConfig, task: str, splits: Sequence[str]) -> str:

@@ -6,6 +6,7 @@ the number of workers) is checked here, before any Ray work starts. A rerun cont
 wins), so only the remaining epochs run.
 """
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from oi_ray.data.pairs import PairTable, load_split
 from oi_ray.errors import ConfigError, DataError
 from oi_ray.model.siamese import build_model
 from oi_ray.runtime import ray_session, torch_threads, uses_gpus
-from oi_ray.training.loop import TrainJob, train_worker
+from oi_ray.training.loop import STATUS_FILE, TrainJob, train_worker
 from oi_ray.training.progress import ProgressFeed
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,12 @@ def run(config: ExperimentConfig) -> None:
             ),
         )
         job.progress.render_while(trainer.fit)
-    latest = results_dir / LATEST_NAME
-    final = load_checkpoint(latest, config.encryption_key)
-    threshold = "none (no validation set; model.margin decides)" if final.threshold is None \
-        else f"{final.threshold:.4f}"
+    latest, status = results_dir / LATEST_NAME, results_dir / STATUS_FILE
+    last_epoch = json.loads(status.read_text().splitlines()[-1])  # the final epoch is always validated
+    threshold = f"{last_epoch['threshold']:.4f}" if "threshold" in last_epoch \
+        else "none (no validation set; model.margin decides)"
     log.info("done: %s -> %s (epoch %d), calibrated threshold %s; per-epoch metrics in %s",
-             latest, latest.resolve().name, final.epoch, threshold, results_dir / "status.json")
+             latest, latest.resolve().name, last_epoch["epoch"], threshold, status)
 
 
 def _resume_point(config: ExperimentConfig, results_dir: Path) -> tuple[Path | None, int]:
