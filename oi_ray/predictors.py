@@ -179,4 +179,7 @@ def _checked_card(path: Path, config: ExperimentConfig) -> ModelCard:
         raise DataError(f"model not found: {path}")
     card = read_card(path)
     card.check_matches(config, path)
+    if card.batch_size > 0:  # a trace with a fixed batch cannot take a split's last, smaller batch
+        raise DataError(f"{path} was exported with a fixed batch of {card.batch_size}; scoring needs the "
+                        f"dynamic batch axis: export again with export.batch_size=-1")
     return card

@@ -115,6 +115,12 @@ def test_onnx_model_for_another_layout_is_refused(ray_local, spec, tmp_path, cap
     err = capsys.readouterr().err
     assert "was exported for another input layout than the spec's: lights: model ('WhiteLight', 'SolderLight')" in err
 
+    fixed = tmp_path / "fixed.onnx"
+    assert _export(spec, _checkpoint(tmp_path), fixed, "export.batch_size=2") == 0
+    capsys.readouterr()
+    assert main(["inference", "-e", str(spec), f"inference.checkpoint={fixed}"]) == 1
+    assert "exported with a fixed batch of 2; scoring needs the dynamic batch axis" in capsys.readouterr().err
+
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(onnx_file.read_bytes()[:1000])
     broken.with_name("broken.onnx.json").write_text(onnx_file.with_name("m.onnx.json").read_text())
