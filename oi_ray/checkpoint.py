@@ -67,9 +67,13 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path, key: str | None = 
     write_atomically(path, protect(buffer.getvalue(), key))
 
 
-def epoch_checkpoint_path(results_dir: str | Path, epoch: int) -> Path:
-    """``model_epoch_NNN.pth`` for the checkpoint taken after ``epoch`` epochs."""
-    return Path(results_dir) / f"model_epoch_{epoch:03d}.pth"
+def epoch_checkpoint_path(results_dir: str | Path, epochs_done: int) -> Path:
+    """``model_epoch_NNN.pth`` for the checkpoint taken after ``epochs_done`` epochs.
+
+    NNN counts epochs from 0 as TAO's documentation lists them: the first epoch's file is
+    ``model_epoch_000.pth``, the fifth's ``model_epoch_004.pth``.
+    """
+    return Path(results_dir) / f"model_epoch_{epochs_done - 1:03d}.pth"
 
 
 def point_latest_to(checkpoint_path: Path) -> Path:
@@ -131,11 +135,15 @@ def load_checkpoint(path: str | Path, key: str | None = None) -> Checkpoint:
 
 
 def _from_tao(data: dict[str, Any]) -> Checkpoint:
-    """Keep TAO's model tensors (``model.`` prefix stripped) and its epoch."""
+    """Keep TAO's model tensors (``model.`` prefix stripped) and how many epochs it completed.
+
+    Lightning stores the 0-based index of the epoch that just ended (``model_epoch_004`` holds
+    ``epoch: 4`` after five epochs), so the completed count is that index plus one.
+    """
     state = {key.removeprefix(TAO_MODEL_PREFIX): value for key, value in data["state_dict"].items()
              if isinstance(value, torch.Tensor)}
     epoch = data.get("epoch")
-    return Checkpoint(model_state=state, epoch=int(epoch) if isinstance(epoch, int) else 0)
+    return Checkpoint(model_state=state, epoch=epoch + 1 if isinstance(epoch, int) else 0)
 
 
 class _Stub:

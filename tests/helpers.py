@@ -1,14 +1,13 @@
 """Small hand-made TAO-layout datasets for tests that need exact control over files."""
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 LIGHTS = ("LowAngleLight", "SolderLight")
-# TAO's published example specs (read-only, beside the repository); CI points here explicitly.
-TAO_SPECS = Path(os.environ.get("OI_RAY_TAO_SPECS", Path(__file__).resolve().parents[2] / "shared/tao_specs"))
+# TAO's published example specs, verbatim (TAO's documented fields and values, placeholder paths).
+TAO_SPECS = Path(__file__).resolve().parent / "tao_specs"
 
 
 def write_pair_dataset(

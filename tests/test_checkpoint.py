@@ -65,7 +65,7 @@ def test_tao_lightning_checkpoint_loads_weights_without_running_code(tmp_path):
         torch.load(path, weights_only=True)  # what PyTorch >= 2.6 does by default
     loaded = load_checkpoint(path)
     assert not marker.exists(), "the pickled os.system call must not run"
-    assert loaded.epoch == 4 and loaded.threshold is None
+    assert loaded.epoch == 5 and loaded.threshold is None, "Lightning's epoch 4 is the fifth epoch done"
     fresh = build_model("Siamese_3", (3, 16, 8), 5)
     fresh.load_state_dict(loaded.model_state)
     assert torch.equal(fresh.fc1[0].weight, model.fc1[0].weight)

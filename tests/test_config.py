@@ -199,6 +199,4 @@ def test_shipped_configs_load(path):
 
 
 def test_tao_specs_are_present():
-    assert sorted(p.name for p in TAO_SPECS.glob("*.yaml")) == ["evaluate_inference.yaml", "export.yaml", "train.yaml"], (
-        f"TAO's example specs not found in {TAO_SPECS}; set OI_RAY_TAO_SPECS"
-    )
+    assert sorted(p.name for p in TAO_SPECS.glob("*.yaml")) == ["evaluate_inference.yaml", "export.yaml", "train.yaml"]

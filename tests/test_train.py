@@ -40,8 +40,8 @@ def test_train_writes_tao_checkpoints_then_resumes_and_stops(spec, tmp_path, cap
     assert _train(spec, results, "train.num_epochs=2") == 0
     train_dir = results / "train"
     assert sorted(p.name for p in train_dir.glob("*.pth")) == [
-        "model_epoch_001.pth", "model_epoch_002.pth", "oi_model_latest.pth"]
-    assert os.readlink(train_dir / "oi_model_latest.pth") == "model_epoch_002.pth"
+        "model_epoch_000.pth", "model_epoch_001.pth", "oi_model_latest.pth"]
+    assert os.readlink(train_dir / "oi_model_latest.pth") == "model_epoch_001.pth"
     saved = load_checkpoint(train_dir / "oi_model_latest.pth")
     assert saved.epoch == 2 and saved.model_type == "Siamese_3" and saved.input_shape == (3, 32, 16)
     assert saved.optimizer_state["state"], "Adam moments are saved"
@@ -54,8 +54,8 @@ def test_train_writes_tao_checkpoints_then_resumes_and_stops(spec, tmp_path, cap
 
     assert _train(spec, results, "train.num_epochs=3") == 0  # a rerun continues: epoch 3 only
     assert [line["epoch"] for line in _status(results)] == [1, 2, 3]
-    assert os.readlink(train_dir / "oi_model_latest.pth") == "model_epoch_003.pth"
-    assert load_checkpoint(train_dir / "model_epoch_003.pth").epoch == 3
+    assert os.readlink(train_dir / "oi_model_latest.pth") == "model_epoch_002.pth"
+    assert load_checkpoint(train_dir / "model_epoch_002.pth").epoch == 3
 
     capsys.readouterr()
     assert _train(spec, results, "train.num_epochs=3") == 0
@@ -68,12 +68,12 @@ def test_resume_path_override_checkpoint_interval_and_pretrained(spec, tmp_path)
     assert _train(spec, first, "train.num_epochs=3", "train.checkpoint_interval=2",
                   "train.validation_interval=2") == 0
     names = sorted(p.name for p in (first / "train").glob("model_epoch_*.pth"))
-    assert names == ["model_epoch_002.pth", "model_epoch_003.pth"], "every 2 epochs, plus the last"
+    assert names == ["model_epoch_001.pth", "model_epoch_002.pth"], "after epochs 2 and 3 (the last)"
     validated = [line["epoch"] for line in _status(first) if "val_loss" in line]
     assert validated == [2, 3]
 
     second = tmp_path / "second"
-    start = first / "train/model_epoch_002.pth"
+    start = first / "train/model_epoch_001.pth"  # after 2 epochs
     assert _train(spec, second, "train.num_epochs=4", f"train.resume_training_checkpoint_path={start}") == 0
     assert [line["epoch"] for line in _status(second)] == [3, 4]
 
@@ -110,7 +110,7 @@ def test_killed_worker_resumes_from_last_checkpoint(spec, tmp_path, capsys):
         "ray.num_workers=2", "ray.max_failures=1", "train.num_epochs=8"])))
     run.start()
     # Epoch 2's file means epoch 1 is a registered Ray Train checkpoint (reported before epoch 2).
-    second = results / "train/model_epoch_002.pth"
+    second = results / "train/model_epoch_001.pth"
     deadline = time.monotonic() + 120
     while not second.exists() and time.monotonic() < deadline and run.is_alive():
         time.sleep(0.1)
@@ -124,7 +124,7 @@ def test_killed_worker_resumes_from_last_checkpoint(spec, tmp_path, capsys):
     assert "worker group restarted: continuing after epoch" in err
     epochs = [line["epoch"] for line in _status(results)]
     assert epochs[0] == 1 and epochs[-1] == 8 and set(epochs) == set(range(1, 9))
-    assert os.readlink(results / "train/oi_model_latest.pth") == "model_epoch_008.pth"
+    assert os.readlink(results / "train/oi_model_latest.pth") == "model_epoch_007.pth"
     assert load_checkpoint(results / "train/oi_model_latest.pth").epoch == 8
 
 

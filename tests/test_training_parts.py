@@ -70,10 +70,10 @@ def test_latest_link_is_replaced_atomically(tmp_path):
         path = epoch_checkpoint_path(tmp_path, epoch)
         path.write_bytes(b"x")
         latest = point_latest_to(path)
-    assert path.name == "model_epoch_002.pth"
-    assert os.readlink(latest) == "model_epoch_002.pth" and latest.name == "oi_model_latest.pth"
+    assert path.name == "model_epoch_001.pth", "TAO counts checkpoint epochs from 000"
+    assert os.readlink(latest) == "model_epoch_001.pth" and latest.name == "oi_model_latest.pth"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "model_epoch_001.pth", "model_epoch_002.pth", "oi_model_latest.pth"]
+        "model_epoch_000.pth", "model_epoch_001.pth", "oi_model_latest.pth"]
 
 
 def test_weights_that_do_not_fit_are_named(tmp_path):

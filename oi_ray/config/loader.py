@@ -18,6 +18,9 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.config.validate import validate
 from oi_ray.errors import ConfigError
+from oi_ray.fileio import write_atomically
+
+RESOLVED_SPEC_NAME = "spec.yaml"  # the resolved spec each task saves beside its results
 
 
 def load_config(spec_path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -58,6 +61,17 @@ def load_config(spec_path: str | Path | None, overrides: Sequence[str] = ()) -> 
 def to_yaml(config: ExperimentConfig) -> str:
     """The fully resolved config as YAML (what ``--print-config`` shows and runs save)."""
     return OmegaConf.to_yaml(OmegaConf.structured(config), resolve=True)
+
+
+def save_resolved_spec(config: ExperimentConfig, folder: str | Path) -> Path:
+    """Record the run: write the resolved spec as ``folder/spec.yaml`` (atomically); return it.
+
+    The file is a complete spec: ``oi-ray <task> -e folder/spec.yaml`` repeats the run.
+    """
+    path = Path(folder) / RESOLVED_SPEC_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, to_yaml(config).encode())
+    return path
 
 
 def _read_spec(path: Path) -> DictConfig:
