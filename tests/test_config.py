@@ -1,5 +1,6 @@
 """Spec loading: TAO's example specs verbatim, overrides, and every validation error."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -7,8 +8,8 @@ import yaml
 from helpers import TAO_SPECS
 
 from oi_ray.cli import main
-from oi_ray.config import load_config, to_yaml
-from oi_ray.config.validate import reconcile_gpus
+from oi_ray.config import load_config, save_resolved_spec, to_yaml
+from oi_ray.config.validate import INERT_KEYS, reconcile_gpus
 from oi_ray.errors import ConfigError
 
 SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -100,6 +101,22 @@ def test_unknown_key_in_override():
     assert "modle (override): did you mean 'model'?" in message
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("num_epochs=3", "num_epochs (override): did you mean 'train.num_epochs'?"),
+        ("lr=0.1", "lr (override): did you mean 'train.optim.lr'?"),
+        ("dataset.num_epochs=3", "dataset.num_epochs (override): did you mean 'train.num_epochs'?"),
+        ("epochs=3", "epochs (override): did you mean 'train.num_epochs'?"),
+        ("imagewidth=64", "imagewidth (override): did you mean 'dataset.image_width'?"),
+        ("num_gpus=2", "num_gpus (override): did you mean one of 'train.num_gpus', 'evaluate.num_gpus', "
+                       "'inference.num_gpus'?"),
+    ],
+)
+def test_misplaced_key_suggests_dotted_keys_anywhere_in_the_schema(override, expected):
+    assert expected in _error(TRAIN_SPEC, [override])
+
+
 def test_section_given_a_scalar():
     assert "dataset.grid_map (override): is a section" in _error(TRAIN_SPEC, ["dataset.grid_map=5"])
 
@@ -188,9 +205,14 @@ def test_cli_reports_config_error_in_one_line(capsys):
     assert "Traceback" not in err
 
 
-def test_unbuilt_cluster_mode_says_not_implemented(capsys):
-    assert main(["train", "-e", str(TRAIN_SPEC), "--cluster", "cluster.yaml"]) == 1
-    assert "--cluster is not implemented yet" in capsys.readouterr().err
+def test_unbuilt_cluster_mode_is_not_offered(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "-e", str(TRAIN_SPEC), "--cluster", "cluster.yaml"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --cluster" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--cluster" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
@@ -200,3 +222,76 @@ def test_shipped_configs_load(path):
 
 def test_tao_specs_are_present():
     assert sorted(p.name for p in TAO_SPECS.glob("*.yaml")) == ["evaluate_inference.yaml", "export.yaml", "train.yaml"]
+
+
+@pytest.fixture
+def warnings_seen(caplog, monkeypatch):
+    """The WARNING lines oi-ray logs (the CLI stops 'oi_ray' records from reaching the root)."""
+    monkeypatch.setattr(logging.getLogger("oi_ray"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="oi_ray")
+    return lambda: [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("name", ["train.yaml", "evaluate_inference.yaml", "export.yaml"])
+def test_tao_example_specs_load_without_warnings(name, warnings_seen):
+    load_config(TAO_SPECS / name)
+    assert warnings_seen() == []
+
+
+def test_resolved_spec_reloads_without_warnings(tmp_path, warnings_seen):
+    saved = save_resolved_spec(load_config(TRAIN_SPEC, ["results_dir=/tmp/x"]), tmp_path)
+    assert saved == tmp_path / "spec.yaml"
+    assert load_config(saved).train.results_dir == "/tmp/x/train"
+    assert warnings_seen() == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.imagenet_pretrained=true"],
+         "model.imagenet_pretrained=True: not used by oi-ray; the custom backbone has no ImageNet weights"),
+        (["train.num_nodes=2"], "train.num_nodes=2: not used by oi-ray; Ray places the training workers on "
+                                "the nodes of the Ray cluster"),
+        (["evaluate.num_nodes=2"], "evaluate.num_nodes=2: not used by oi-ray; Ray places the scoring replicas"),
+        (["inference.num_nodes=4"], "inference.num_nodes=4: not used by oi-ray"),
+        (["export.gpu_id=1"], "export.gpu_id=1: not used by oi-ray; export traces the model on the CPU"),
+        (["gen_trt_engine.gpu_id=1"], "gen_trt_engine.gpu_id=1: not used by oi-ray; TensorRT builds on the GPU "
+                                      "that CUDA exposes"),
+        (["gen_trt_engine.tensorrt.layers_precision=[conv1:fp32]"],
+         "gen_trt_engine.tensorrt.layers_precision=['conv1:fp32']: not used by oi-ray"),
+        (["gen_trt_engine.tensorrt.calibration.cal_batches=8"],
+         "gen_trt_engine.tensorrt.calibration.cal_batches=8: not used by oi-ray; int8 engines are not built"),
+        (["dataset_convert.project_name=pcb", "dataset_convert.bot_top=top"],
+         "dataset_convert.project_name='pcb', dataset_convert.bot_top='top': not used by oi-ray; oi-ray has no "
+         "dataset_convert task"),
+        (["wandb.enable=true"], "wandb.enable=True: not used by oi-ray; oi-ray does not log to Weights & Biases"),
+        (["wandb.project=aoi"], "wandb.project='aoi': not used by oi-ray; oi-ray does not log to Weights"),
+        (["model_name=my_oi"], "model_name='my_oi': not used by oi-ray"),
+        (["train.gpu_ids=[2,3]", "train.num_gpus=2"],
+         "train.gpu_ids=[2, 3]: on Ray only their number (2 GPUs, TAO's num_gpus rule) is used and Ray assigns "
+         "the GPUs; to run on these devices set CUDA_VISIBLE_DEVICES=2,3 before Ray starts"),
+        (["inference.gpu_ids=[1]"], "inference.gpu_ids=[1]: on Ray only their number (1 GPU,"),
+    ],
+)
+def test_inert_tao_keys_warn_once_naming_the_key(overrides, expected, warnings_seen):
+    load_config(TRAIN_SPEC, overrides)
+    seen = warnings_seen()
+    assert len(seen) == 1 and seen[0].startswith(expected), seen
+
+
+def test_inert_keys_at_their_defaults_and_reconciled_gpu_ids_do_not_warn(warnings_seen):
+    load_config(TRAIN_SPEC, ["wandb.enable=false", "train.num_nodes=1", "evaluate.gpu_ids=[0,1]",
+                             "evaluate.num_gpus=2", "export.gpu_id=0", "model.imagenet_pretrained=false"])
+    assert warnings_seen() == []
+    load_config(TRAIN_SPEC, ["train.num_gpus=3"])  # ids become 0..2 by TAO's rule: one notice, no more
+    assert len(warnings_seen()) == 1 and "TAO rule" in warnings_seen()[0]
+
+
+def test_every_inert_key_is_a_schema_key():
+    defaults = load_config(None)
+    for inert in INERT_KEYS:
+        section, _, name = inert.key.rpartition(".")
+        node = defaults
+        for part in filter(None, section.split(".")):
+            node = getattr(node, part)
+        assert hasattr(node, name), inert.key

@@ -16,11 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from oi_ray.config.schema import ExperimentConfig
-from oi_ray.config.validate import validate
+from oi_ray.config.validate import validate, warn_inert_keys
 from oi_ray.errors import ConfigError
 from oi_ray.fileio import write_atomically
 
 RESOLVED_SPEC_NAME = "spec.yaml"  # the resolved spec each task saves beside its results
+MAX_SUGGESTIONS = 3  # "did you mean" candidates for an unknown key
 
 
 def load_config(spec_path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -55,6 +56,7 @@ def load_config(spec_path: str | Path | None, overrides: Sequence[str] = ()) -> 
     problems = validate(config)
     if problems:
         raise ConfigError(_bullet(f"invalid spec {source}", problems))
+    warn_inert_keys(config)
     return config
 
 
@@ -104,8 +106,13 @@ def _structure_problems(node: DictConfig, schema: type, source: str, prefix: str
     for key in node:
         dotted = f"{prefix}{key}"
         if key not in hints:
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+            close = _suggestions(str(key), prefix, valid)
+            if not close:
+                hint = f"valid keys: {', '.join(valid)}"
+            elif len(close) == 1:
+                hint = f"did you mean '{close[0]}'?"
+            else:
+                hint = f"did you mean one of {', '.join(map(repr, close))}?"
             yield f"{dotted} ({source}): {hint}"
             continue
         child = _dataclass_of(hints[key])
@@ -116,6 +123,36 @@ def _structure_problems(node: DictConfig, schema: type, source: str, prefix: str
             yield from _structure_problems(value, child, source, f"{dotted}.")
         elif value._value() is not None:
             yield f"{dotted} ({source}): is a section; expected a mapping of keys, got {value._value()!r}"
+
+
+def _suggestions(key: str, prefix: str, valid_here: Sequence[str]) -> list[str]:
+    """Dotted keys the user probably meant by ``prefix + key``.
+
+    First keys anywhere in the schema whose last part is ``key`` (a bare ``num_epochs`` ->
+    ``train.num_epochs``), then a close name in the same section, then keys anywhere whose
+    last part is close to ``key``.
+    """
+    everywhere = list(_schema_keys(ExperimentConfig))
+    same_name = [dotted for dotted in everywhere if dotted.rsplit(".", 1)[-1] == key]
+    if same_name:
+        return same_name[:MAX_SUGGESTIONS]
+    here = difflib.get_close_matches(key, valid_here, n=1, cutoff=0.6)
+    if here:
+        return [f"{prefix}{here[0]}"]
+    by_name: dict[str, list[str]] = {}
+    for dotted in everywhere:
+        by_name.setdefault(dotted.rsplit(".", 1)[-1], []).append(dotted)
+    close = difflib.get_close_matches(key, list(by_name), n=MAX_SUGGESTIONS, cutoff=0.75)
+    return [dotted for name in close for dotted in by_name[name]][:MAX_SUGGESTIONS]
+
+
+def _schema_keys(schema: type, prefix: str = "") -> Iterator[str]:
+    """Every dotted key of the schema, sections included."""
+    for field, hint in typing.get_type_hints(schema).items():
+        yield f"{prefix}{field}"
+        child = _dataclass_of(hint)
+        if child is not None:
+            yield from _schema_keys(child, f"{prefix}{field}.")
 
 
 def _mapping_fields(node: DictConfig, schema: type, prefix: str = "") -> Iterator[str]:

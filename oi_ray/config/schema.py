@@ -2,7 +2,8 @@
 
 Field names and defaults follow TAO's ``optical_inspection`` config dataclasses so that TAO
 spec files load unchanged; where TAO's dataclass and documentation disagree the choice is
-noted (see TAO_REFERENCE.md). The comment on each field is its documentation.
+noted (see TAO_REFERENCE.md). The comment on each field is its documentation. TAO keys that
+oi-ray accepts but does not act on are listed in ``validate.INERT_KEYS``; setting one warns.
 """
 
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ class ModelConfig:
     model_backbone: str = "custom"  # the only backbone TAO defines for optical inspection
     embedding_vectors: int = 5  # embedding size of each branch
     margin: float = 2.0  # contrastive-loss margin; also TAO's decision threshold
-    imagenet_pretrained: bool = False  # accepted for TAO compatibility; custom has no weights
+    imagenet_pretrained: bool = False  # inert (warns): the custom backbone has no ImageNet weights
 
 
 @dataclass
@@ -107,8 +108,8 @@ class TensorBoardLogger:
 @dataclass
 class TrainConfig:
     num_gpus: int = 1  # GPU workers when GPUs exist (reconciled with gpu_ids as TAO does)
-    gpu_ids: list[int] = field(default_factory=lambda: [0])
-    num_nodes: int = 1
+    gpu_ids: list[int] = field(default_factory=lambda: [0])  # on Ray only their number counts
+    num_nodes: int = 1  # inert (warns): Ray places workers on the cluster's nodes
     seed: int = 1234  # -1 disables seeding
     cudnn: CuDNNConfig = field(default_factory=CuDNNConfig)
     num_epochs: int = 10
@@ -128,9 +129,9 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    num_gpus: int = 1
-    gpu_ids: list[int] = field(default_factory=lambda: [0])
-    num_nodes: int = 1
+    num_gpus: int = 1  # scoring replicas when the cluster has GPUs
+    gpu_ids: list[int] = field(default_factory=lambda: [0])  # on Ray only their number counts
+    num_nodes: int = 1  # inert (warns): Ray places replicas on the cluster's nodes
     checkpoint: str | None = None  # .pth (or .onnx / .engine once exported)
     trt_engine: str | None = None  # TensorRT engine, as TAO Deploy accepts
     results_dir: str = "${results_dir}/evaluate"
@@ -141,9 +142,9 @@ class EvaluateConfig:
 
 @dataclass
 class InferenceConfig:
-    num_gpus: int = 1
-    gpu_ids: list[int] = field(default_factory=lambda: [0])
-    num_nodes: int = 1
+    num_gpus: int = 1  # scoring replicas when the cluster has GPUs
+    gpu_ids: list[int] = field(default_factory=lambda: [0])  # on Ray only their number counts
+    num_nodes: int = 1  # inert (warns): Ray places replicas on the cluster's nodes
     checkpoint: str | None = None
     trt_engine: str | None = None
     results_dir: str = "${results_dir}/inference"
@@ -155,7 +156,7 @@ class InferenceConfig:
 @dataclass
 class ExportConfig:
     results_dir: str = "${results_dir}/export"
-    gpu_id: int = 0
+    gpu_id: int = 0  # inert (warns): export traces on the CPU
     checkpoint: str | None = None
     onnx_file: str | None = None
     opset_version: int = 17
@@ -170,6 +171,8 @@ class ExportConfig:
 
 @dataclass
 class CalibrationConfig:
+    """int8 calibration; inert (warns) while int8 engines are refused."""
+
     cal_image_dir: list[str] = field(default_factory=list)
     cal_cache_file: str | None = None
     cal_batch_size: int = 1
@@ -183,14 +186,14 @@ class TensorRTConfig:
     min_batch_size: int = 1
     opt_batch_size: int | None = None  # default dataset.batch_size
     max_batch_size: int | None = None  # default dataset.batch_size
-    layers_precision: list[str] = field(default_factory=list)
+    layers_precision: list[str] = field(default_factory=list)  # inert (warns): data_type for all
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 @dataclass
 class GenTrtEngineConfig:
     results_dir: str = "${results_dir}/gen_trt_engine"
-    gpu_id: int = 0
+    gpu_id: int = 0  # inert (warns): TensorRT builds on the GPU CUDA exposes (CUDA_VISIBLE_DEVICES)
     onnx_file: str | None = None
     trt_engine: str | None = None
     timing_cache: str | None = None
@@ -201,7 +204,8 @@ class GenTrtEngineConfig:
 
 @dataclass
 class DatasetConvertConfig:
-    """TAO's dataset_convert section; accepted so TAO specs load, not used by oi-ray."""
+    """TAO's dataset_convert section; accepted so TAO specs load. Inert: oi-ray has no
+    dataset_convert task, and setting any key warns."""
 
     root_dataset_dir: str | None = None
     data_convert_output_dir: str | None = None
@@ -215,9 +219,10 @@ class DatasetConvertConfig:
 
 @dataclass
 class WandBConfig:
-    """TAO's wandb section; accepted so TAO specs load, not used by oi-ray."""
+    """TAO's wandb section; accepted so TAO specs load. Inert: oi-ray does not log to Weights &
+    Biases, and setting any key warns."""
 
-    enable: bool = True
+    enable: bool = False  # TAO's dataclass says True; False here so specs without wandb load quietly
     project: str = "TAO Toolkit"
     entity: str | None = ""
     tags: list[str] = field(default_factory=lambda: ["tao-toolkit"])
@@ -247,7 +252,7 @@ class RayConfig:
 class ExperimentConfig:
     results_dir: str = "results"  # root of every task's outputs
     encryption_key: str | None = None
-    model_name: str | None = None
+    model_name: str | None = None  # inert (warns): models are named by model.model_type
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

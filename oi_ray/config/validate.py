@@ -4,7 +4,10 @@ Every problem is reported with its full dotted key, the offending value and what
 allowed; all problems are collected so a user fixes them in one go.
 """
 
+import dataclasses
+import functools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from oi_ray.config.schema import (
@@ -23,6 +26,41 @@ MODEL_TYPES = ("Siamese_3", "Siamese_1", "Siamese")
 CONCAT_TYPES = ("linear", "grid")
 OPTIMIZERS = ("Adam", "SGD")
 TRT_DATA_TYPES = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class InertKey:
+    """A TAO key (or a whole section) oi-ray accepts so TAO specs load, but does not act on."""
+
+    key: str  # dotted key or section; a section covers every key under it
+    instead: str  # what oi-ray does instead, said to the user
+
+
+# The one list of accepted-but-inert TAO keys: a spec that gives any of them a value other than
+# the schema default gets one warning at load naming the key and what oi-ray does instead.
+INERT_KEYS: tuple[InertKey, ...] = (
+    InertKey("model_name", "oi-ray identifies a model by model.model_type and the checkpoint file"),
+    InertKey("model.imagenet_pretrained", "the custom backbone has no ImageNet weights; to start "
+             "from trained weights set train.pretrained_model_path"),
+    *(InertKey(f"{task}.num_nodes", f"Ray places the {what} on the nodes of the Ray cluster it runs "
+               f"on (ray.address); {count}")
+      for task, what, count in (
+          ("train", "training workers", "their number is ray.num_workers"),
+          ("evaluate", "scoring replicas", "their number is evaluate.num_gpus"),
+          ("inference", "scoring replicas", "their number is inference.num_gpus"))),
+    InertKey("export.gpu_id", "export traces the model on the CPU; the ONNX file runs on any device"),
+    InertKey("gen_trt_engine.gpu_id", "TensorRT builds on the GPU that CUDA exposes to the process; "
+             "choose it with CUDA_VISIBLE_DEVICES"),
+    InertKey("gen_trt_engine.tensorrt.layers_precision", "every layer is built at "
+             "gen_trt_engine.tensorrt.data_type"),
+    InertKey("gen_trt_engine.tensorrt.calibration", "int8 engines are not built yet, so nothing is "
+             "calibrated; use data_type fp16 or fp32"),
+    InertKey("dataset_convert", "oi-ray has no dataset_convert task; write the pairs CSVs "
+             "(input_path, golden_path, object_name, label) directly"),
+    InertKey("wandb", "oi-ray does not log to Weights & Biases; per-epoch metrics go to "
+             "train.results_dir/status.json, and to TensorBoard with train.tensorboard.enabled"),
+)
+GPU_ID_SECTIONS = ("train", "evaluate", "inference")
 
 
 def resolve_derived(config: ExperimentConfig) -> None:
@@ -47,6 +85,45 @@ def reconcile_gpus(num_gpus: int, gpu_ids: list[int]) -> tuple[int, list[int]]:
         return num_gpus, list(gpu_ids)
     count = max(num_gpus, len(gpu_ids))
     return count, list(gpu_ids) if len(gpu_ids) == count else list(range(count))
+
+
+def inert_key_warnings(config: ExperimentConfig) -> list[str]:
+    """One message per entry of INERT_KEYS the config sets, and per ``gpu_ids`` that are not 0..n-1."""
+    defaults = ExperimentConfig()
+    messages = []
+    for inert in INERT_KEYS:
+        changed = _changed_keys(_select(config, inert.key), _select(defaults, inert.key), inert.key)
+        if changed:
+            values = ", ".join(f"{key}={_select(config, key)!r}" for key in changed)
+            messages.append(f"{values}: not used by oi-ray; {inert.instead}")
+    for name in GPU_ID_SECTIONS:
+        gpu_ids = getattr(config, name).gpu_ids
+        if gpu_ids != list(range(len(gpu_ids))):
+            messages.append(
+                f"{name}.gpu_ids={gpu_ids}: on Ray only their number ({len(gpu_ids)} "
+                f"GPU{'s' if len(gpu_ids) > 1 else ''}, TAO's num_gpus rule) is used and Ray assigns the "
+                f"GPUs; to run on these devices set "
+                f"CUDA_VISIBLE_DEVICES={','.join(map(str, gpu_ids))} before Ray starts (before oi-ray for "
+                f"its embedded Ray, before `ray start` on each node of a cluster)")
+    return messages
+
+
+def warn_inert_keys(config: ExperimentConfig) -> None:
+    """Log :func:`inert_key_warnings` (once per load)."""
+    for message in inert_key_warnings(config):
+        log.warning("%s", message)
+
+
+def _select(node: Any, dotted: str) -> Any:
+    return functools.reduce(getattr, dotted.split("."), node)
+
+
+def _changed_keys(value: Any, default: Any, dotted: str) -> list[str]:
+    """Dotted keys under ``dotted`` whose value differs from the default."""
+    if dataclasses.is_dataclass(value) and dataclasses.is_dataclass(default):
+        return [key for field in dataclasses.fields(value) for key in _changed_keys(
+            getattr(value, field.name), getattr(default, field.name), f"{dotted}.{field.name}")]
+    return [] if value == default else [dotted]
 
 
 class _Problems:
