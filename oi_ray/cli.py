@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from oi_ray import __version__
-from oi_ray.errors import TaskNotImplementedError, find_user_error
+from oi_ray.errors import find_user_error
 
 SPEC_TASKS = {
     "train": "train a Siamese model on Ray Train (resumes from oi_model_latest.pth)",
@@ -71,8 +71,6 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
         sub.add_argument("--print-config", action="store_true",
                          help="print the fully resolved spec as YAML and exit")
-        sub.add_argument("--cluster", type=Path, metavar="CLUSTER_YAML",
-                         help="bring up a Ray cluster from this launcher YAML and run there")
 
     synth = commands.add_parser(
         "synthesize", parents=[common],
@@ -130,8 +128,6 @@ def _run_spec_task(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
-    if args.cluster is not None:
-        raise TaskNotImplementedError("--cluster is not implemented yet; run on a local Ray")
     # Imported on demand: `oi-ray --help` stays fast and only the task's dependencies load.
     importlib.import_module(f"oi_ray.tasks.{args.command}").run(config)
     return 0
