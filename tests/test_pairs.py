@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from helpers import LIGHTS, write_pair_dataset
 
-from oi_ray.data.pairs import ImageNaming, load_pairs
+from oi_ray.config.schema import DataPathFormat, DatasetConfig
+from oi_ray.data.pairs import ImageNaming, load_pairs, load_split
 from oi_ray.errors import DataError
 
 NAMING = ImageNaming(lights=LIGHTS, image_ext=".png")
@@ -106,6 +107,29 @@ def test_hint_for_images_nested_one_level_deeper(tmp_path):
     message = _load_error(csv_path, tmp_path)
     assert f"hint: the images are one level deeper: set images_dir to {tmp_path / 'images'}" in message
     assert message.count("image not found") == 14, "each unique missing file once"
+
+
+def test_missing_images_dir_is_one_problem_naming_the_split_key(tmp_path):
+    csv_path = write_pair_dataset(tmp_path, GOOD_ROWS)
+    missing = tmp_path / "no_such_folder"
+    dataset = DatasetConfig(test_dataset=DataPathFormat(csv_path=str(csv_path), images_dir=str(missing)),
+                            input_map=dict.fromkeys(LIGHTS, 0), image_ext=".png")
+    with pytest.raises(DataError) as info:
+        load_split(dataset, "test_dataset")
+    assert str(info.value) == (f"dataset.test_dataset.images_dir: the images folder {missing} does not exist "
+                               f"(the rows of {csv_path} are relative to it)")
+    assert "image not found" not in str(info.value)
+    assert _load_error(csv_path, csv_path).startswith(f"images_dir: the images folder {csv_path} is a file")
+
+
+def test_missing_images_dir_is_fine_when_every_path_is_absolute(tmp_path):
+    images = tmp_path / "images"
+    write_pair_dataset(tmp_path, GOOD_ROWS[:1])
+    csv_path = tmp_path / "absolute.csv"
+    csv_path.write_text(f"input_path,golden_path,object_name,label\n{images / 'boards/b1'},"
+                        f"{images / 'golden/p1'},R1@1,PASS\n")
+    table = load_pairs(csv_path, tmp_path / "unused", NAMING)
+    assert table.golden_paths[0][0] == str(images / "golden/p1/R1@1_LowAngleLight.png")
 
 
 def test_hint_for_wrong_extension(tmp_path):

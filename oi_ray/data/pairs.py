@@ -97,7 +97,7 @@ def load_split(dataset: DatasetConfig, split: str, *, require_labels: bool = Tru
     """Load and validate the spec's ``dataset.<split>`` with its image naming."""
     paths = getattr(dataset, split)
     return load_pairs(paths.csv_path, paths.images_dir, ImageNaming.from_config(dataset),
-                      require_labels=require_labels)
+                      require_labels=require_labels, images_dir_key=f"dataset.{split}.images_dir")
 
 
 def load_pairs(
@@ -106,12 +106,14 @@ def load_pairs(
     naming: ImageNaming,
     *,
     require_labels: bool = True,
+    images_dir_key: str = "images_dir",
 ) -> PairTable:
     """Read and validate a pairs CSV; raise DataError listing every problem found.
 
-    ``images_dir`` defaults to the CSV's folder. Checks: required columns, empty cells,
-    labels (exactly ``PASS`` or a defect name; near-misses like ``pass`` are errors),
-    duplicated pairs, and that every lighting image of both sides exists and opens.
+    ``images_dir`` defaults to the CSV's folder; when given, it must be a folder (said once,
+    naming ``images_dir_key``, instead of one missing image per row). Checks: required columns,
+    empty cells, labels (exactly ``PASS`` or a defect name; near-misses like ``pass`` are
+    errors), duplicated pairs, and that every lighting image of both sides exists and opens.
     """
     csv_path = Path(csv_path)
     frame = _read_csv(csv_path)
@@ -127,6 +129,7 @@ def load_pairs(
             f"{csv_path}: missing column(s) {missing}; found {list(frame.columns)}"
             + (f" ({hint})" if hint else "")
         )
+    _check_images_dir(frame, root, images_dir_key, csv_path)
 
     for column in required:
         for index in np.flatnonzero(frame[column].str.strip() == ""):
@@ -170,6 +173,17 @@ class _Problems:
             lines.append(f"  ... and {more} more")
         lines.extend(f"hint: {h}" for h in self.hints)
         raise DataError("\n".join(lines))
+
+
+def _check_images_dir(frame: pd.DataFrame, root: Path, key: str, csv_path: Path) -> None:
+    """A missing images folder, said once rather than as one missing image per row."""
+    if root.is_dir():
+        return
+    paths = pd.concat([frame["input_path"], frame["golden_path"]])
+    if all(os.path.isabs(path) for path in paths):  # absolute paths do not use images_dir
+        return
+    what = "is a file, not a folder" if root.exists() else "does not exist"
+    raise DataError(f"{key}: the images folder {root} {what} (the rows of {csv_path} are relative to it)")
 
 
 def _read_csv(csv_path: Path) -> pd.DataFrame:
