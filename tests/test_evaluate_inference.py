@@ -6,10 +6,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from oi_ray.cli import main
+from oi_ray.config import load_config
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
-from oi_ray.metrics import auroc, tao_metrics
+from oi_ray.metrics import tao_metrics
 
 pytestmark = pytest.mark.ray
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,10 +34,13 @@ def _run(task: str, trained, *overrides: str) -> int:
     return main([task, "-e", str(spec), f"results_dir={results}", *overrides])
 
 
-def test_inference_writes_one_row_per_input_in_order(trained):
+def test_inference_writes_one_row_per_input_in_order(trained, capsys):
     spec, results = trained
+    output = results / "inference/inference.csv"
+    output.unlink(missing_ok=True)
     assert _run("inference", trained, "inference.batch_size=4") == 0
-    written = pd.read_csv(results / "inference/inference.csv", dtype=str, keep_default_na=False)
+    assert "replacing" not in capsys.readouterr().err
+    written = pd.read_csv(output, dtype=str, keep_default_na=False)
     source = pd.read_csv(spec.parent / "test.csv", dtype=str, keep_default_na=False)
     assert list(written.columns) == [*source.columns, "siamese_score", "decision"]
     pd.testing.assert_frame_equal(written[source.columns], source)
@@ -43,7 +48,8 @@ def test_inference_writes_one_row_per_input_in_order(trained):
     assert np.all(scores >= 0) and len(np.unique(scores)) > 1
     threshold = float(np.median(scores))
     assert _run("inference", trained, f"inference.threshold={threshold}") == 0
-    again = pd.read_csv(results / "inference/inference.csv", dtype=str, keep_default_na=False)
+    assert capsys.readouterr().err.count(f"replacing the earlier {output}\n") == 1
+    again = pd.read_csv(output, dtype=str, keep_default_na=False)
     np.testing.assert_allclose(again["siamese_score"].astype(float), scores, rtol=1e-5)
     expected = np.where(scores > threshold, "NO_PASS", "PASS")
     assert again["decision"].tolist() == expected.tolist()
@@ -55,26 +61,44 @@ def test_evaluate_reports_tao_and_calibrated_metrics(trained, capsys):
     out = capsys.readouterr().out
     report = json.loads((results / "evaluate/metrics.json").read_text())
     assert report["split"] == "test_dataset" and report["pairs"] == len(pd.read_csv(spec.parent / "test.csv"))
-    assert report["threshold"]["source"].startswith("calibrated on the validation set")
+    assert report["threshold"]["source"] == "calibrated on the validation set (stored in the checkpoint)"
     assert set(report["tao_metrics_at_margin"]) == {
-        "margin", "total_accuracy", "defect_accuracy", "false_alarm", "false_negative"}
-    assert 0 <= report["auroc"] <= 1 and 0 <= report["aupr"] <= 1
-    assert report["at_100_defect_recall"]["defect_recall"] == 1.0
-    matrix = report["confusion_matrix"]
-    assert sum(matrix.values()) == report["pairs"]
-    assert matrix["caught_defect"] + matrix["missed_defect"] == report["defects"]
+        "margin", "total_accuracy_percent", "defect_accuracy_percent_of_defects",
+        "false_alarm_percent_of_all_pairs", "false_negative_percent_of_all_pairs"}
+    assert report["at_100_defect_recall"]["defect_recall_fraction_of_defects"] == 1.0
+    pairs = report["confusion_at_threshold"]
+    assert sum(pairs.values()) == report["pairs"]
+    assert pairs["caught_defect_pairs"] + pairs["missed_defect_pairs"] == report["defects"]
     for name in ("roc.png", "pr.png", "distance_histogram.png"):
         assert (results / "evaluate" / name).read_bytes()[:8] == PNG_MAGIC
     assert f"Tot Comp {report['pairs']} Total Accuracy" in out and "for Margin 2.0" in out
+    assert "false alarms, % of all pairs" in out and "of PASS pairs (threshold" in out
 
     # The same numbers from inference's scores, computed independently here.
     assert _run("inference", trained, "inference.batch_size=8") == 0
     scored = pd.read_csv(results / "inference/inference.csv")
     targets = (scored["label"] != "PASS").to_numpy().astype(int)
     distances = scored["siamese_score"].to_numpy()
-    assert report["auroc"] == pytest.approx(auroc(distances, targets), abs=1e-6)
+    assert report["auroc"] == pytest.approx(roc_auc_score(targets, distances), abs=1e-6)
+    assert report["aupr"] == pytest.approx(average_precision_score(targets, distances), abs=1e-6)
+    # TAO's percentages: false alarms and missed defects over all pairs, caught over defects
+    at_threshold = report["tao_metrics_at_threshold"]
+    flagged = distances > report["threshold"]["value"]
+    passes, defects = targets == 0, targets == 1
+    assert at_threshold["false_alarm_percent_of_all_pairs"] == pytest.approx(
+        100 * np.sum(flagged & passes) / len(targets))
+    assert at_threshold["false_negative_percent_of_all_pairs"] == pytest.approx(
+        100 * np.sum(~flagged & defects) / len(targets))
+    assert at_threshold["defect_accuracy_percent_of_defects"] == pytest.approx(
+        100 * np.sum(flagged & defects) / np.sum(defects))
+    assert pairs["false_alarm_pairs"] == np.sum(flagged & passes)
+    # oi-ray's rates: shares of PASS pairs and of defects
+    point = report["at_99_defect_recall"]
+    flagged_there = distances > point["threshold"]
+    assert point["false_alarm_fraction_of_pass_pairs"] == pytest.approx(np.mean(flagged_there[passes]))
+    assert point["defect_recall_fraction_of_defects"] == pytest.approx(np.mean(flagged_there[defects]))
     tao = tao_metrics(distances, targets, 2.0)
-    assert report["tao_metrics_at_margin"]["total_accuracy"] == pytest.approx(tao["total_accuracy"])
+    assert report["tao_metrics_at_margin"]["total_accuracy_percent"] == pytest.approx(tao["total_accuracy"])
 
 
 def test_evaluate_falls_back_to_validation_and_honours_threshold(trained, capsys):
@@ -103,3 +127,27 @@ def test_scoring_errors_are_one_clear_line(trained, tmp_path, capsys):
                 f"dataset.test_dataset.images_dir={spec.parent / 'images'}") == 1
     err = capsys.readouterr().err
     assert str(bad) in err and "row 1 (line 2), column 'input_path'" in err and "Traceback" not in err
+
+
+def test_evaluate_and_inference_save_their_resolved_spec(trained):
+    spec, results = trained
+    assert _run("evaluate", trained, "evaluate.threshold=0.7") == 0
+    assert _run("inference", trained, "inference.batch_size=8") == 0
+    for task in ("evaluate", "inference"):
+        saved = load_config(results / task / "spec.yaml")
+        assert saved.results_dir == str(results)
+        assert saved.dataset.test_dataset.csv_path == str(spec.parent / "test.csv")
+    assert load_config(results / "evaluate/spec.yaml").evaluate.threshold == 0.7
+    assert load_config(results / "inference/spec.yaml").inference.batch_size == 8
+
+
+def test_exported_model_threshold_source_names_its_model_card(trained):
+    _, results = trained
+    onnx_file = results / "export/oi_model.onnx"
+    assert _run("export", trained, f"export.checkpoint={results / 'train/oi_model_latest.pth'}",
+                f"export.onnx_file={onnx_file}") == 0
+    assert _run("evaluate", trained, f"evaluate.checkpoint={onnx_file}",
+                f"evaluate.results_dir={results / 'evaluate_onnx'}") == 0
+    report = json.loads((results / "evaluate_onnx/metrics.json").read_text())
+    assert report["threshold"]["source"] == (
+        f"calibrated on the validation set (stored in the model card {onnx_file}.json)")

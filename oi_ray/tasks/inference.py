@@ -2,7 +2,8 @@
 
 The CSV holds the input columns in input order, then ``siamese_score`` (the pair distance,
 TAO's column) and ``decision`` (``PASS`` or ``NO_PASS`` at the decision threshold). It is
-written atomically and always has exactly one row per input row.
+written atomically and always has exactly one row per input row; the resolved spec is saved
+beside it.
 """
 
 import logging
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from oi_ray.config import save_resolved_spec
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.fileio import write_atomically
 from oi_ray.tasks.scoring_setup import score_split
@@ -21,7 +23,8 @@ DECISION_COLUMN = "decision"
 
 
 def run(config: ExperimentConfig) -> None:
-    """Write ``inference.csv`` for ``inference.checkpoint`` into ``inference.results_dir``."""
+    """Write ``inference.csv`` and the resolved spec for ``inference.checkpoint`` into
+    ``inference.results_dir``."""
     scored = score_split(config, "inference", SPLITS, require_labels=False)
     frame = scored.table.rows.copy()
     frame[SCORE_COLUMN] = scored.scores.distances
@@ -29,7 +32,10 @@ def run(config: ExperimentConfig) -> None:
     results_dir = Path(config.inference.results_dir).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     output = results_dir / "inference.csv"
+    if output.exists():
+        log.info("replacing the earlier %s", output)
     write_atomically(output, frame.to_csv(index=False).encode())
+    spec = save_resolved_spec(config, results_dir)
     flagged = int((frame[DECISION_COLUMN] == "NO_PASS").sum())
-    log.info("wrote %s: %d pairs, %d flagged NO_PASS at threshold %.4g (%s)", output, len(frame), flagged,
-             scored.threshold, scored.threshold_source)
+    log.info("wrote %s and %s: %d pairs, %d flagged NO_PASS at threshold %.4g; threshold source: %s",
+             output, spec.name, len(frame), flagged, scored.threshold, scored.threshold_source)
