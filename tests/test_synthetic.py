@@ -8,6 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from oi_ray.cli import main
 from oi_ray.config import load_config
+from oi_ray.console import program
 from oi_ray.data.pairs import ImageNaming, load_pairs
 from oi_ray.data.synthetic import DEFECTS, SyntheticSpec, synthesize_dataset
 from oi_ray.errors import DataError
@@ -70,6 +71,7 @@ def test_custom_lights_png_and_cli(tmp_path, capsys):
                  "--image-ext", ".png", "--size", "16", "20"]) == 0
     printed = capsys.readouterr().out
     assert f"spec: {output / 'spec.yaml'}" in printed and "train.csv:" in printed
+    assert f"next: {program()} check_dataset -e {output / 'spec.yaml'}\n" in printed
     config = load_config(output / "spec.yaml")
     assert list(config.dataset.input_map) == ["Top", "Side"] and config.dataset.image_ext == ".png"
     table = load_pairs(output / "val.csv", output / "images", ImageNaming.from_config(config.dataset))

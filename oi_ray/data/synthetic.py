@@ -10,6 +10,7 @@ random draw derives from ``(seed, ids)``, so the output depends only on the opti
 
 import math
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from oi_ray.console import command
 from oi_ray.data.synthetic_render import Component, Shot, render
 from oi_ray.errors import DataError
 from oi_ray.fileio import write_atomically
@@ -61,7 +63,7 @@ class SynthesisSummary:
             lines.append(f"  {split}.csv: {labels.get('PASS', 0)} PASS, {defects} defect "
                          f"({', '.join(f'{k} {v}' for k, v in sorted(labels.items()) if k != 'PASS')})")
         lines.append(f"spec: {self.spec_path}")
-        lines.append(f"next: oi-ray check_dataset -e {self.spec_path}")
+        lines.append(f"next: {command('check_dataset', '-e', shlex.quote(str(self.spec_path)))}")
         return "\n".join(lines)
 
 
