@@ -104,7 +104,8 @@ def inert_key_warnings(config: ExperimentConfig) -> list[str]:
                 f"GPU{'s' if len(gpu_ids) > 1 else ''}, TAO's num_gpus rule) is used and Ray assigns the "
                 f"GPUs; to run on these devices set "
                 f"CUDA_VISIBLE_DEVICES={','.join(map(str, gpu_ids))} before Ray starts (before oi-ray for "
-                f"its embedded Ray, before `ray start` on each node of a cluster)")
+                f"its embedded Ray, before `ray start` on each node of a cluster) and list them here as "
+                f"{list(range(len(gpu_ids)))}")
     return messages
 
 
