@@ -9,20 +9,27 @@ whose other entries pickle arbitrary objects (configs, callbacks) that PyTorch >
 under ``weights_only=True``. Those are read with an unpickler that resolves only tensor
 rebuild functions and replaces every other class or function by an inert stub, so nothing
 from the file is ever called; only the tensors are used.
+
+Memory: a checkpoint streams to disk while ``torch.save`` writes it (through the encrypting
+writer when there is a key), and plain files load memory-mapped, so reading one costs only the
+pages actually used: checking shapes or reading the epoch touches none of the weights.
+Encrypted files are decrypted once into memory and mapped from there.
 """
 
 import io
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from oi_ray.crypto import MAGIC, is_encrypted, protect, unprotect
+from oi_ray.crypto import plain_source, protected_output
 from oi_ray.errors import DataError
-from oi_ray.fileio import write_atomically
+from oi_ray.fileio import atomic_output
+from oi_ray.model.siamese import SiameseNet, build_model
 
 FORMAT = "oi-ray/1"
 TAO_MODEL_PREFIX = "model."
@@ -62,9 +69,8 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path, key: str | None = 
     """Write ``checkpoint`` atomically (temp file, then rename); encrypted when ``key`` is set."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(checkpoint.to_dict(), buffer)
-    write_atomically(path, protect(buffer.getvalue(), key))
+    with atomic_output(path) as out, protected_output(out, key) as sink:
+        torch.save(checkpoint.to_dict(), sink)
 
 
 def epoch_checkpoint_path(results_dir: str | Path, epochs_done: int) -> Path:
@@ -87,14 +93,41 @@ def point_latest_to(checkpoint_path: Path) -> Path:
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, source: str | Path,
-                 model_type: str, input_shape: tuple[int, int, int]) -> None:
-    """Load ``checkpoint``'s weights into ``model`` or say why they do not fit it."""
+                 model_type: str, input_shape: tuple[int, int, int], *, assign: bool = False) -> None:
+    """Load ``checkpoint``'s weights into ``model`` or say why they do not fit it.
+
+    ``assign=True`` makes the checkpoint's tensors the model's own (no copy; the way to fill a
+    model built on the ``meta`` device)."""
+    _check_fit(model.state_dict(), checkpoint, source, model_type, input_shape)
+    model.load_state_dict(checkpoint.model_state, assign=assign)
+
+
+def check_fits(checkpoint: Checkpoint, source: str | Path, model_type: str,
+               input_shape: tuple[int, int, int], embedding_dim: int) -> None:
+    """Say why ``checkpoint``'s weights do not fit the spec's model, if they do not; the model
+    is built on the ``meta`` device (shapes only), so nothing is allocated for its weights."""
+    with torch.device("meta"):
+        model = build_model(model_type, input_shape, embedding_dim)
+    _check_fit(model.state_dict(), checkpoint, source, model_type, input_shape)
+
+
+def restore_model(checkpoint: Checkpoint, source: str | Path, model_type: str,
+                  input_shape: tuple[int, int, int], embedding_dim: int) -> SiameseNet:
+    """The spec's model holding ``checkpoint``'s weights: built on the ``meta`` device and given
+    the loaded tensors themselves, so the weights exist once (memory-mapped from a plain file)."""
+    with torch.device("meta"):
+        model = build_model(model_type, input_shape, embedding_dim)
+    load_weights(model, checkpoint, source, model_type, input_shape, assign=True)
+    return model
+
+
+def _check_fit(expected: dict[str, torch.Tensor], checkpoint: Checkpoint, source: str | Path,
+               model_type: str, input_shape: tuple[int, int, int]) -> None:
     wanted = f"model.model_type={model_type} with input {'x'.join(map(str, input_shape))}"
     if checkpoint.model_type is not None and (checkpoint.model_type, checkpoint.input_shape) != (
             model_type, tuple(input_shape)):
         held = f"{checkpoint.model_type} model with input {'x'.join(map(str, checkpoint.input_shape or ()))}"
         raise DataError(f"checkpoint {source} holds a {held}; the spec asks for {wanted}")
-    expected = model.state_dict()
     problems = sorted(set(expected) ^ set(checkpoint.model_state))
     problems += [f"{key}: {tuple(value.shape)} in the file, {tuple(expected[key].shape)} expected"
                  for key, value in checkpoint.model_state.items()
@@ -102,7 +135,6 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, source: str | P
     if problems:
         shown = ", ".join(problems[:4]) + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else "")
         raise DataError(f"checkpoint {source} does not fit {wanted}: {shown}")
-    model.load_state_dict(checkpoint.model_state)
 
 
 def load_checkpoint(path: str | Path, key: str | None = None) -> Checkpoint:
@@ -110,16 +142,15 @@ def load_checkpoint(path: str | Path, key: str | None = None) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint not found: {path}")
-    with open(path, "rb") as file:
-        encrypted = is_encrypted(file.read(len(MAGIC)))
-    # Plain files load straight from disk; encrypted ones are decrypted in memory first.
-    source = io.BytesIO(unprotect(path.read_bytes(), key, path)) if encrypted else path
-    try:
-        data = torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        data = _load_tensors_only(path, source)
-    except (RuntimeError, EOFError, OSError) as error:
-        raise DataError(f"cannot read checkpoint {path}: {error}") from None
+    with plain_source(path, key) as source:
+        # Zip-format files (every torch.save since 1.6) map instead of reading every tensor.
+        mmap = not isinstance(source, io.BytesIO) and zipfile.is_zipfile(source)
+        try:
+            data = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError:
+            data = _load_tensors_only(path, source, mmap)
+        except (RuntimeError, EOFError, OSError) as error:
+            raise DataError(f"cannot read checkpoint {path}: {error}") from None
     if not isinstance(data, dict) or not isinstance(data.get("state_dict"), dict):
         raise DataError(f"{path} is not a model checkpoint (no state_dict)")
     if data.get("format") == FORMAT:
@@ -195,10 +226,11 @@ class _TensorsOnlyPickle:
     __name__ = "oi_ray_tensors_only_pickle"
 
 
-def _load_tensors_only(path: Path, source: Path | io.BytesIO) -> Any:
+def _load_tensors_only(path: Path, source: Path | io.BytesIO, mmap: bool) -> Any:
     if isinstance(source, io.BytesIO):
         source.seek(0)
     try:
-        return torch.load(source, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle)
+        return torch.load(source, map_location="cpu", weights_only=False, mmap=mmap,
+                          pickle_module=_TensorsOnlyPickle)
     except Exception as error:  # any failure here means the file is not a usable checkpoint
         raise DataError(f"cannot read checkpoint {path}: {error}") from None

@@ -1,8 +1,9 @@
 """The JSON sidecar that travels with an exported model (``<model file>.json``).
 
 It holds everything needed to use the model correctly without the training spec: the input
-layout (lighting order, concatenation, image size, mean/std), the decision threshold, and
-where the model came from. Loaders check it against the spec they run with.
+layout (lighting order, concatenation, image size, mean/std), the decision threshold, where
+the model came from, and the model file's own SHA-256. Loaders check it against the spec they
+run with, and against the file.
 """
 
 import json
@@ -40,6 +41,9 @@ class ModelCard:
     oi_ray_version: str
     source_checkpoint: str
     source_checkpoint_sha256: str
+    # SHA-256 of the model file as written (its encrypted bytes when encrypted), so a truncated
+    # or replaced file is caught without loading it; None in cards of older oi-ray versions.
+    model_sha256: str | None = None
 
     @classmethod
     def describe(cls, config: ExperimentConfig, threshold: float | None, **provenance: Any) -> "ModelCard":

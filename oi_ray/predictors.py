@@ -8,29 +8,39 @@ predictor (:class:`InputNormalizer`), so every backend sees exactly the same mod
 Backends by file: ``.pth`` -> torch, ``.onnx`` -> ONNX Runtime (CUDA provider when it really
 runs, else CPU), ``.engine`` / ``.trt`` -> TensorRT (NVIDIA GPU and the ``gpu`` extra). ONNX and
 TensorRT models output TAO's two embeddings; the distance is the same
-:func:`embedding_distance` the torch model uses.
+:func:`embedding_distance` the torch model uses. A model that takes only some batch sizes (an
+ONNX export with a fixed batch, a TensorRT profile) gets batches cut and padded to fit by
+:class:`BatchLimits`, the same code for every backend, so any batch size scores.
+
+The driver checks a model file without loading it (:func:`carried_threshold`): a ``.pth`` by
+its tensors' shapes against a model built on the ``meta`` device, an ONNX model or engine by
+its model card and the file's SHA-256.
 """
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from oi_ray.checkpoint import load_checkpoint, load_weights
+from oi_ray.checkpoint import check_fits, load_checkpoint, restore_model
 from oi_ray.config.schema import ExperimentConfig
-from oi_ray.crypto import unprotect
+from oi_ray.crypto import decrypt_into, is_encrypted_file, read_plain
 from oi_ray.data.assemble import InputGeometry
 from oi_ray.errors import BackendUnavailableError, DataError
+from oi_ray.fileio import sha256_of
 from oi_ray.model.inputs import InputNormalizer
-from oi_ray.model.siamese import SiameseNet, build_model, embedding_distance
-from oi_ray.model_card import INPUT_NAMES, OUTPUT_NAMES, ModelCard, read_card
+from oi_ray.model.siamese import SiameseNet, embedding_distance
+from oi_ray.model_card import INPUT_NAMES, OUTPUT_NAMES, ModelCard, card_path, read_card
 
 log = logging.getLogger(__name__)
 ONNX_SUFFIXES = (".onnx",)
 TENSORRT_SUFFIXES = (".engine", ".trt", ".plan")
 GPU_EXTRA_HINT = "install the gpu extra on a machine with an NVIDIA GPU: pip install -e '.[gpu]'"
+Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class Predictor(Protocol):
@@ -39,12 +49,49 @@ class Predictor(Protocol):
     threshold: float | None  # the decision threshold the artefact carries (None: unknown)
 
     def distances(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
-        """``(B, H', W', 3)`` uint8 test and golden pictures -> ``(B,)`` float32 distances."""
+        """``(B, H', W', 3)`` uint8 test and golden pictures -> ``(B,)`` float32 distances, any B."""
         ...
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """The batch sizes a model takes: ``smallest`` to ``largest`` (None: no upper limit)."""
+
+    smallest: int = 1
+    largest: int | None = None
+
+    def score(self, run: Scorer, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
+        """``run`` over a batch of any size: cut into pieces of at most ``largest`` pairs; a
+        piece smaller than ``smallest`` is padded with copies of its last pair, whose
+        distances are dropped (each pair's distance depends on that pair alone)."""
+        total = len(test)
+        step = self.largest or max(total, 1)
+        pieces = []
+        for start in range(0, total, step):
+            sides = test[start:start + step], golden[start:start + step]
+            real = len(sides[0])
+            if real < self.smallest:
+                sides = tuple(_padded(pictures, self.smallest) for pictures in sides)
+            pieces.append(np.asarray(run(*sides), dtype=np.float32)[:real])
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+
+
+def _padded(pictures: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([pictures, np.repeat(pictures[-1:], size - len(pictures), axis=0)])
+
+
+@dataclass(frozen=True)
+class CarriedThreshold:
+    """The decision threshold a model file carries, and where it was read."""
+
+    value: float | None  # None: the file carries none (model.margin decides)
+    source: str  # "the checkpoint <path>" or "the model card <path>"
 
 
 class TorchPredictor:
     """A :class:`SiameseNet` in eval mode, on ``device``."""
+
+    limits = BatchLimits()
 
     def __init__(self, model: SiameseNet, geometry: InputGeometry, *, device: torch.device | str = "cpu",
                  threshold: float | None = None, channels_last: bool = False) -> None:
@@ -52,8 +99,11 @@ class TorchPredictor:
         self.normalize = InputNormalizer(geometry, device, channels_last=channels_last)
         self.threshold = threshold
 
-    @torch.inference_mode()
     def distances(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
+        return self.limits.score(self._run, test, golden)
+
+    @torch.inference_mode()
+    def _run(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
         was_training = self.model.training
         self.model.eval()
         try:
@@ -65,18 +115,20 @@ class TorchPredictor:
 
 def load_torch_predictor(path: str | Path, config: ExperimentConfig,
                          device: torch.device | str = "cpu") -> TorchPredictor:
-    """A :class:`TorchPredictor` for the ``.pth`` at ``path``, checked against the spec's model."""
+    """A :class:`TorchPredictor` for the ``.pth`` at ``path``, checked against the spec's model.
+
+    The weights are the checkpoint's own tensors (memory-mapped from a plain file), not a copy."""
     geometry = InputGeometry.from_config(config.dataset)
-    model = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
     checkpoint = load_checkpoint(path, config.encryption_key)
-    load_weights(model, checkpoint, path, config.model.model_type, geometry.input_shape)
+    model = restore_model(checkpoint, path, config.model.model_type, geometry.input_shape,
+                          config.model.embedding_vectors)
     return TorchPredictor(model.to(device), geometry, device=device, threshold=checkpoint.threshold)
 
 
 class OnnxPredictor:
-    """An exported oi-ray / TAO ONNX model on ONNX Runtime."""
+    """An exported oi-ray / TAO ONNX model on ONNX Runtime, from its path or its bytes."""
 
-    def __init__(self, model_bytes: bytes, geometry: InputGeometry, *, threshold: float | None,
+    def __init__(self, model: bytes | str | Path, geometry: InputGeometry, *, threshold: float | None,
                  use_gpu: bool = False, source: str | Path = "model") -> None:
         import onnxruntime as ort
 
@@ -84,20 +136,27 @@ class OnnxPredictor:
         if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
             wanted.insert(0, "CUDAExecutionProvider")
         try:
-            self.session = ort.InferenceSession(model_bytes, providers=wanted)
+            self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
+                                                providers=wanted)
         except Exception as error:  # onnxruntime raises its own pybind classes (Fail, InvalidProtobuf...)
             raise DataError(f"cannot load ONNX model {source}: {str(error).strip()}") from None
         # onnxruntime-gpu lists CUDA even without a usable GPU and silently falls back: say so.
         self.providers = self.session.get_providers()
         if use_gpu and "CUDAExecutionProvider" not in self.providers:
             log.warning("%s: ONNX Runtime runs on CPU (no usable CUDA provider)", source)
-        shape = tuple(self.session.get_inputs()[0].shape[1:])
-        if shape != geometry.input_shape:
-            raise DataError(f"{source} takes inputs of {shape}, the spec assembles {geometry.input_shape}")
+        batch, *shape = self.session.get_inputs()[0].shape
+        if tuple(shape) != geometry.input_shape:
+            raise DataError(f"{source} takes inputs of {tuple(shape)}, "
+                            f"the spec assembles {geometry.input_shape}")
+        # A symbolic batch dimension ("batch") takes any size; a number is a fixed batch.
+        self.limits = BatchLimits(batch, batch) if isinstance(batch, int) and batch > 0 else BatchLimits()
         self.normalize = InputNormalizer(geometry)
         self.threshold = threshold
 
     def distances(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
+        return self.limits.score(self._run, test, golden)
+
+    def _run(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
         first, second = self.session.run(list(OUTPUT_NAMES), dict(zip(
             INPUT_NAMES, (self.normalize(test).numpy(), self.normalize(golden).numpy()), strict=True)))
         return embedding_distance(torch.from_numpy(first), torch.from_numpy(second)).numpy()
@@ -117,8 +176,12 @@ class TensorRTPredictor:
         self.normalize = InputNormalizer(geometry, "cuda")
         self.threshold = threshold
         self.embedding_dim = self.engine.get_tensor_shape(OUTPUT_NAMES[0])[-1]
+        self.limits = _engine_batch_limits(self.engine, INPUT_NAMES[0])
 
     def distances(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
+        return self.limits.score(self._run, test, golden)
+
+    def _run(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
         inputs = dict(zip(INPUT_NAMES, (self.normalize(test), self.normalize(golden)), strict=True))
         batch = len(test)
         outputs = {name: torch.empty(batch, self.embedding_dim, device="cuda") for name in OUTPUT_NAMES}
@@ -133,6 +196,15 @@ class TensorRTPredictor:
         return embedding_distance(*outputs.values()).float().cpu().numpy()
 
 
+def _engine_batch_limits(engine, input_name: str) -> BatchLimits:
+    """The batch sizes ``engine`` takes: its fixed batch, or its optimisation profile's range."""
+    declared = engine.get_tensor_shape(input_name)[0]
+    if declared > 0:
+        return BatchLimits(declared, declared)
+    smallest, _, largest = engine.get_tensor_profile_shape(input_name, 0)  # min, opt, max of profile 0
+    return BatchLimits(smallest[0], largest[0])
+
+
 def import_tensorrt():
     """The ``tensorrt`` module, or one clear error saying what is missing."""
     if not torch.cuda.is_available():
@@ -145,13 +217,52 @@ def import_tensorrt():
     return tensorrt
 
 
-def checked_threshold(path: str | Path, config: ExperimentConfig) -> float | None:
-    """Check that the model file fits the spec and loads (on the CPU; a TensorRT engine only by
-    its model card, as it needs a GPU) and return the decision threshold it carries."""
+def carried_threshold(path: str | Path, config: ExperimentConfig) -> CarriedThreshold:
+    """Check, without loading it, that the model file fits the spec and is intact, and return
+    the decision threshold it carries with where it was read.
+
+    A ``.pth``: its tensors' shapes against the spec's model built on the ``meta`` device (the
+    file is memory-mapped, its weights never read). An ONNX model or engine: its model card
+    against the spec and the file against the card's SHA-256; an encrypted file is also
+    decrypted in a streaming pass that keeps nothing, which proves the key."""
     path = Path(path)
-    if is_tensorrt_file(path):
-        return _checked_card(path, config).threshold
-    return load_predictor(path, config).threshold
+    if path.suffix == ".pth":
+        geometry = InputGeometry.from_config(config.dataset)
+        checkpoint = load_checkpoint(path, config.encryption_key)
+        check_fits(checkpoint, path, config.model.model_type, geometry.input_shape,
+                   config.model.embedding_vectors)
+        return CarriedThreshold(checkpoint.threshold, f"the checkpoint {path}")
+    card = _checked_card(path, config)
+    check_model_file(path, card, config.encryption_key)
+    return CarriedThreshold(card.threshold, f"the model card {card_path(path)}")
+
+
+def checked_threshold(path: str | Path, config: ExperimentConfig) -> float | None:
+    """:func:`carried_threshold`'s value alone."""
+    return carried_threshold(path, config).value
+
+
+def check_model_file(path: Path, card: ModelCard, key: str | None) -> None:
+    """Fail with one clear error when the ONNX model or engine at ``path`` is not the file its
+    card describes (truncated, corrupt, replaced), or cannot be decrypted with ``key``."""
+    encrypted = is_encrypted_file(path)
+    if card.model_sha256 is not None:
+        if sha256_of(path) != card.model_sha256:
+            raise DataError(f"{path} does not match its model card {card_path(path).name} (SHA-256 differs): "
+                            f"the file is truncated, corrupt or was replaced; export it again")
+    elif not encrypted and path.suffix in ONNX_SUFFIXES:  # a card without the digest (older oi-ray)
+        _check_onnx_graph(path)
+    if encrypted:
+        decrypt_into(path, key, None)
+
+
+def _check_onnx_graph(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as error:  # onnx raises ValidationError and protobuf decode errors
+        raise DataError(f"cannot load ONNX model {path}: {str(error).strip()}") from None
 
 
 def load_predictor(path: str | Path, config: ExperimentConfig, use_gpu: bool = False) -> Predictor:
@@ -161,10 +272,11 @@ def load_predictor(path: str | Path, config: ExperimentConfig, use_gpu: bool = F
         return load_torch_predictor(path, config, "cuda" if use_gpu else "cpu")
     card = _checked_card(path, config)
     geometry = InputGeometry.from_config(config.dataset)
-    payload = unprotect(path.read_bytes(), config.encryption_key, path)
+    key = config.encryption_key
     if path.suffix in ONNX_SUFFIXES:
-        return OnnxPredictor(payload, geometry, threshold=card.threshold, use_gpu=use_gpu, source=path)
-    return TensorRTPredictor(payload, geometry, threshold=card.threshold, source=path)
+        model = read_plain(path, key) if is_encrypted_file(path) else path  # ONNX Runtime reads a path itself
+        return OnnxPredictor(model, geometry, threshold=card.threshold, use_gpu=use_gpu, source=path)
+    return TensorRTPredictor(read_plain(path, key), geometry, threshold=card.threshold, source=path)
 
 
 def is_tensorrt_file(path: str | Path) -> bool:
@@ -179,7 +291,4 @@ def _checked_card(path: Path, config: ExperimentConfig) -> ModelCard:
         raise DataError(f"model not found: {path}")
     card = read_card(path)
     card.check_matches(config, path)
-    if card.batch_size > 0:  # a trace with a fixed batch cannot take a split's last, smaller batch
-        raise DataError(f"{path} was exported with a fixed batch of {card.batch_size}; scoring needs the "
-                        f"dynamic batch axis: export again with export.batch_size=-1")
     return card

@@ -1,19 +1,28 @@
 """oi-ray export, the ONNX / TensorRT predictors, encryption at rest and gen_trt_engine."""
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pandas as pd
 import pytest
 import torch
 
 from oi_ray.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from oi_ray.cli import main
+from oi_ray.config import load_config
 from oi_ray.crypto import MAGIC
+from oi_ray.data.assemble import InputGeometry, read_pictures
+from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
+from oi_ray.errors import DataError
 from oi_ray.model.siamese import build_model
+from oi_ray.model_card import card_path, read_card
+from oi_ray.predictors import BatchLimits, carried_threshold, load_predictor
 
 INPUT_SHAPE = (3, 32, 16)  # 2 lightings of 16x16, linear
 HAS_GPU = torch.cuda.is_available()
@@ -37,13 +46,21 @@ def _checkpoint(folder: Path, key: str | None = None) -> Path:
 
 def _export(spec: Path, checkpoint: Path, onnx_file: Path, *overrides: str) -> int:
     return main(["export", "-e", str(spec), f"export.checkpoint={checkpoint}", f"export.onnx_file={onnx_file}",
-                 *overrides])
+                 f"export.results_dir={onnx_file.parent}", *overrides])
 
 
-def test_export_has_tao_interface_and_a_model_card(spec, tmp_path):
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_export_has_tao_interface_and_a_model_card(spec, tmp_path, capsys):
     checkpoint = _checkpoint(tmp_path)
     onnx_file = tmp_path / "out/oi_model.onnx"
     assert _export(spec, checkpoint, onnx_file) == 0
+    err = capsys.readouterr().err
+    resolved = tmp_path / "out/spec.yaml"
+    assert load_config(resolved).export.checkpoint == str(checkpoint), "the resolved spec is saved"
+    assert f" evaluate -e {resolved} evaluate.checkpoint={onnx_file}" in err.splitlines()[-1]
     graph = onnx.load(onnx_file).graph
     assert [i.name for i in graph.input] == ["input_1", "input_2"]
     assert [o.name for o in graph.output] == ["output_1", "output_2"]
@@ -58,7 +75,57 @@ def test_export_has_tao_interface_and_a_model_card(spec, tmp_path):
     assert card["lights"] == ["WhiteLight", "SolderLight"] and card["input_shape"] == [3, 32, 16]
     assert card["threshold"] == 0.25 and card["batch_size"] == -1 and card["opset_version"] == 17
     assert card["rgb_mean"] == [0.485, 0.456, 0.406] and card["concat_type"] == "linear"
-    assert len(card["source_checkpoint_sha256"]) == 64
+    assert card["source_checkpoint_sha256"] == _sha256(checkpoint)
+    assert card["model_sha256"] == _sha256(onnx_file)
+    assert sorted(p.name for p in onnx_file.parent.iterdir()) == ["oi_model.onnx", "oi_model.onnx.json", "spec.yaml"]
+
+
+def test_export_verbose_prints_the_exported_graph(spec, tmp_path, capfd):
+    checkpoint = _checkpoint(tmp_path)
+    assert _export(spec, checkpoint, tmp_path / "quiet.onnx") == 0
+    assert "Exported graph" not in capfd.readouterr().out
+    assert _export(spec, checkpoint, tmp_path / "verbose.onnx", "export.verbose=true") == 0
+    assert "Exported graph: graph(%input_1 : Float(*, 3, 32, 16" in capfd.readouterr().out
+
+
+def test_batch_limits_cut_and_pad_and_drop_the_padding():
+    calls = []
+
+    def run(test, golden):
+        calls.append(len(test))
+        return test[:, 0, 0, 0].astype(np.float32) + golden[:, 0, 0, 0]
+
+    test = np.arange(11, dtype=np.uint8).reshape(11, 1, 1, 1)
+    golden = np.full_like(test, 100)
+    np.testing.assert_array_equal(BatchLimits(4, 4).score(run, test, golden), np.arange(100, 111))
+    assert calls == [4, 4, 4], "11 pairs: two full batches and one padded from 3 to 4"
+    calls.clear()
+    np.testing.assert_array_equal(BatchLimits(2, 8).score(run, test[:1], golden[:1]), [100])
+    assert calls == [2]
+    calls.clear()
+    assert BatchLimits().score(run, test, golden).shape == (11,) and calls == [11]
+
+
+def test_fixed_batch_export_scores_like_the_dynamic_one_pair_by_pair(spec, tmp_path):
+    checkpoint = _checkpoint(tmp_path)
+    dynamic, fixed = tmp_path / "dynamic.onnx", tmp_path / "fixed4.onnx"
+    assert _export(spec, checkpoint, dynamic) == 0
+    assert _export(spec, checkpoint, fixed, "export.batch_size=4") == 0
+    config = load_config(spec)
+    geometry = InputGeometry.from_config(config.dataset)
+    table = load_split(config.dataset, "train_dataset")
+    rows = range(30)  # not a multiple of 4
+    test = read_pictures([table.test_paths[row] for row in rows], geometry)
+    golden = read_pictures([table.golden_paths[row] for row in rows], geometry)
+    expected = torch.from_numpy(load_predictor(dynamic, config).distances(test, golden))
+    predictor = load_predictor(fixed, config)
+    assert predictor.limits == BatchLimits(4, 4)
+    assert read_card(fixed).batch_size == 4
+    for size in (1, 3, 7, 30):
+        scored = np.concatenate([predictor.distances(test[start:start + size], golden[start:start + size])
+                                 for start in range(0, len(test), size)])
+        torch.testing.assert_close(torch.from_numpy(scored), expected, rtol=1e-5, atol=1e-6)
+    assert expected.std() > 0, "distinct pairs give distinct distances"
 
 
 def test_fixed_batch_and_size_checks(spec, tmp_path, capsys):
@@ -115,18 +182,76 @@ def test_onnx_model_for_another_layout_is_refused(ray_local, spec, tmp_path, cap
     err = capsys.readouterr().err
     assert "was exported for another input layout than the spec's: lights: model ('WhiteLight', 'SolderLight')" in err
 
-    fixed = tmp_path / "fixed.onnx"
-    assert _export(spec, _checkpoint(tmp_path), fixed, "export.batch_size=2") == 0
-    capsys.readouterr()
-    assert main(["inference", "-e", str(spec), f"inference.checkpoint={fixed}"]) == 1
-    assert "exported with a fixed batch of 2; scoring needs the dynamic batch axis" in capsys.readouterr().err
-
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(onnx_file.read_bytes()[:1000])
     broken.with_name("broken.onnx.json").write_text(onnx_file.with_name("m.onnx.json").read_text())
+    capsys.readouterr()
     assert main(["inference", "-e", str(spec), f"inference.checkpoint={broken}"]) == 1
     err = capsys.readouterr().err
-    assert f"error: cannot load ONNX model {broken}:" in err and "Traceback" not in err
+    assert (f"error: {broken} does not match its model card broken.onnx.json (SHA-256 differs): the file is "
+            f"truncated, corrupt or was replaced; export it again") in err and "Traceback" not in err
+
+
+@pytest.mark.ray
+def test_fixed_batch_model_scores_every_pair_of_a_split(ray_local, spec, tmp_path):
+    checkpoint = _checkpoint(tmp_path)
+    scores = {}
+    for name, batch in (("dynamic", "-1"), ("fixed", "5")):  # 12 test pairs: batches of 5, 5 and 2 padded
+        model = tmp_path / f"{name}.onnx"
+        assert _export(spec, checkpoint, model, f"export.batch_size={batch}") == 0
+        results = tmp_path / name
+        assert main(["inference", "-e", str(spec), f"inference.checkpoint={model}",
+                     f"inference.results_dir={results}", "inference.batch_size=16"]) == 0
+        scores[name] = pd.read_csv(results / "inference.csv")["siamese_score"].to_numpy()
+    assert len(scores["fixed"]) == 12
+    torch.testing.assert_close(torch.tensor(scores["fixed"]), torch.tensor(scores["dynamic"]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_driver_checks_model_files_without_loading_them(spec, tmp_path):
+    config = load_config(spec)
+    checkpoint = _checkpoint(tmp_path)
+    assert carried_threshold(checkpoint, config).value == 0.25
+    assert carried_threshold(checkpoint, config).source == f"the checkpoint {checkpoint}"
+    onnx_file = tmp_path / "m.onnx"
+    assert _export(spec, checkpoint, onnx_file) == 0
+    carried = carried_threshold(onnx_file, config)
+    assert (carried.value, carried.source) == (0.25, f"the model card {card_path(onnx_file)}")
+
+    engine = tmp_path / "m.engine"  # checked by its card's digest: no GPU needed
+    engine.write_bytes(b"serialized engine bytes")
+    card = dataclasses.replace(read_card(onnx_file), model_sha256=_sha256(engine))
+    card.write(engine)
+    assert carried_threshold(engine, config).value == 0.25
+    engine.write_bytes(b"serialized engine byte")
+    with pytest.raises(DataError, match=r"m.engine does not match its model card m.engine.json \(SHA-256"):
+        carried_threshold(engine, config)
+
+    legacy = tmp_path / "legacy.onnx"  # a card from before model_sha256: the graph is checked instead
+    legacy.write_bytes(onnx_file.read_bytes()[:-100])
+    card_path(legacy).write_text(json.dumps({k: v for k, v in json.loads(card_path(onnx_file).read_text()).items()
+                                             if k != "model_sha256"}))
+    assert read_card(legacy).model_sha256 is None
+    with pytest.raises(DataError, match=f"cannot load ONNX model {legacy}"):
+        carried_threshold(legacy, config)
+
+
+def test_encrypted_model_with_a_wrong_key_is_refused_by_the_driver(spec, tmp_path):
+    checkpoint = _checkpoint(tmp_path, key="k")
+    onnx_file = tmp_path / "enc.onnx"
+    assert _export(spec, checkpoint, onnx_file, "encryption_key=k") == 0
+    assert read_card(onnx_file).model_sha256 == _sha256(onnx_file), "the digest of the encrypted bytes"
+    assert carried_threshold(onnx_file, load_config(spec, ["encryption_key=k"])).value == 0.25
+    for path in (checkpoint, onnx_file):
+        with pytest.raises(DataError, match=f"cannot decrypt {path}: wrong encryption_key"):
+            carried_threshold(path, load_config(spec, ["encryption_key=guess"]))
+    config = load_config(spec, ["encryption_key=k"])
+    geometry = InputGeometry.from_config(config.dataset)
+    table = load_split(config.dataset, "test_dataset")
+    test, golden = (read_pictures(paths, geometry) for paths in (table.test_paths, table.golden_paths))
+    torch.testing.assert_close(torch.from_numpy(load_predictor(onnx_file, config).distances(test, golden)),
+                               torch.from_numpy(load_predictor(checkpoint, config).distances(test, golden)),
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the message on machines without an NVIDIA GPU")

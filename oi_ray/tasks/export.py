@@ -2,17 +2,23 @@
 
 Inputs ``input_1`` (test side) and ``input_2`` (golden side), outputs ``output_1`` and
 ``output_2`` (their embeddings), NCHW float32 of the assembled input size, batch axis named
-``batch`` (TAO's ``batch_size: -1``). After writing, ``onnx.checker`` and an ONNX Runtime vs
-torch comparison must pass, or the command fails. The comparison runs on the first pairs of
-the spec's dataset (real inputs keep the embeddings at their trained scale), or on random
-pictures when the spec names no dataset; the tolerance is 1e-4 x max(1, largest |embedding|).
+``batch`` (TAO's ``batch_size: -1``) or a fixed batch. Before the file takes its name,
+``onnx.checker`` and an ONNX Runtime vs torch comparison must pass, or the command fails. The
+comparison runs on the first pairs of the spec's dataset (real inputs keep the embeddings at
+their trained scale), or on random pictures when the spec names no dataset; the tolerance is
+1e-4 x max(1, largest |embedding|).
+
+Memory: the checkpoint is memory-mapped and its tensors become the model's weights (model built
+on the ``meta`` device); the exporter writes into the atomic write's temp file, which the
+checker and ONNX Runtime read by path. Only with ``encryption_key`` are the ONNX bytes held in
+memory, to verify them before they are encrypted on their way to disk.
 """
 
-import hashlib
 import io
 import logging
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -20,15 +26,17 @@ import onnxruntime as ort
 import torch
 
 from oi_ray import __version__
-from oi_ray.checkpoint import load_checkpoint, load_weights
-from oi_ray.config.schema import ExperimentConfig
-from oi_ray.crypto import protect
+from oi_ray.checkpoint import load_checkpoint, restore_model
+from oi_ray.config import save_resolved_spec
+from oi_ray.config.schema import ExperimentConfig, ExportConfig
+from oi_ray.console import command
+from oi_ray.crypto import protected_output
 from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.pairs import first_configured_split, load_split
 from oi_ray.errors import ConfigError, DataError
-from oi_ray.fileio import write_atomically
+from oi_ray.fileio import atomic_output, sha256_of
 from oi_ray.model.inputs import InputNormalizer
-from oi_ray.model.siamese import SiameseNet, build_model
+from oi_ray.model.siamese import SiameseNet
 from oi_ray.model_card import INPUT_NAMES, OUTPUT_NAMES, ModelCard
 
 log = logging.getLogger(__name__)
@@ -49,60 +57,89 @@ def run(config: ExperimentConfig) -> None:
 
     source = Path(export.checkpoint)
     checkpoint = load_checkpoint(source, config.encryption_key)
-    model = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
-    load_weights(model, checkpoint, source, config.model.model_type, geometry.input_shape)
-    model.eval()
+    model = restore_model(checkpoint, source, config.model.model_type, geometry.input_shape,
+                          config.model.embedding_vectors).eval()
 
+    dynamic = export.batch_size == -1
     batch = export.batch_size if export.batch_size > 0 else 1
-    onnx_bytes = export_onnx(model, geometry.input_shape, batch, dynamic=export.batch_size == -1,
-                             opset=export.opset_version, constant_folding=export.do_constant_folding)
-    test, golden = _verification_inputs(config, geometry, VERIFY_BATCH if export.batch_size == -1 else batch)
-    difference = verify_onnx(onnx_bytes, model, test, golden)
+    test, golden = _verification_inputs(config, geometry, VERIFY_BATCH if dynamic else batch)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     if onnx_path.exists():
         log.info("replacing %s", onnx_path)
-    write_atomically(onnx_path, protect(onnx_bytes, config.encryption_key))
+    with atomic_output(onnx_path) as out:
+        difference = _write_verified(model, geometry.input_shape, export, test, golden, out,
+                                     config.encryption_key)
     card = ModelCard.describe(
         config, checkpoint.threshold, batch_size=export.batch_size, opset_version=export.opset_version,
         oi_ray_version=__version__, source_checkpoint=str(source.resolve()),
-        source_checkpoint_sha256=hashlib.sha256(source.read_bytes()).hexdigest(),
+        source_checkpoint_sha256=sha256_of(source), model_sha256=sha256_of(onnx_path),
     ).write(onnx_path)
+    spec = save_resolved_spec(config, export.results_dir)
     threshold = "none (model.margin decides)" if checkpoint.threshold is None \
         else f"{checkpoint.threshold:.4g}"
-    batch_text = f"batch axis '{DYNAMIC_BATCH}'" if export.batch_size == -1 else f"fixed batch {batch}"
+    batch_text = f"batch axis '{DYNAMIC_BATCH}'" if dynamic else f"fixed batch {batch}"
     log.info("wrote %s (%s, inputs 2 x %s, %s, opset %d%s); ONNX Runtime matches torch within %.1e; "
              "threshold %s; model card %s", onnx_path, config.model.model_type,
              "x".join(map(str, geometry.input_shape)), batch_text, export.opset_version,
              ", encrypted" if config.encryption_key else "", difference, threshold, card)
-    log.info("score with it: oi-ray evaluate -e SPEC evaluate.checkpoint=%s", onnx_path)
+    log.info("score with it: %s", command("evaluate", "-e", spec, f"evaluate.checkpoint={onnx_path}"))
 
 
-def export_onnx(model: SiameseNet, input_shape: tuple[int, int, int], batch: int, *, dynamic: bool,
-                opset: int, constant_folding: bool) -> bytes:
-    """The ONNX bytes of ``model`` with TAO's input/output names."""
+def _write_verified(model: SiameseNet, input_shape: tuple[int, int, int], export: ExportConfig,
+                    test: torch.Tensor, golden: torch.Tensor, out: BinaryIO, key: str | None) -> float:
+    """Export ``model`` into ``out`` (an atomic write's open temp file) and verify what was
+    written; return ONNX Runtime's largest difference from torch."""
+    batch = export.batch_size if export.batch_size > 0 else 1
+    options = {"dynamic": export.batch_size == -1, "opset": export.opset_version,
+               "constant_folding": export.do_constant_folding, "verbose": export.verbose}
+    if not key:
+        write_onnx(model, input_shape, batch, out, **options)
+        out.flush()
+        return verify_onnx(out.name, model, test, golden)
+    onnx_bytes = export_onnx(model, input_shape, batch, **options)
+    difference = verify_onnx(onnx_bytes, model, test, golden)
+    with protected_output(out, key) as sink:
+        sink.write(onnx_bytes)
+    return difference
+
+
+def write_onnx(model: SiameseNet, input_shape: tuple[int, int, int], batch: int, out: BinaryIO | str, *,
+               dynamic: bool, opset: int, constant_folding: bool, verbose: bool = False) -> None:
+    """Write ``model`` as ONNX with TAO's input/output names into ``out`` (a file or path)."""
     example = torch.zeros(batch, *input_shape)
     axes = {name: {0: DYNAMIC_BATCH} for name in (*INPUT_NAMES, *OUTPUT_NAMES)} if dynamic else None
-    buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation and folding notices
         warnings.simplefilter("ignore")
         # dynamo=False: torch's TorchScript-based exporter needs no onnxscript and exports
         # these plain conv/linear layers exactly.
-        torch.onnx.export(model, (example, example), buffer, input_names=list(INPUT_NAMES),
+        torch.onnx.export(model, (example, example), out, input_names=list(INPUT_NAMES),
                           output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=opset,
-                          do_constant_folding=constant_folding, dynamo=False)
+                          do_constant_folding=constant_folding, verbose=verbose, dynamo=False)
+
+
+def export_onnx(model: SiameseNet, input_shape: tuple[int, int, int], batch: int, *, dynamic: bool,
+                opset: int, constant_folding: bool, verbose: bool = False) -> bytes:
+    """The ONNX bytes of ``model`` with TAO's input/output names (:func:`write_onnx` in memory)."""
+    buffer = io.BytesIO()
+    write_onnx(model, input_shape, batch, buffer, dynamic=dynamic, opset=opset,
+               constant_folding=constant_folding, verbose=verbose)
     return buffer.getvalue()
 
 
-def verify_onnx(onnx_bytes: bytes, model: SiameseNet, test: torch.Tensor, golden: torch.Tensor) -> float:
-    """Check the graph and compare ONNX Runtime with torch on one batch; return the max error."""
+def verify_onnx(onnx_model: str | bytes, model: SiameseNet, test: torch.Tensor,
+                golden: torch.Tensor) -> float:
+    """Check the graph and compare ONNX Runtime with torch on one batch; return the max error.
+
+    ``onnx_model`` is a path (both read the file themselves) or the model's bytes."""
     try:
-        onnx.checker.check_model(onnx.load_from_string(onnx_bytes), full_check=True)
+        onnx.checker.check_model(onnx_model, full_check=True)
     except onnx.checker.ValidationError as error:
         raise DataError(f"the exported model fails onnx.checker: {error}") from None
     with torch.inference_mode():
         expected = [output.numpy() for output in model(test, golden)]
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
     actual = session.run(list(OUTPUT_NAMES), {INPUT_NAMES[0]: test.numpy(), INPUT_NAMES[1]: golden.numpy()})
+    del session  # ONNX Runtime's copy of the weights
     difference = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected, strict=True))
     allowed = TOLERANCE * max(1.0, *(float(np.abs(e).max()) for e in expected))
     if not difference <= allowed:

@@ -1,21 +1,25 @@
 """``oi-ray gen_trt_engine``: an exported ONNX model -> a serialized TensorRT engine (GPU only).
 
-Honours TAO's ``gen_trt_engine.tensorrt`` fields: ``data_type`` fp32 / fp16,
-``workspace_size`` in MiB (as documented; TAO itself reads it as GB), and
-``min/opt/max_batch_size`` as the optimisation profile of the dynamic batch axis (opt and max
-default to ``dataset.batch_size`` so the engine takes evaluate's batches). The model card is
-copied beside the engine, so evaluate and inference use it like the ONNX model.
+Honours TAO's ``gen_trt_engine`` fields: ``tensorrt.data_type`` fp32 / fp16,
+``tensorrt.workspace_size`` in MiB (as documented; TAO itself reads it as GB),
+``tensorrt.min/opt/max_batch_size`` as the optimisation profile of the dynamic batch axis (opt
+and max default to ``dataset.batch_size`` so the engine takes evaluate's batches; a fixed-batch
+ONNX model keeps its batch), ``timing_cache`` (read when the file exists, written after the
+build, so rebuilds skip kernel timing) and ``verbose``. The model card is copied beside the
+engine with the engine's own SHA-256, so evaluate and inference use it like the ONNX model.
 """
 
+import dataclasses
 import logging
 from pathlib import Path
 
+from oi_ray.config import save_resolved_spec
 from oi_ray.config.schema import ExperimentConfig
-from oi_ray.crypto import protect, unprotect
+from oi_ray.crypto import is_encrypted_file, protected_output, read_plain
 from oi_ray.errors import ConfigError, DataError
-from oi_ray.fileio import write_atomically
-from oi_ray.model_card import INPUT_NAMES, read_card
-from oi_ray.predictors import import_tensorrt
+from oi_ray.fileio import atomic_output, sha256_of
+from oi_ray.model_card import INPUT_NAMES, ModelCard, read_card
+from oi_ray.predictors import check_model_file, import_tensorrt
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
@@ -34,6 +38,8 @@ def run(config: ExperimentConfig) -> None:
         raise DataError(f"ONNX model not found: {onnx_path}")
     card = read_card(onnx_path)
     card.check_matches(config, onnx_path)
+    profile = _batch_profile(config, card)
+    check_model_file(onnx_path, card, config.encryption_key)
     engine_path = Path(section.trt_engine or onnx_path.with_suffix(".engine")).resolve()
     trt = import_tensorrt()
 
@@ -41,7 +47,11 @@ def run(config: ExperimentConfig) -> None:
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(unprotect(onnx_path.read_bytes(), config.encryption_key, onnx_path)):
+    if is_encrypted_file(onnx_path):
+        parsed = parser.parse(read_plain(onnx_path, config.encryption_key))
+    else:
+        parsed = parser.parse_from_file(str(onnx_path))
+    if not parsed:
         errors = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
         raise DataError(f"TensorRT cannot parse {onnx_path}: {errors}")
 
@@ -49,20 +59,56 @@ def run(config: ExperimentConfig) -> None:
     build.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, trt_config.workspace_size * MIB)
     if trt_config.data_type == "fp16":
         build.set_flag(trt.BuilderFlag.FP16)
-    smallest = trt_config.min_batch_size
-    optimal = trt_config.opt_batch_size or config.dataset.batch_size
-    largest = trt_config.max_batch_size or max(optimal, config.dataset.batch_size)
-    profile = builder.create_optimization_profile()
-    for name in INPUT_NAMES:
-        profile.set_shape(name, (smallest, *card.input_shape), (optimal, *card.input_shape),
-                          (largest, *card.input_shape))
-    build.add_optimization_profile(profile)
+    if profile is not None:  # a fixed-batch network has static shapes and needs no profile
+        shapes = builder.create_optimization_profile()
+        for name in INPUT_NAMES:
+            shapes.set_shape(name, *((size, *card.input_shape) for size in profile))
+        build.add_optimization_profile(shapes)
+    cache_path = Path(section.timing_cache) if section.timing_cache else None
+    if cache_path is not None:
+        _use_timing_cache(build, cache_path)
     serialized = builder.build_serialized_network(network, build)
     if serialized is None:
         raise DataError(f"TensorRT could not build an engine from {onnx_path} (rerun with "
                         f"gen_trt_engine.verbose=true for the builder's log)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(engine_path, protect(bytes(serialized), config.encryption_key))
-    card.write(engine_path)
-    log.info("wrote %s (%s, batch %d..%d, optimised for %d)", engine_path, trt_config.data_type,
-             smallest, largest, optimal)
+    with atomic_output(engine_path) as out, protected_output(out, config.encryption_key) as sink:
+        sink.write(memoryview(serialized))
+    del serialized
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(cache_path) as out:
+            out.write(memoryview(build.get_timing_cache().serialize()))
+    dataclasses.replace(card, model_sha256=sha256_of(engine_path)).write(engine_path)
+    save_resolved_spec(config, section.results_dir)
+    batches = f"batch {profile[0]}..{profile[2]}, optimised for {profile[1]}" if profile is not None \
+        else f"fixed batch {card.batch_size}"
+    log.info("wrote %s (%s, %s%s)", engine_path, trt_config.data_type, batches,
+             f"; timing cache {cache_path}" if cache_path is not None else "")
+
+
+def _batch_profile(config: ExperimentConfig, card: ModelCard) -> tuple[int, int, int] | None:
+    """(min, opt, max) batch of the engine's profile; None for a fixed-batch model."""
+    trt_config = config.gen_trt_engine.tensorrt
+    if card.batch_size > 0:
+        if trt_config.opt_batch_size or trt_config.max_batch_size:
+            log.info("the ONNX model has a fixed batch of %d: the engine takes that batch; "
+                     "gen_trt_engine.tensorrt.*_batch_size do not apply", card.batch_size)
+        return None
+    smallest = trt_config.min_batch_size
+    optimal = trt_config.opt_batch_size or config.dataset.batch_size
+    largest = trt_config.max_batch_size or max(optimal, config.dataset.batch_size)
+    if not 1 <= smallest <= optimal <= largest:
+        raise ConfigError(f"gen_trt_engine.tensorrt batch sizes must satisfy 1 <= min_batch_size <= "
+                          f"opt_batch_size <= max_batch_size; got {smallest}, {optimal}, {largest}")
+    return smallest, optimal, largest
+
+
+def _use_timing_cache(build, path: Path) -> None:
+    """Start the build from the timing cache at ``path`` (an empty one when there is no file or
+    it was made by another TensorRT version or GPU)."""
+    cache = build.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+    if cache is None or not build.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("%s does not fit this TensorRT version or GPU: building with a fresh timing cache "
+                    "(it will be overwritten)", path)
+        build.set_timing_cache(build.create_timing_cache(b""), ignore_mismatch=False)

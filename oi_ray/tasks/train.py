@@ -15,12 +15,11 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from oi_ray.checkpoint import LATEST_NAME, load_checkpoint, load_weights
+from oi_ray.checkpoint import LATEST_NAME, check_fits, load_checkpoint
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.dataset import PipelineSpec, decode_cache
 from oi_ray.data.pairs import PairTable, load_split
 from oi_ray.errors import ConfigError, DataError
-from oi_ray.model.siamese import build_model
 from oi_ray.runtime import ray_session, torch_threads, uses_gpus
 from oi_ray.training.loop import STATUS_FILE, TrainJob, train_worker
 from oi_ray.training.progress import ProgressFeed
@@ -88,10 +87,10 @@ def _resume_point(config: ExperimentConfig, results_dir: Path) -> tuple[Path | N
         return None, 0
     if not path.is_file():
         raise ConfigError(f"train.resume_training_checkpoint_path={explicit!r}: no such file")
-    checkpoint = load_checkpoint(path, config.encryption_key)
+    checkpoint = load_checkpoint(path, config.encryption_key)  # memory-mapped: no weights read
     geometry = PipelineSpec.from_config(config.dataset).geometry
-    model = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
-    load_weights(model, checkpoint, path, config.model.model_type, geometry.input_shape)
+    check_fits(checkpoint, path, config.model.model_type, geometry.input_shape,
+               config.model.embedding_vectors)
     return path, checkpoint.epoch
 
 

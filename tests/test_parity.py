@@ -1,0 +1,124 @@
+"""ONNX Runtime and TensorRT score like torch, pair by pair, on trained weights.
+
+Every registered model type and both layouts: a few Adam steps on real synthetic pictures
+(in-process, no Ray) move the weights and BatchNorm statistics away from their
+initialisation; then oi-ray's own predictors score the same real pairs from the ``.pth`` and
+from the exported ``.onnx`` (and, on a GPU, from a TensorRT engine).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from oi_ray.checkpoint import Checkpoint, save_checkpoint
+from oi_ray.cli import main
+from oi_ray.config import load_config
+from oi_ray.config.schema import ExperimentConfig
+from oi_ray.data.assemble import InputGeometry, read_pictures
+from oi_ray.data.pairs import load_split
+from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
+from oi_ray.model.inputs import InputNormalizer
+from oi_ray.model.loss import contrastive_loss
+from oi_ray.model.siamese import build_model
+from oi_ray.predictors import BatchLimits, load_predictor
+
+HAS_GPU = torch.cuda.is_available()
+LAYOUTS = {
+    "linear": ["dataset.concat_type=linear"],
+    "grid": ["dataset.concat_type=grid", "dataset.grid_map.x=2", "dataset.grid_map.y=2"],
+}
+CASES = [(model_type, layout) for model_type in ("Siamese_3", "Siamese_1") for layout in LAYOUTS]
+STEPS, BATCH = 6, 8
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    return synthesize_dataset(root, SyntheticSpec(num_pairs=60, width=16, height=16, image_ext=".png",
+                                                  seed=5)).spec_path  # 4 lightings
+
+
+def _overrides(model_type: str, layout: str) -> list[str]:
+    return [f"model.model_type={model_type}", *LAYOUTS[layout]]
+
+
+def _train(config: ExperimentConfig, path: Path) -> None:
+    """A few optimizer steps on the training split; the checkpoint as training writes it."""
+    geometry = InputGeometry.from_config(config.dataset)
+    table = load_split(config.dataset, "train_dataset")
+    normalize = InputNormalizer(geometry)
+    test = normalize(read_pictures(table.test_paths, geometry))
+    golden = normalize(read_pictures(table.golden_paths, geometry))
+    targets = torch.from_numpy(table.targets.astype(np.float32))
+    torch.manual_seed(0)
+    model = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
+    initial = {key: value.clone() for key, value in model.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(STEPS):
+        rows = torch.randperm(len(targets))[:BATCH]
+        loss = contrastive_loss(model.distance(test[rows], golden[rows]), targets[rows], config.model.margin)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    # (Biases that shift both embeddings alike cancel in the distance and get no gradient.)
+    untrained = [key for key, value in model.state_dict().items()
+                 if key.endswith(("weight", "running_mean", "running_var")) and torch.equal(initial[key], value)]
+    assert not untrained, "every weight and BatchNorm statistic moved"
+    save_checkpoint(Checkpoint(model.state_dict(), epoch=1, optimizer_state=optimizer.state_dict(),
+                               model_type=config.model.model_type, input_shape=geometry.input_shape,
+                               embedding_dim=config.model.embedding_vectors), path)
+
+
+def _test_pairs(config: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
+    geometry = InputGeometry.from_config(config.dataset)
+    table = load_split(config.dataset, "test_dataset")
+    return read_pictures(table.test_paths, geometry), read_pictures(table.golden_paths, geometry)
+
+
+def _trained_and_exported(spec: Path, folder: Path, overrides: list[str]) -> tuple[ExperimentConfig, Path, Path]:
+    config = load_config(spec, overrides)
+    checkpoint, onnx_file = folder / "trained.pth", folder / "trained.onnx"
+    _train(config, checkpoint)
+    assert main(["export", "-e", str(spec), *overrides, f"export.checkpoint={checkpoint}",
+                 f"export.onnx_file={onnx_file}", f"export.results_dir={folder}"]) == 0
+    return config, checkpoint, onnx_file
+
+
+@pytest.mark.parametrize(("model_type", "layout"), CASES)
+def test_onnx_scores_like_torch_pair_by_pair(spec, tmp_path, model_type, layout):
+    config, checkpoint, onnx_file = _trained_and_exported(spec, tmp_path, _overrides(model_type, layout))
+    expected_shape = {"linear": (3, 64, 16), "grid": (3, 32, 32)}[layout]
+    assert InputGeometry.from_config(config.dataset).input_shape == expected_shape
+    test, golden = _test_pairs(config)
+    torch_distances = torch.from_numpy(load_predictor(checkpoint, config).distances(test, golden))
+    onnx_distances = torch.from_numpy(load_predictor(onnx_file, config).distances(test, golden))
+    assert torch_distances.shape == (len(test),) and torch_distances.std() > 1e-3
+    torch.testing.assert_close(onnx_distances, torch_distances, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@pytest.mark.parametrize(("model_type", "layout"), CASES)
+@pytest.mark.skipif(not HAS_GPU, reason="TensorRT needs an NVIDIA GPU; none is visible")
+def test_tensorrt_scores_like_torch_pair_by_pair(spec, tmp_path, model_type, layout):
+    pytest.importorskip("tensorrt", reason="the gpu extra (tensorrt) is not installed")
+    overrides = _overrides(model_type, layout)
+    config, checkpoint, onnx_file = _trained_and_exported(spec, tmp_path, overrides)
+    engine, cache = tmp_path / "trained.engine", tmp_path / "timing.cache"
+    # A fixed profile of 4 (an engine that takes only batches of 4): 11 pairs score as 4, 4, 3 + 1 padded.
+    build = ["gen_trt_engine", "-e", str(spec), *overrides, f"gen_trt_engine.onnx_file={onnx_file}",
+             f"gen_trt_engine.trt_engine={engine}", f"gen_trt_engine.timing_cache={cache}",
+             f"gen_trt_engine.results_dir={tmp_path}", "gen_trt_engine.tensorrt.min_batch_size=4",
+             "gen_trt_engine.tensorrt.opt_batch_size=4", "gen_trt_engine.tensorrt.max_batch_size=4"]
+    assert main(build) == 0
+    assert cache.stat().st_size > 0, "the timing cache is saved after the build"
+    assert main(build) == 0, "and read by the next build"
+    test, golden = _test_pairs(config)
+    predictor = load_predictor(engine, config, use_gpu=True)
+    assert predictor.limits == BatchLimits(4, 4)
+    torch_distances = torch.from_numpy(load_predictor(checkpoint, config).distances(test, golden))
+    trt_distances = torch.from_numpy(predictor.distances(test[:11], golden[:11]))
+    # TensorRT may use TF32 for fp32 matrix products on Ampere and newer GPUs.
+    torch.testing.assert_close(trt_distances, torch_distances[:11], rtol=5e-3, atol=1e-3)
