@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from oi_ray import __version__
-from oi_ray.errors import find_user_error
+from oi_ray.errors import TaskInterrupted, find_user_error
 
 SPEC_TASKS = {
     "train": "train a Siamese model on Ray Train (resumes from oi_model_latest.pth)",
@@ -42,12 +42,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "quickstart":
             return _quickstart(args)
         return _run_spec_task(args)
+    except KeyboardInterrupt:  # Ctrl-C outside training, which says where a rerun resumes
+        if args.debug:
+            raise
+        print(f"oi-ray {args.command}: interrupted (outputs are written whole or not at all)",
+              file=sys.stderr)
+        return TaskInterrupted.exit_code
     except Exception as error:  # user errors may arrive wrapped by Ray tasks
         user_error = find_user_error(error)
         if user_error is None or args.debug:
             raise
         print(f"oi-ray {args.command}: error: {user_error}", file=sys.stderr)
-        return 1
+        return user_error.exit_code
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,8 @@ exception is a bug and keeps its traceback.
 class OiRayError(Exception):
     """Base class for errors caused by user input or environment."""
 
+    exit_code = 1  # what the CLI exits with
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         # Kept apart from ``args``: Ray appends retry advice to the args of task errors.
@@ -29,8 +31,14 @@ class BackendUnavailableError(OiRayError):
     """An optional runtime (TensorRT, CUDA) is not installed or has no device."""
 
 
-class TaskNotImplementedError(OiRayError):
-    """The task exists in the CLI but is not built yet."""
+class TrainingDivergedError(OiRayError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TaskInterrupted(OiRayError):
+    """The user stopped the task (Ctrl-C); nothing half-written is left behind."""
+
+    exit_code = 130  # 128 + SIGINT, as shells report it
 
 
 def find_user_error(error: BaseException) -> OiRayError | None:

@@ -38,3 +38,10 @@ def sha256_of(path: str | Path) -> str:
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
+
+def remove_partial_files(folder: str | Path) -> list[Path]:
+    """Delete the temp files that writers in ``folder`` left when they were killed mid-write."""
+    leftovers = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers

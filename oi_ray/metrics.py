@@ -28,13 +28,13 @@ def tao_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float) -> di
     flagged = scores > threshold
     defect = targets == 1
     total = len(scores)
-    caught = np.count_nonzero(flagged & defect)
-    num_defects = np.count_nonzero(defect)
-    return {
-        "total_accuracy": 100.0 * np.count_nonzero(flagged == defect) / total,
+    caught = int(np.count_nonzero(flagged & defect))
+    num_defects = int(np.count_nonzero(defect))
+    return {  # plain Python floats: they go into checkpoints that load with weights_only=True
+        "total_accuracy": 100.0 * int(np.count_nonzero(flagged == defect)) / total,
         "defect_accuracy": 100.0 * caught / num_defects if num_defects else 0.0,
-        "false_alarm": 100.0 * np.count_nonzero(flagged & ~defect) / total,
-        "false_negative": 100.0 * np.count_nonzero(~flagged & defect) / total,
+        "false_alarm": 100.0 * int(np.count_nonzero(flagged & ~defect)) / total,
+        "false_negative": 100.0 * int(np.count_nonzero(~flagged & defect)) / total,
     }
 
 

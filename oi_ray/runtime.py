@@ -39,7 +39,8 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         ray.init(
             num_cpus=num_cpus,
             object_store_memory=memory * 1024 * 1024 if memory else None,
-            include_dashboard=False,
+            include_dashboard=config.include_dashboard,
+            dashboard_host="127.0.0.1",
             logging_level=logging.WARNING,
             # Workers' output stays in Ray's log files; the driver draws progress and summaries.
             log_to_driver=False,

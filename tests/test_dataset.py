@@ -5,14 +5,10 @@ import pytest
 from helpers import LIGHTS, write_pair_dataset
 
 from oi_ray.config.schema import DatasetConfig
+from oi_ray.data import dataset as dataset_module
 from oi_ray.data.assemble import InputGeometry, assemble, read_stack
-from oi_ray.data.dataset import (
-    PipelineSpec,
-    decode_cache,
-    evaluation_dataset,
-    resample_counts,
-    training_epoch,
-)
+from oi_ray.data.dataset import DecodedCache, PipelineSpec, decode_cache, evaluation_dataset
+from oi_ray.data.epochs import CacheReader, batches_of, epoch_plan, resample_counts, training_batches
 from oi_ray.data.pairs import ImageNaming, load_pairs
 from oi_ray.errors import DataError, find_user_error
 
@@ -55,12 +51,27 @@ def test_resample_needs_both_classes():
         resample_counts(np.zeros(3, dtype=np.int8), 0.1, np.random.default_rng(0))
 
 
+def _epoch_rows(cache, spec, epoch, seed=7, batch_size=8, world=1, rank=0) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, tiled test pictures) of one rank's epoch, as a training worker gets them."""
+    plan = epoch_plan(cache.targets, spec.fpratio_sampling, seed=seed, epoch=epoch, world=world,
+                      batch_size=batch_size)[rank]
+    batches = list(training_batches(cache, CacheReader(cache), plan, spec, batch_size=batch_size,
+                                    seed=(seed, epoch, rank)))
+    assert all(len(b["row"]) == batch_size for b in batches), "whole batches only"
+    return np.concatenate([b["row"] for b in batches]), np.concatenate([b["test"] for b in batches])
+
+
 def test_cache_holds_uint8_lighting_stacks(ray_local, table):
     cache = decode_cache(table, PipelineSpec.from_config(_config()), for_training=True)
-    batch = cache.take_batch(4, batch_format="numpy")
-    assert cache.count() == NUM_ROWS
-    assert batch["test"].shape == (4, 2, 6, 8, 3) and batch["test"].dtype == np.uint8
-    assert batch["golden"].shape == (4, 2, 6, 8, 3)
+    assert len(cache) == NUM_ROWS and cache.targets.tolist() == table.targets.tolist()
+    stacks = CacheReader(cache).gather(np.array([5, 0, 5]))
+    assert stacks["row"].tolist() == [5, 0, 5]
+    assert stacks["test"].shape == (3, 2, 6, 8, 3) and stacks["test"].dtype == np.uint8
+    np.testing.assert_array_equal(stacks["golden"][1], read_stack(table.golden_paths[0], _geometry()))
+
+
+def _geometry() -> InputGeometry:
+    return InputGeometry.from_config(_config())
 
 
 def test_training_epoch_resamples_every_epoch(ray_local, table):
@@ -68,29 +79,81 @@ def test_training_epoch_resamples_every_epoch(ray_local, table):
     cache = decode_cache(table, spec, for_training=True)
     epochs = []
     for epoch in range(3):
-        batches = _rows(training_epoch(cache, table.targets, spec, epoch=epoch, seed=7))
-        assert batches[0]["test"].shape[1:] == (12, 8, 3)
-        assert batches[0]["test"].dtype == np.uint8 and batches[0]["golden"].dtype == np.uint8
-        epochs.append(np.concatenate([b["row"] for b in batches]))
-        targets = np.concatenate([b["target"] for b in batches])
-        assert len(targets) == NUM_ROWS
+        rows, test = _epoch_rows(cache, spec, epoch)
+        assert test.shape[1:] == (12, 8, 3) and test.dtype == np.uint8
+        assert len(rows) == NUM_ROWS, "120 rows drawn = 15 whole batches of 8"
+        epochs.append(rows)
     all_targets = table.targets[np.concatenate(epochs)]
     assert all_targets.mean() == pytest.approx(0.5 / 1.5, abs=0.07)
     assert sorted(epochs[0]) != sorted(epochs[1]), "a fresh draw each epoch"
-    again = np.concatenate([b["row"] for b in _rows(training_epoch(cache, table.targets, spec, epoch=1, seed=7))])
-    assert again.tolist() == epochs[1].tolist(), "draw and order depend only on (seed, epoch)"
+    assert _epoch_rows(cache, spec, 1)[0].tolist() == epochs[1].tolist(), "draw and order depend only on (seed, epoch)"
     assert list(epochs[0]) != sorted(epochs[0]), "rows are shuffled"
 
 
-def test_training_epoch_with_augmentation(ray_local, table):
-    config = _config()
-    config.augmentation_config.augment = True
+def test_epochs_do_not_depend_on_cache_blocks_or_their_order(ray_local, table, monkeypatch):
+    """Seeded epochs repeat exactly whatever the number of blocks and the order Ray finished them."""
+    spec = PipelineSpec.from_config(_config())
+    monkeypatch.setattr(dataset_module, "ROWS_PER_BLOCK", 16)
+    many = decode_cache(table, spec, for_training=True)
+    assert len(many.blocks) >= 4
+    backwards = DecodedCache(list(reversed(many.blocks)), many.targets)
+    monkeypatch.setattr(dataset_module, "ROWS_PER_BLOCK", 128)
+    one = decode_cache(table, spec, for_training=True)
+    assert len(one.blocks) == 1
+    reference_rows, reference_test = _epoch_rows(one, spec, 4)
+    for cache in (many, backwards):
+        rows, test = _epoch_rows(cache, spec, 4)
+        assert rows.tolist() == reference_rows.tolist()
+        np.testing.assert_array_equal(test, reference_test)
+
+
+def test_ranks_get_equal_disjoint_shares_of_one_plan():
+    targets = np.array([0, 0, 0, 1] * 25, dtype=np.int8)
+    plan = epoch_plan(targets, 0.5, seed=3, epoch=0, world=3, batch_size=8)
+    assert plan.shape == (3, 32), "100 draws -> 4 whole batches of 8 per rank, 4 dropped"
+    single = epoch_plan(targets, 0.5, seed=3, epoch=0, world=1, batch_size=8)
+    assert plan.ravel().tolist() == single.ravel()[:96].tolist(), "the same draw, cut into shares"
+
+
+@pytest.fixture(scope="module")
+def textured(tmp_path_factory):
+    """Synthetic PCB pictures (the hand-made ``table`` has flat images that flips cannot change)."""
+    from oi_ray.config import load_config
+    from oi_ray.data.pairs import load_split
+    from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
+
+    spec = synthesize_dataset(tmp_path_factory.mktemp("synthetic"), SyntheticSpec(
+        num_pairs=60, lights=LIGHTS, width=16, height=16, image_ext=".png", seed=2)).spec_path
+    config = load_config(spec, ["dataset.fpratio_sampling=0.5"])
+    return config.dataset, load_split(config.dataset, "train_dataset")
+
+
+def test_training_augmentation_is_applied_to_both_sides_alike(ray_local, textured):
+    config, table = textured
+    augmentation = config.augmentation_config
+    augmentation.augment = True
     spec = PipelineSpec.from_config(config)
-    batches = _rows(training_epoch(decode_cache(table, spec, for_training=True), table.targets, spec,
-                                   epoch=0, seed=1))
-    assert sum(len(b["row"]) for b in batches) == NUM_ROWS
-    shapes = {(b["test"].shape[1:], b["golden"].dtype.name) for b in batches}
-    assert shapes == {((12, 8, 3), "uint8")}
+    cache = decode_cache(table, spec, for_training=True)
+    plan = epoch_plan(cache.targets, spec.fpratio_sampling, seed=1, epoch=0, world=1, batch_size=8)[0]
+    reader = CacheReader(cache)
+    expected = list(batches_of(reader, plan, spec.geometry, batch_size=8))
+    augmented = list(training_batches(cache, reader, plan, spec, batch_size=8, seed=(1, 0, 0)))
+    assert [b["row"].tolist() for b in augmented] == [b["row"].tolist() for b in expected]
+    test, before = (np.concatenate([b["test"] for b in batches]) for batches in (augmented, expected))
+    assert test.shape == before.shape == (len(plan), 32, 16, 3) and test.dtype == np.uint8
+    changed = np.mean([not np.array_equal(a, b) for a, b in zip(test, before, strict=True)])
+    assert changed > 0.9, f"TAO's default augmentation changed only {changed:.0%} of the pairs"
+
+    # Only a horizontal flip, always: every lighting image of both sides is mirrored.
+    augmentation.with_random_crop = augmentation.with_random_blur = False
+    augmentation.random_rotate.enable = augmentation.random_color.enable = False
+    augmentation.random_flip.hflip_probability, augmentation.random_flip.vflip_probability = 1.0, 0.0
+    flip_only = PipelineSpec.from_config(config)
+    flipped = list(training_batches(cache, reader, plan, flip_only, batch_size=8, seed=(1, 0, 0)))
+    for side in ("test", "golden"):
+        mirrored = np.concatenate([b[side] for b in flipped])
+        original = np.concatenate([b[side] for b in expected])
+        np.testing.assert_array_equal(mirrored, original[:, :, ::-1])
 
 
 @pytest.mark.parametrize("concat", ["linear", "grid"])
@@ -114,7 +177,8 @@ def test_evaluation_reads_every_pair_once_in_order(ray_local, table, concat):
 def test_evaluation_from_cache_matches_direct(ray_local, table):
     spec = PipelineSpec.from_config(_config())
     direct = _rows(evaluation_dataset(table, spec))
-    cached = _rows(evaluation_dataset(decode_cache(table, spec, for_training=False), spec))
+    reader = CacheReader(decode_cache(table, spec, for_training=False))
+    cached = list(batches_of(reader, np.arange(NUM_ROWS), spec.geometry, batch_size=32))
     np.testing.assert_array_equal(np.concatenate([b["golden"] for b in direct]),
                                   np.concatenate([b["golden"] for b in cached]))
 
@@ -149,9 +213,9 @@ def test_check_dataset_cli_validates_and_runs_every_split(ray_local, table, tmp_
     assert main(["check_dataset", "-e", str(spec), "dataset.batch_size=16"]) == 0
     err = capsys.readouterr().err
     assert "model input per side: 3x12x8 float32 (LowAngleLight, SolderLight, linear)" in err
-    assert f"train_dataset: {NUM_ROWS} pairs through Ray Data" in err
+    assert "train_dataset: decoded by Ray Data, one epoch's 112 pairs" in err, "7 whole batches of 16"
     assert "batches of (16, 12, 8, 3) uint8 -> model input (16, 3, 12, 8) float32" in err
-    assert f"infer_dataset: {NUM_ROWS} pairs" in err and "dataset OK" in err
+    assert f"infer_dataset: through Ray Data, {NUM_ROWS} pairs" in err and "dataset OK" in err
 
     assert main(["check_dataset", "-e", str(spec), "dataset.image_ext=.jpg"]) == 1
     assert "hint: images exist with extension .png: check dataset.image_ext (.jpg)" in capsys.readouterr().err

@@ -23,6 +23,7 @@ def test_tao_metrics_by_hand():
     assert result["defect_accuracy"] == pytest.approx(100 * 2 / 3)
     assert result["false_alarm"] == pytest.approx(100 * 1 / 6), "over all pairs, as TAO"
     assert result["false_negative"] == pytest.approx(100 * 1 / 6)
+    assert {type(value) for value in result.values()} == {float}, "plain floats (weights_only checkpoints)"
     assert metrics.confusion_matrix(scores, targets, 2.0) == {
         "true_pass": 2, "false_alarm": 1, "missed_defect": 1, "caught_defect": 2}
     assert metrics.tao_metrics(scores, np.zeros(6), 2.0)["defect_accuracy"] == 0.0

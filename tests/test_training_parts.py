@@ -85,3 +85,17 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
     with pytest.raises(DataError, match=r"does not fit .*fc1.2.running_mean.* \(\+\d+ more\)"):
         load_weights(build_model("Siamese_3", SHAPE, 5), Checkpoint(small.state_dict()), "x.pth",
                      "Siamese_3", SHAPE)
+
+
+def test_resumed_optimizer_keeps_its_moments_and_takes_the_specs_lr():
+    from oi_ray.training.loop import _load_optimizer_state
+
+    net = build_model("Siamese_1", SHAPE, 5)
+    first = make_optimizer(net.parameters(), OptimConfig(type="Adam", lr=1e-3))
+    net.distance(torch.randn(2, *SHAPE), torch.randn(2, *SHAPE)).sum().backward()
+    first.step()
+    resumed = make_optimizer(net.parameters(), OptimConfig(type="Adam", lr=1e-5))
+    _load_optimizer_state(resumed, first.state_dict())
+    assert [group["lr"] for group in resumed.param_groups] == [1e-5]
+    moments = resumed.state_dict()["state"][0]["exp_avg"]
+    torch.testing.assert_close(moments, first.state_dict()["state"][0]["exp_avg"])

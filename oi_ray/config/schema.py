@@ -246,6 +246,7 @@ class RayConfig:
     max_failures: int = 0  # worker-group restarts from the last checkpoint
     num_cpus: int | None = None  # logical CPUs of an embedded Ray; default max(4, cores)
     object_store_memory_mb: int | None = None  # embedded Ray object store; default Ray's
+    include_dashboard: bool = False  # embedded Ray: Ray's dashboard and state API on 127.0.0.1:8265
 
 
 @dataclass

@@ -2,17 +2,20 @@
 
 Runs the same checks training and scoring run first (columns, labels, duplicates, every
 lighting image of both sides), prints per-split counts, then pushes the training split
-through the Ray Data pipeline (decode cache, one fpratio-resampled epoch) and the other
-splits through the evaluation pipeline, reporting shapes, dtypes and the drawn defect share.
+through the training pipeline (Ray Data decode cache, then one fpratio-resampled epoch in
+whole batches, augmented when the spec says so) and the other splits through the evaluation
+pipeline, reporting shapes, dtypes and the drawn defect share.
 """
 
 import logging
 import time
+from collections.abc import Iterable
 
 import numpy as np
 
 from oi_ray.config.schema import ExperimentConfig
-from oi_ray.data.dataset import PipelineSpec, decode_cache, evaluation_dataset, training_epoch
+from oi_ray.data.dataset import PipelineSpec, decode_cache, evaluation_dataset
+from oi_ray.data.epochs import CacheReader, epoch_plan, training_batches
 from oi_ray.data.pairs import ImageNaming, PairTable, load_split
 from oi_ray.errors import ConfigError
 from oi_ray.model.inputs import InputNormalizer
@@ -44,26 +47,31 @@ def run(config: ExperimentConfig) -> None:
             start = time.perf_counter()
             if split == "train_dataset":
                 cache = decode_cache(table, spec, for_training=True)
-                pipeline = training_epoch(cache, table.targets, spec, epoch=0, seed=config.train.seed)
+                plan = epoch_plan(cache.targets, spec.fpratio_sampling, seed=max(config.train.seed, 0),
+                                  epoch=0, world=1, batch_size=dataset.batch_size)[0]
+                batches = training_batches(cache, CacheReader(cache), plan, spec,
+                                           batch_size=dataset.batch_size, seed=(config.train.seed, 0, 0))
             else:
-                pipeline = evaluation_dataset(table, spec)
-            rows, targets, first = _drain(pipeline, dataset.batch_size)
+                batches = evaluation_dataset(table, spec).iter_batches(batch_size=dataset.batch_size,
+                                                                       batch_format="numpy")
+            rows, targets, first = _drain(batches)
             seconds = time.perf_counter() - start
             model_input = normalize(first["test"])
-            summary = (f"{split}: {rows} pairs through Ray Data in {seconds:.1f} s, batches of "
+            what = "decoded by Ray Data, one epoch's" if split == "train_dataset" else "through Ray Data,"
+            summary = (f"{split}: {what} {rows} pairs in {seconds:.1f} s, batches of "
                        f"{first['test'].shape} {first['test'].dtype} -> model input "
                        f"{tuple(model_input.shape)} {str(model_input.dtype).removeprefix('torch.')}")
             if split == "train_dataset":
-                summary += (f"; epoch 0 drew {np.mean(targets == 1):.1%} defects "
+                summary += (f"; epoch 1 drew {np.mean(targets == 1):.1%} defects "
                             f"(fpratio_sampling {dataset.fpratio_sampling} -> "
                             f"{dataset.fpratio_sampling / (1 + dataset.fpratio_sampling):.1%} expected)")
             log.info(summary)
     log.info("dataset OK")
 
 
-def _drain(pipeline, batch_size: int) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
+def _drain(batches: Iterable[dict[str, np.ndarray]]) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
     rows, targets, first = 0, [], None
-    for batch in pipeline.iter_batches(batch_size=batch_size, batch_format="numpy"):
+    for batch in batches:
         if first is None:
             first = batch
         rows += len(batch["row"])

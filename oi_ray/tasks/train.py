@@ -8,6 +8,7 @@ wins), so only the remaining epochs run.
 
 import json
 import logging
+import secrets
 import time
 from pathlib import Path
 
@@ -16,10 +17,12 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from oi_ray.checkpoint import LATEST_NAME, check_fits, load_checkpoint
+from oi_ray.config import save_resolved_spec
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.dataset import PipelineSpec, decode_cache
 from oi_ray.data.pairs import PairTable, load_split
-from oi_ray.errors import ConfigError, DataError
+from oi_ray.errors import ConfigError, DataError, TaskInterrupted, TrainingDivergedError
+from oi_ray.fileio import remove_partial_files
 from oi_ray.runtime import ray_session, torch_threads, uses_gpus
 from oi_ray.training.loop import STATUS_FILE, TrainJob, train_worker
 from oi_ray.training.progress import ProgressFeed
@@ -39,44 +42,88 @@ def run(config: ExperimentConfig) -> None:
     train_table, validation_table = _load_tables(config)
 
     pipeline = PipelineSpec.from_config(config.dataset)
-    with ray_session(config.ray):
-        use_gpu = uses_gpus(config.ray)
-        workers = config.ray.num_workers or (train.num_gpus if use_gpu else 1)
-        _check_batches(train_table, config.dataset.batch_size, workers)
-        _check_cpus(config, workers)
-        results_dir.mkdir(parents=True, exist_ok=True)
-        log.info("training %s on %d %s worker(s): epochs %d to %d, %d training pairs%s; results in %s",
-                 config.model.model_type, workers, "GPU" if use_gpu else "CPU", done_epochs + 1,
-                 train.num_epochs, len(train_table), _validation_note(validation_table), results_dir)
-        if resume_from is not None:
-            log.info("resuming from %s (epoch %d)", resume_from, done_epochs)
-        job = TrainJob(
-            config=config, pipeline=pipeline,
-            train_cache=decode_cache(train_table, pipeline, for_training=True),
-            train_targets=train_table.targets,
-            validation_cache=(decode_cache(validation_table, pipeline, for_training=False)
-                              if validation_table is not None else None),
-            results_dir=results_dir, resume_from=resume_from,
-            threads=torch_threads(config.ray, workers), progress=ProgressFeed(),
-        )
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"job": job},
-            scaling_config=_scaling(config, workers, use_gpu),
-            run_config=RunConfig(
-                name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(Path(config.ray.storage_path).resolve()),
-                failure_config=FailureConfig(max_failures=config.ray.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-            ),
-        )
-        job.progress.render_while(trainer.fit)
+    try:
+        with ray_session(config.ray):
+            job = _fit(config, pipeline, train_table, validation_table, results_dir, resume_from, done_epochs)
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before training started): stopped at once
+        remove_partial_files(results_dir)
+        raise TaskInterrupted(f"interrupted; {_rerun_note(config, results_dir)}") from None
+    if job.progress.early_end is not None:
+        raise _early_end_error(job.progress.early_end, config, results_dir)
     latest, status = results_dir / LATEST_NAME, results_dir / STATUS_FILE
     last_epoch = json.loads(status.read_text().splitlines()[-1])  # the final epoch is always validated
     threshold = f"{last_epoch['threshold']:.4f}" if "threshold" in last_epoch \
         else "none (no validation set; model.margin decides)"
     log.info("done: %s -> %s (epoch %d), calibrated threshold %s; per-epoch metrics in %s",
              latest, latest.resolve().name, last_epoch["epoch"], threshold, status)
+
+
+def _fit(config: ExperimentConfig, pipeline: PipelineSpec, train_table: PairTable,
+         validation_table: PairTable | None, results_dir: Path, resume_from: Path | None,
+         done_epochs: int) -> TrainJob:
+    """Decode the splits once, then run the Ray Train job (inside a Ray session)."""
+    train = config.train
+    use_gpu = uses_gpus(config.ray)
+    workers = config.ray.num_workers or (train.num_gpus if use_gpu else 1)
+    _check_batches(train_table, config.dataset.batch_size, workers)
+    if pipeline.augmentation is not None:
+        _check_cpus(config, workers)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_spec(config, results_dir)
+    log.info("training %s on %d %s worker(s): epochs %d to %d, %d training pairs%s; results in %s",
+             config.model.model_type, workers, "GPU" if use_gpu else "CPU", done_epochs + 1,
+             train.num_epochs, len(train_table), _validation_note(validation_table), results_dir)
+    if resume_from is not None:
+        log.info("resuming from %s (epoch %d)", resume_from, done_epochs)
+    job = TrainJob(
+        config=config, pipeline=pipeline,
+        train_cache=decode_cache(train_table, pipeline, for_training=True),
+        validation_cache=(decode_cache(validation_table, pipeline, for_training=False)
+                          if validation_table is not None else None),
+        results_dir=results_dir, resume_from=resume_from,
+        threads=torch_threads(config.ray, workers), progress=ProgressFeed(),
+        data_seed=train.seed if train.seed >= 0 else secrets.randbelow(2**31),
+    )
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job},
+        scaling_config=_scaling(config, workers, use_gpu),
+        run_config=RunConfig(
+            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(Path(config.ray.storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=config.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    job.progress.render_while(trainer.fit)
+    return job
+
+
+def _rerun_note(config: ExperimentConfig, results_dir: Path) -> str:
+    """Where a rerun of the same command continues from."""
+    latest, newest = results_dir / LATEST_NAME, None
+    if latest.exists():
+        done = load_checkpoint(latest, config.encryption_key).epoch
+        newest = f"{LATEST_NAME} -> {latest.resolve().name} ({done} of {config.train.num_epochs} epochs done)"
+    explicit = config.train.resume_training_checkpoint_path
+    if explicit:
+        return (f"a rerun of the same command starts again from train.resume_training_checkpoint_path="
+                f"{explicit}" + (f"; drop that key to continue from {newest}" if newest else ""))
+    if newest:
+        return f"a rerun of the same command resumes from {results_dir / newest}"
+    return "no checkpoint was written yet: a rerun starts from epoch 1"
+
+
+def _early_end_error(reason: tuple, config: ExperimentConfig, results_dir: Path) -> Exception:
+    """The error for a run the workers ended before its last epoch."""
+    if reason[0] == "stopped":
+        return TaskInterrupted(f"stopped during epoch {reason[1]}; {_rerun_note(config, results_dir)}")
+    _, epoch, step, steps = reason
+    optim = config.train.optim
+    return TrainingDivergedError(
+        f"training diverged: the loss became NaN or infinite at epoch {epoch}, step {step} of {steps}; "
+        f"nothing of epoch {epoch} was saved, and {_rerun_note(config, results_dir)}. Try a lower "
+        f"train.optim.lr (now {optim.lr:g}) or set train.clip_grad_norm (e.g. 1.0)")
 
 
 def _resume_point(config: ExperimentConfig, results_dir: Path) -> tuple[Path | None, int]:
@@ -116,14 +163,15 @@ def _check_batches(table: PairTable, batch_size: int, workers: int) -> None:
 
 
 def _check_cpus(config: ExperimentConfig, workers: int) -> None:
-    """Ray Data (epoch shuffles, validation) needs CPUs beside the workers, or training hangs."""
+    """Training augmentation runs in Ray Data tasks, which need CPUs beside the workers, or
+    training hangs."""
     total = ray.cluster_resources().get("CPU", 0)
     needed = workers * config.ray.cpus_per_worker
     if needed >= total:
         raise ConfigError(
             f"{workers} worker(s) x ray.cpus_per_worker={config.ray.cpus_per_worker} = {needed:g} CPUs "
-            f"leave none of the cluster's {total:g} for Ray Data; lower ray.num_workers or "
-            f"ray.cpus_per_worker, or raise ray.num_cpus")
+            f"leave none of the cluster's {total:g} for Ray Data's augmentation tasks; lower "
+            f"ray.num_workers or ray.cpus_per_worker, or raise ray.num_cpus")
 
 
 def _scaling(config: ExperimentConfig, workers: int, use_gpu: bool) -> ScalingConfig:

@@ -1,10 +1,13 @@
 """What every Ray Train worker runs: TAO's Siamese training loop, validation and checkpoints.
 
-Each epoch, rank 0 builds the epoch's Ray Data pipeline (fresh fpratio resample + shuffle of
-the decoded cache), splits it into equal shards (``streaming_split(equal=True)``) and hands
-one iterator to every rank, so all ranks run the same number of steps. Rank 0 alone
-validates, calibrates the threshold and writes ``model_epoch_NNN.pth``; the same file is the
-Ray Train checkpoint that a restarted worker group resumes from.
+Each epoch every rank computes the same plan (fresh fpratio resample and shuffle, from the
+seed and the epoch) and trains on its own equal share of it, gathered from the decoded cache,
+so all ranks run the same number of steps. Every few steps the ranks agree (one small
+all-reduce on their device) on whether to go on: a non-finite loss on any rank, or a stop
+asked for with Ctrl-C, ends the run on every rank at the same step, before any checkpoint of
+that epoch is written. Rank 0 alone validates, calibrates the threshold and writes
+``model_epoch_NNN.pth``; the same file is the Ray Train checkpoint that a restarted worker
+group resumes from.
 """
 
 import json
@@ -12,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +27,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.data import DataIterator, Dataset
 
 from oi_ray.checkpoint import (
     Checkpoint,
@@ -35,7 +38,8 @@ from oi_ray.checkpoint import (
 )
 from oi_ray.config import to_yaml
 from oi_ray.config.schema import ExperimentConfig, OptimConfig
-from oi_ray.data.dataset import PipelineSpec, evaluation_dataset, training_epoch
+from oi_ray.data.dataset import DecodedCache, PipelineSpec
+from oi_ray.data.epochs import CacheReader, batches_of, epoch_plan, training_batches
 from oi_ray.metrics import at_defect_recall, auroc, calibrate_threshold, tao_metrics
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.loss import contrastive_loss
@@ -46,7 +50,8 @@ from oi_ray.training.progress import ProgressFeed
 
 RAY_CHECKPOINT_FILE = "checkpoint.pth"
 STATUS_FILE = "status.json"
-PROGRESS_EVERY_STEPS = 10  # loss shown on the progress bar (one host sync per update)
+TENSORBOARD_DIR = "tensorboard"
+CHECK_EVERY_STEPS = 10  # ranks agree on going on, rank 0 updates the progress bar (one host sync)
 RECALL_TARGET = 0.99
 
 
@@ -56,13 +61,13 @@ class TrainJob:
 
     config: ExperimentConfig
     pipeline: PipelineSpec
-    train_cache: Dataset
-    train_targets: np.ndarray
-    validation_cache: Dataset | None
+    train_cache: DecodedCache
+    validation_cache: DecodedCache | None
     results_dir: Path
     resume_from: Path | None  # .pth to continue from (oi_model_latest.pth or the spec's path)
     threads: int
     progress: ProgressFeed
+    data_seed: int  # seeds the epoch plans: train.seed, or one drawn by the driver when it is -1
 
 
 class PairDistance(torch.nn.Module):
@@ -81,6 +86,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     job: TrainJob = loop_config["job"]
     config, train = job.config, job.config.train
     torch.set_num_threads(job.threads)
+    torch.backends.cudnn.benchmark = train.cudnn.benchmark
+    torch.backends.cudnn.deterministic = train.cudnn.deterministic
     if train.seed >= 0:
         torch.manual_seed(train.seed)
     context = ray.train.get_context()
@@ -98,20 +105,32 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         net.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(net.parameters(), train.optim)
     if state.optimizer_state is not None:
-        optimizer.load_state_dict(state.optimizer_state)
+        _load_optimizer_state(optimizer, state.optimizer_state)
+    batch_size = config.dataset.batch_size
     runner = _EpochRunner(
         model=ray.train.torch.prepare_model(PairDistance(net), move_to_device=False), net=net,
         optimizer=optimizer, precision=_Precision(device, train.mixed_precision),
         normalize=InputNormalizer(geometry, device, channels_last=train.channels_last), config=config,
-        progress=job.progress if rank == 0 else None, num_pairs=len(job.train_targets), world=world,
+        progress=job.progress if rank == 0 else None, world=world,
     )
+    reader = CacheReader(job.train_cache)
+    board = _TensorBoard(job.results_dir, train.tensorboard.infrequent_logging_frequency) \
+        if rank == 0 and train.tensorboard.enabled else None
 
     threshold, last_validation = state.threshold, state.extra.get("validation")
     for epoch in range(state.epoch + 1, train.num_epochs + 1):
         start = time.perf_counter()
-        loss_sum, steps = runner.run(_epoch_shard(job, epoch, rank, world), epoch)
-        metrics = {"epoch": epoch, "train_loss": _mean_over_ranks(loss_sum, steps, world),
-                   "pairs_per_s": steps * config.dataset.batch_size * world / (time.perf_counter() - start)}
+        rows = epoch_plan(job.train_cache.targets, job.pipeline.fpratio_sampling, seed=job.data_seed,
+                          epoch=epoch - 1, world=world, batch_size=batch_size)[rank]
+        batches = training_batches(job.train_cache, reader, rows, job.pipeline, batch_size=batch_size,
+                                   seed=(job.data_seed, epoch, rank))
+        outcome = runner.run(batches, epoch, steps=len(rows) // batch_size)
+        if outcome.ended is not None:  # every rank got the same answer from the same check
+            if rank == 0:
+                job.progress.ended_early(*outcome.ended)
+            return
+        metrics = {"epoch": epoch, "train_loss": outcome.mean_loss,
+                   "pairs_per_s": outcome.steps * batch_size * world / (time.perf_counter() - start)}
         last_epoch = epoch == train.num_epochs
         if rank == 0 and job.validation_cache is not None and (
                 epoch % train.validation_interval == 0 or last_epoch):
@@ -122,6 +141,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             _append_status(job.results_dir, metrics)
             job.progress.epoch_done(metrics, train.num_epochs)
+            if board is not None:
+                board.epoch_done(metrics, net)
         if rank == 0 and (epoch % train.checkpoint_interval == 0 or last_epoch):
             saved = Checkpoint(
                 model_state=net.state_dict(), epoch=epoch, optimizer_state=optimizer.state_dict(),
@@ -132,11 +153,22 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             _report_with_checkpoint(metrics, saved, job.results_dir, config.encryption_key)
         else:
             ray.train.report(metrics)
+    if board is not None:
+        board.close()
+
+
+@dataclass(frozen=True)
+class EpochOutcome:
+    """What one epoch's optimisation steps gave, the same on every rank."""
+
+    steps: int
+    mean_loss: float  # over every rank's steps
+    ended: tuple | None  # ("stopped", epoch) or ("diverged", epoch, step, steps): end the run
 
 
 @dataclass
 class _EpochRunner:
-    """Runs one epoch of optimisation steps with no host synchronisation except progress updates."""
+    """Runs one epoch of optimisation steps; the host syncs only at the periodic checks."""
 
     model: torch.nn.Module  # PairDistance, DDP-wrapped when world > 1
     net: SiameseNet
@@ -145,28 +177,55 @@ class _EpochRunner:
     normalize: InputNormalizer
     config: ExperimentConfig
     progress: ProgressFeed | None  # rank 0 only
-    num_pairs: int
     world: int
 
-    def run(self, shard: DataIterator, epoch: int) -> tuple[torch.Tensor, int]:
-        """Train on every full batch of ``shard``; return the summed loss and the step count."""
+    def run(self, batches: Iterator[dict[str, np.ndarray]], epoch: int, steps: int) -> EpochOutcome:
+        """Train on ``steps`` batches unless the ranks agree to end the run early."""
         self.net.train()
         device, batch_size = self.normalize.device, self.config.dataset.batch_size
-        epoch_pairs = self.num_pairs // self.world // batch_size * batch_size * self.world
-        loss_sum, steps = torch.zeros((), device=device), 0
-        for batch in shard.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy",
-                                        prefetch_batches=2):
+        loss_sum = torch.zeros((), device=device)
+        healthy = torch.ones((), dtype=torch.bool, device=device)  # every loss so far was finite
+        healthy_steps = torch.zeros((), dtype=torch.int64, device=device)
+        step = 0
+        for step, batch in enumerate(batches, start=1):
             target = torch.from_numpy(batch["target"].copy()).to(device, non_blocking=True)
             with self.precision.autocast():
                 distance = self.model(self.normalize(batch["test"]), self.normalize(batch["golden"]))
             loss = contrastive_loss(distance.float(), target, self.config.model.margin)
             self.optimizer.zero_grad(set_to_none=True)
             self.precision.backward_and_step(loss, self.optimizer, self.net, self.config.train.clip_grad_norm)
-            loss_sum += loss.detach()
-            steps += 1
-            if self.progress is not None and steps % PROGRESS_EVERY_STEPS == 0:
-                self.progress.step(epoch, steps * batch_size * self.world, epoch_pairs, loss.item())
-        return loss_sum, steps
+            loss = loss.detach()
+            loss_sum += loss
+            healthy &= torch.isfinite(loss)
+            healthy_steps += healthy
+            if step % CHECK_EVERY_STEPS == 0 or step == steps:
+                if self.progress is not None:
+                    self.progress.step(epoch, step * batch_size * self.world, steps * batch_size * self.world,
+                                       loss.item())
+                ended = self._agree_to_end(healthy, healthy_steps, epoch, steps)
+                if ended is not None:
+                    return EpochOutcome(step, float("nan"), ended)
+        return EpochOutcome(step, _mean_over_ranks(loss_sum, step, self.world), None)
+
+    def _agree_to_end(self, healthy: torch.Tensor, healthy_steps: torch.Tensor, epoch: int,
+                      steps: int) -> tuple | None:
+        """One all-reduce (on this rank's device) of: a non-finite loss anywhere, the first step
+        that had one, and a stop request (rank 0 asks the driver). Same answer on every rank.
+
+        The first bad step travels negated so that MAX finds the earliest: a healthy rank's
+        ``-(steps so far + 1)`` is below every bad rank's ``-first_bad``.
+        """
+        stop = self.progress is not None and self.progress.stop_requested()
+        flags = torch.stack([(~healthy).to(torch.float64), -(healthy_steps + 1).to(torch.float64),
+                             healthy.new_tensor(float(stop), dtype=torch.float64)])
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        diverged, first_bad, stopped = flags.tolist()
+        if diverged:
+            return ("diverged", epoch, int(-first_bad), steps)
+        if stopped:
+            return ("stopped", epoch)
+        return None
 
 
 def make_optimizer(parameters, optim: OptimConfig) -> torch.optim.Optimizer:
@@ -176,15 +235,25 @@ def make_optimizer(parameters, optim: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Restore the saved moments and step counts, keeping the spec's hyperparameters: a rerun
+    with a new ``train.optim.lr`` trains with it (``load_state_dict`` alone would restore the old one)."""
+    from_spec = [{key: value for key, value in group.items() if key != "params"}
+                 for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, hyperparameters in zip(optimizer.param_groups, from_spec, strict=True):
+        group.update(hyperparameters)
+
+
 def validate(net: SiameseNet, job: TrainJob, device: torch.device) -> dict[str, Any]:
     """Loss and metrics on the validation set; the calibrated threshold is the one that
     maximises balanced accuracy. TAO's KPIs (``val_acc``, ``val_fpr``) use ``model.margin``."""
     margin = job.config.model.margin
     predictor = TorchPredictor(net, job.pipeline.geometry, device=device,
                                channels_last=job.config.train.channels_last)
-    batches = evaluation_dataset(job.validation_cache, job.pipeline).iter_batches(
-        batch_size=job.config.dataset.batch_size, batch_format="numpy", prefetch_batches=2)
-    scores = score_batches(predictor, batches)
+    reader = CacheReader(job.validation_cache)
+    scores = score_batches(predictor, batches_of(reader, np.arange(len(reader)), job.pipeline.geometry,
+                                                 batch_size=job.config.dataset.batch_size))
     distances, targets = scores.distances, scores.targets
     tao = tao_metrics(distances, targets, margin)
     calibrated = calibrate_threshold(distances, targets)
@@ -244,25 +313,13 @@ def _restore(net: SiameseNet, job: TrainJob) -> Checkpoint:
     return checkpoint
 
 
-def _epoch_shard(job: TrainJob, epoch: int, rank: int, world: int) -> DataIterator:
-    """This rank's equal share of epoch ``epoch`` (1-based; the draw uses ``epoch - 1``)."""
-    shards: list[DataIterator | None] = [None] * world
-    if rank == 0:
-        dataset = training_epoch(job.train_cache, job.train_targets, job.pipeline,
-                                 epoch=epoch - 1, seed=job.config.train.seed)
-        shards = dataset.streaming_split(world, equal=True) if world > 1 else [dataset.iterator()]
-    if world > 1:
-        dist.broadcast_object_list(shards, src=0)
-    shard = shards[rank]
-    assert shard is not None
-    return shard
-
-
 def _mean_over_ranks(loss_sum: torch.Tensor, steps: int, world: int) -> float:
-    totals = torch.stack([loss_sum.detach().double().cpu(), torch.tensor(float(steps), dtype=torch.float64)])
+    """The mean loss over every rank's steps, all-reduced on the loss's own device (NCCL needs it)."""
+    totals = torch.stack([loss_sum.detach().double(), loss_sum.new_tensor(float(steps), dtype=torch.float64)])
     if world > 1:
         dist.all_reduce(totals)
-    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    total_loss, total_steps = totals.tolist()
+    return total_loss / total_steps if total_steps > 0 else float("nan")
 
 
 def _report_with_checkpoint(metrics: dict[str, Any], checkpoint: Checkpoint, results_dir: Path,
@@ -278,6 +335,30 @@ def _report_with_checkpoint(metrics: dict[str, Any], checkpoint: Checkpoint, res
         except OSError:  # another file system
             shutil.copyfile(path, staged)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+class _TensorBoard:
+    """TensorBoard event files under ``train.results_dir/tensorboard`` (rank 0): every numeric
+    per-epoch metric as a scalar, and weight histograms every ``histogram_every`` epochs."""
+
+    def __init__(self, results_dir: Path, histogram_every: int) -> None:
+        from tensorboardX import SummaryWriter  # installed with ray[tune]
+
+        self.writer = SummaryWriter(logdir=str(results_dir / TENSORBOARD_DIR))
+        self.histogram_every = max(1, histogram_every)
+
+    def epoch_done(self, metrics: dict[str, Any], net: torch.nn.Module) -> None:
+        epoch = metrics["epoch"]
+        for name, value in metrics.items():
+            if name != "epoch" and isinstance(value, int | float):
+                self.writer.add_scalar(name, value, epoch)
+        if epoch % self.histogram_every == 0:
+            for name, parameter in net.named_parameters():
+                self.writer.add_histogram(f"weights/{name}", parameter.detach().float().cpu().numpy(), epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _append_status(results_dir: Path, metrics: dict[str, Any]) -> None:

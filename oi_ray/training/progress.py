@@ -1,8 +1,9 @@
-"""Rank 0 -> driver channel for the console: per-epoch progress bars and summary lines.
+"""The channel between the driver's console and rank 0: progress, summaries, Ctrl-C.
 
 Workers' own stdout stays in Ray's log files (the session starts with ``log_to_driver``
 off), so the driver alone draws the console: one tqdm bar per epoch (only on a terminal)
-and one summary line per epoch through logging.
+and one summary line per epoch through logging. The first Ctrl-C asks the workers to stop
+at their next check (they agree on it and end the run together); a second one stops at once.
 """
 
 import logging
@@ -20,10 +21,12 @@ POLL_SECONDS = 0.5
 
 
 class ProgressFeed:
-    """A small Ray queue; rank 0 puts events, the driver renders them."""
+    """Two small Ray queues: rank 0 puts events for the driver, the driver puts stop requests."""
 
     def __init__(self) -> None:
         self._queue = Queue(actor_options={"num_cpus": 0})
+        self._requests = Queue(actor_options={"num_cpus": 0})
+        self.early_end: tuple | None = None  # driver side: why the workers ended the run early
 
     def step(self, epoch: int, pairs: int, total: int, loss: float) -> None:
         """Rank 0: ``pairs`` of ``total`` done in ``epoch``, latest batch loss."""
@@ -37,23 +40,49 @@ class ProgressFeed:
         """Rank 0: a line for the user's console."""
         self._queue.put(("note", message))
 
+    def ended_early(self, *reason: Any) -> None:
+        """Rank 0: the workers ended the run before its last epoch (``"stopped"`` or ``"diverged"``)."""
+        self._queue.put(("ended", *reason))
+
+    def stop_requested(self) -> bool:
+        """Rank 0: whether the user asked the run to stop (Ctrl-C in the driver)."""
+        return not self._requests.empty()
+
     def render_while(self, work: Callable[[], Result]) -> Result:
-        """Driver: run ``work`` in a thread and draw its events until it returns."""
+        """Driver: run ``work`` in a thread and draw its events until it returns.
+
+        The first Ctrl-C asks the workers to stop; a second one raises KeyboardInterrupt.
+        """
         outcome: queue_module.Queue = queue_module.Queue()
         thread = threading.Thread(target=lambda: outcome.put(_capture(work)), daemon=True)
         thread.start()
         console = _Console()
-        while thread.is_alive() or not self._queue.empty():
-            try:
-                console.draw(self._queue.get(timeout=POLL_SECONDS))
-            except Empty:
-                continue
+        try:
+            self._draw_until_done(thread, console)
+        except KeyboardInterrupt:
+            console.close_bar()
+            self._requests.put("stop")
+            log.info("stopping: the workers end the run at their next step check; "
+                     "Ctrl-C again to stop at once")
+            self._draw_until_done(thread, console)
         console.close_bar()
         error, result = outcome.get()
         self._queue.shutdown()
+        self._requests.shutdown()
         if error is not None:
             raise error
         return result
+
+    def _draw_until_done(self, thread: threading.Thread, console: "_Console") -> None:
+        while thread.is_alive() or not self._queue.empty():
+            try:
+                event = self._queue.get(timeout=POLL_SECONDS)
+            except Empty:
+                continue
+            if event[0] == "ended":
+                self.early_end = event[1:]
+            else:
+                console.draw(event)
 
 
 class _Console:
