@@ -7,7 +7,8 @@ PIL in a single Python loop: the decode limit of one process. The pipeline is
 uint8 picture batches (normalisation happens on the model's device, see
 ``oi_ray.model.inputs``). Ray start-up is excluded; the first ("cold")
 pass includes worker start-up, the second ("warm") is the steady state. Also reported: a
-training epoch from the decoded cache (resample, shuffle, assemble).
+training epoch from the decoded cache (the epoch plan's resample and shuffle, then batches
+gathered from the object-store cache and tiled, as a training worker reads them).
 
     python benchmarks/data_pipeline.py --pairs 2000
 """
@@ -21,7 +22,8 @@ import pandas as pd
 
 from oi_ray.config.schema import DatasetConfig, RayConfig
 from oi_ray.data.assemble import InputGeometry, read_stack
-from oi_ray.data.dataset import PipelineSpec, decode_cache, evaluation_dataset, training_epoch
+from oi_ray.data.dataset import PipelineSpec, decode_cache, evaluation_dataset
+from oi_ray.data.epochs import CacheReader, epoch_plan, training_batches
 from oi_ray.data.pairs import ImageNaming, PairTable, load_pairs
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.runtime import ray_session
@@ -57,8 +59,11 @@ def main() -> None:
             cold = _pairs_per_second(len(table), iterate(evaluation_dataset(table, spec)))
             warm = _pairs_per_second(len(table), iterate(evaluation_dataset(table, spec)))
             cache = decode_cache(table, spec, for_training=True)
-            epoch = _pairs_per_second(len(table), iterate(
-                training_epoch(cache, table.targets, spec, epoch=0, seed=0)))
+            plan = epoch_plan(cache.targets, spec.fpratio_sampling, seed=0, epoch=0, world=1,
+                              batch_size=args.batch_size)[0]
+            reader = CacheReader(cache)
+            epoch = _pairs_per_second(len(plan), lambda: sum(len(b["row"]) for b in training_batches(
+                cache, reader, plan, spec, batch_size=args.batch_size, seed=(0, 0, 0))))
 
     print(f"pairs: {len(table)}, lightings: {len(lights)}, image: {args.size}x{args.size}, "
           f"batch: {args.batch_size}")

@@ -237,11 +237,6 @@ def carried_threshold(path: str | Path, config: ExperimentConfig) -> CarriedThre
     return CarriedThreshold(card.threshold, f"the model card {card_path(path)}")
 
 
-def checked_threshold(path: str | Path, config: ExperimentConfig) -> float | None:
-    """:func:`carried_threshold`'s value alone."""
-    return carried_threshold(path, config).value
-
-
 def check_model_file(path: Path, card: ModelCard, key: str | None) -> None:
     """Fail with one clear error when the ONNX model or engine at ``path`` is not the file its
     card describes (truncated, corrupt, replaced), or cannot be decrypted with ``key``."""

@@ -61,7 +61,8 @@ def test_evaluate_reports_tao_and_calibrated_metrics(trained, capsys):
     out = capsys.readouterr().out
     report = json.loads((results / "evaluate/metrics.json").read_text())
     assert report["split"] == "test_dataset" and report["pairs"] == len(pd.read_csv(spec.parent / "test.csv"))
-    assert report["threshold"]["source"] == "calibrated on the validation set (stored in the checkpoint)"
+    assert report["threshold"]["source"] == (
+        f"calibrated on the validation set (stored in the checkpoint {results / 'train/oi_model_latest.pth'})")
     assert set(report["tao_metrics_at_margin"]) == {
         "margin", "total_accuracy_percent", "defect_accuracy_percent_of_defects",
         "false_alarm_percent_of_all_pairs", "false_negative_percent_of_all_pairs"}

@@ -11,8 +11,7 @@ from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.dataset import PipelineSpec
 from oi_ray.data.pairs import PairTable, first_configured_split, load_split
 from oi_ray.errors import BackendUnavailableError, ConfigError
-from oi_ray.model_card import card_path
-from oi_ray.predictors import checked_threshold, is_tensorrt_file, load_predictor
+from oi_ray.predictors import CarriedThreshold, carried_threshold, is_tensorrt_file, load_predictor
 from oi_ray.runtime import ray_session, torch_threads, uses_gpus
 from oi_ray.scoring import Scores, score_table
 
@@ -43,8 +42,8 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *,
     split = _choose_split(config, task, splits)
     table = load_split(config.dataset, split, require_labels=require_labels)
     checkpoint = Path(model_file)
-    carried = checked_threshold(checkpoint, config)
-    threshold, source = _decision_threshold(section.threshold, carried, config.model.margin, task, checkpoint)
+    threshold, source = _decision_threshold(section.threshold, carried_threshold(checkpoint, config),
+                                            config.model.margin, task)
     batch_size = section.batch_size if section.batch_size > 0 else config.dataset.batch_size
     if batch_size == 1 and len(table) > SLOW_SINGLE_PAIR_ROWS:
         log.info("%s.batch_size=1 (TAO's default) scores one pair per call; %s.batch_size=%d gives the "
@@ -75,13 +74,12 @@ def _choose_split(config: ExperimentConfig, task: str, splits: Sequence[str]) ->
     return split
 
 
-def _decision_threshold(explicit: float | None, carried: float | None, margin: float, task: str,
-                        model_file: Path) -> tuple[float, str]:
+def _decision_threshold(explicit: float | None, carried: CarriedThreshold, margin: float,
+                        task: str) -> tuple[float, str]:
     """The threshold and where it came from: the spec, the model (a checkpoint stores it, an
     exported model's card carries it), else TAO's margin."""
     if explicit is not None:
         return float(explicit), f"{task}.threshold"
-    holder = "the checkpoint" if model_file.suffix == ".pth" else f"the model card {card_path(model_file)}"
-    if carried is not None:
-        return float(carried), f"calibrated on the validation set (stored in {holder})"
-    return float(margin), f"model.margin ({holder} carries no calibrated threshold)"
+    if carried.value is not None:
+        return float(carried.value), f"calibrated on the validation set (stored in {carried.source})"
+    return float(margin), f"model.margin ({carried.source} carries no calibrated threshold)"

@@ -1,0 +1,88 @@
+"""The reference both training benchmarks compare oi-ray against: a plain PyTorch loop.
+
+It trains the same TAO model with the same loss, optimiser rule, batch size, thread count and
+seed as ``oi-ray train``, on the same decoded pictures held in memory, drawn each epoch by a
+``DataLoader`` with TAO's own ``WeightedRandomSampler`` (with replacement, epoch length = rows,
+defects weighted ``num_pass / num_defect * fpratio_sampling``). Decoding is outside its clock.
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+
+from oi_ray.config.schema import ExperimentConfig
+from oi_ray.data.assemble import InputGeometry, read_pictures
+from oi_ray.data.pairs import load_split
+from oi_ray.metrics import auroc
+from oi_ray.model.inputs import InputNormalizer
+from oi_ray.model.loss import contrastive_loss
+from oi_ray.model.siamese import SiameseNet, build_model
+from oi_ray.predictors import TorchPredictor, load_predictor
+from oi_ray.training.loop import make_optimizer
+
+
+@dataclass(frozen=True)
+class BareRun:
+    """A trained model and its training pairs/s per epoch."""
+
+    net: SiameseNet
+    rates: list[float]
+    training_pairs: int
+
+
+def train_bare(config: ExperimentConfig, threads: int) -> BareRun:
+    """Train ``config``'s model for ``train.num_epochs`` epochs in a plain loop."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.train.seed)
+    dataset = config.dataset
+    geometry = InputGeometry.from_config(dataset)
+    table = load_split(dataset, "train_dataset")
+    test = torch.from_numpy(read_pictures(table.test_paths, geometry))
+    golden = torch.from_numpy(read_pictures(table.golden_paths, geometry))
+    targets = torch.from_numpy(table.targets.astype(np.int64))
+    passes, defects = int((targets == 0).sum()), int((targets == 1).sum())
+    weights = torch.where(targets == 1, passes / defects * dataset.fpratio_sampling, 1.0)
+    sampler = WeightedRandomSampler(weights, len(targets), replacement=True,
+                                    generator=torch.Generator().manual_seed(config.train.seed))
+    loader = DataLoader(TensorDataset(test, golden, targets), batch_size=dataset.batch_size, drop_last=True,
+                        sampler=sampler)
+    net = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
+    optimizer = make_optimizer(net.parameters(), config.train.optim)
+    normalize = InputNormalizer(geometry)
+    rates = []
+    for _ in range(config.train.num_epochs):
+        net.train()
+        start, pairs = time.perf_counter(), 0
+        for batch_test, batch_golden, target in loader:
+            loss = contrastive_loss(net.distance(normalize(batch_test), normalize(batch_golden)), target,
+                                    config.model.margin)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            pairs += len(target)
+        rates.append(pairs / (time.perf_counter() - start))
+    return BareRun(net, rates, len(targets))
+
+
+def split_auroc_of_net(net: SiameseNet, config: ExperimentConfig) -> float:
+    """AUROC on the spec's test split of a model in memory (eval mode, batches of 64)."""
+    return _test_auroc(TorchPredictor(net, InputGeometry.from_config(config.dataset)), config)
+
+
+def split_auroc_of_checkpoint(path: Path, config: ExperimentConfig) -> float:
+    """The same AUROC for a ``.pth`` that ``oi-ray train`` wrote."""
+    return _test_auroc(load_predictor(path, config), config)
+
+
+def _test_auroc(predictor, config: ExperimentConfig) -> float:
+    geometry = InputGeometry.from_config(config.dataset)
+    table = load_split(config.dataset, "test_dataset")
+    distances = np.concatenate([
+        predictor.distances(read_pictures(table.test_paths[start:start + 64], geometry),
+                            read_pictures(table.golden_paths[start:start + 64], geometry))
+        for start in range(0, len(table), 64)])
+    return auroc(distances, table.targets)
