@@ -85,7 +85,7 @@ def epoch_checkpoint_path(results_dir: str | Path, epochs_done: int) -> Path:
 def point_latest_to(checkpoint_path: Path) -> Path:
     """Atomically make ``oi_model_latest.pth`` (same folder) a relative link to ``checkpoint_path``."""
     latest = checkpoint_path.parent / LATEST_NAME
-    staging = latest.with_name(f".{LATEST_NAME}.{os.getpid()}")
+    staging = latest.with_name(f".{LATEST_NAME}.{os.getpid()}.tmp")  # removed if a kill strands it
     staging.unlink(missing_ok=True)
     staging.symlink_to(checkpoint_path.name)
     os.replace(staging, latest)

@@ -21,7 +21,7 @@ from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.errors import DataError
 from oi_ray.model.siamese import build_model
-from oi_ray.model_card import card_path, read_card
+from oi_ray.model_card import ModelCard, card_path, read_card
 from oi_ray.predictors import BatchLimits, carried_threshold, load_predictor
 
 INPUT_SHAPE = (3, 32, 16)  # 2 lightings of 16x16, linear
@@ -282,3 +282,18 @@ def test_tensorrt_engine_scores_like_onnx(ray_local, spec, tmp_path):
                      "dataset.batch_size=8"]) == 0
         reports.append(json.loads((results / "metrics.json").read_text()))
     assert round(reports[0]["auroc"], 3) == round(reports[1]["auroc"], 3)
+
+
+@pytest.mark.parametrize(("overrides", "card_batch", "expected"), [
+    ([], -1, (1, 8, 8)),  # opt and max default to dataset.batch_size
+    (["gen_trt_engine.tensorrt.max_batch_size=64"], -1, (1, 8, 64)),
+    (["gen_trt_engine.batch_size=16"], -1, (16, 16, 16)),  # TAO: a fixed engine batch
+    (["gen_trt_engine.batch_size=16"], 4, None),  # a fixed-batch model needs no profile
+])
+def test_tensorrt_batch_profile(spec, overrides, card_batch, expected):
+    from oi_ray.tasks.gen_trt_engine import _batch_profile
+
+    config = load_config(spec, ["dataset.batch_size=8", *overrides])
+    card = ModelCard.describe(config, None, batch_size=card_batch, opset_version=17, oi_ray_version="x",
+                              source_checkpoint="c", source_checkpoint_sha256="0" * 64)
+    assert _batch_profile(config, card) == expected

@@ -197,7 +197,7 @@ class GenTrtEngineConfig:
     onnx_file: str | None = None
     trt_engine: str | None = None
     timing_cache: str | None = None
-    batch_size: int = -1
+    batch_size: int = -1  # > 0: an engine of that fixed batch; -1: the tensorrt min/opt/max profile
     verbose: bool = False
     tensorrt: TensorRTConfig = field(default_factory=TensorRTConfig)
 

@@ -161,6 +161,8 @@ def validate(config: ExperimentConfig) -> list[str]:
         p.at_least(f"{name}.num_nodes", section.num_nodes, 1)
     _check_export(p, config.export)
     _check_tensorrt(p, config.gen_trt_engine.tensorrt)
+    p.check(config.gen_trt_engine.batch_size == -1 or config.gen_trt_engine.batch_size >= 1,
+            "gen_trt_engine.batch_size", config.gen_trt_engine.batch_size, "expected -1 (profile) or >= 1")
     _check_ray(p, config.ray)
     return p.messages
 

@@ -88,13 +88,23 @@ def run(config: ExperimentConfig) -> None:
 
 
 def _batch_profile(config: ExperimentConfig, card: ModelCard) -> tuple[int, int, int] | None:
-    """(min, opt, max) batch of the engine's profile; None for a fixed-batch model."""
+    """(min, opt, max) batch of the engine's profile; None for a fixed-batch model.
+
+    ``gen_trt_engine.batch_size`` > 0 fixes the engine's batch (TAO's meaning; -1: the
+    ``tensorrt.min/opt/max_batch_size`` profile)."""
     trt_config = config.gen_trt_engine.tensorrt
+    explicit_profile = trt_config.opt_batch_size or trt_config.max_batch_size
     if card.batch_size > 0:
-        if trt_config.opt_batch_size or trt_config.max_batch_size:
+        if explicit_profile:
             log.info("the ONNX model has a fixed batch of %d: the engine takes that batch; "
                      "gen_trt_engine.tensorrt.*_batch_size do not apply", card.batch_size)
         return None
+    fixed = config.gen_trt_engine.batch_size
+    if fixed > 0:
+        if explicit_profile:
+            log.info("gen_trt_engine.batch_size=%d fixes the engine's batch; "
+                     "gen_trt_engine.tensorrt.*_batch_size do not apply", fixed)
+        return fixed, fixed, fixed
     smallest = trt_config.min_batch_size
     optimal = trt_config.opt_batch_size or config.dataset.batch_size
     largest = trt_config.max_batch_size or max(optimal, config.dataset.batch_size)

@@ -69,6 +69,8 @@ def _fit(config: ExperimentConfig, pipeline: PipelineSpec, train_table: PairTabl
     if pipeline.augmentation is not None:
         _check_cpus(config, workers)
     results_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in remove_partial_files(results_dir):
+        log.info("removed %s, a partial file an interrupted run left", leftover)
     save_resolved_spec(config, results_dir)
     log.info("training %s on %d %s worker(s): epochs %d to %d, %d training pairs%s; results in %s",
              config.model.model_type, workers, "GPU" if use_gpu else "CPU", done_epochs + 1,
