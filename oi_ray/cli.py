@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         user_error = find_user_error(error)
         if user_error is None or args.debug:
             raise
-        print(f"oi-ray {args.command}: error: {user_error}", file=sys.stderr)
+        kind = "" if isinstance(user_error, TaskInterrupted) else "error: "  # a stop asked for is no error
+        print(f"oi-ray {args.command}: {kind}{user_error}", file=sys.stderr)
         return user_error.exit_code
 
 

@@ -122,7 +122,7 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(spec, tmp_path):
     assert process.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     final = err.strip().splitlines()[-1]
-    assert final.startswith("oi-ray train: error: stopped during epoch "), err
+    assert final.startswith("oi-ray train: stopped during epoch "), err
     assert f"a rerun of the same command resumes from {results / 'train/oi_model_latest.pth'} -> " in final
     train_dir = results / "train"
     assert not list(train_dir.glob(".*")), "no temporary or half-written files"
