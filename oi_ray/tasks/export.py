@@ -82,7 +82,9 @@ def run(config: ExperimentConfig) -> None:
              "threshold %s; model card %s", onnx_path, config.model.model_type,
              "x".join(map(str, geometry.input_shape)), batch_text, export.opset_version,
              ", encrypted" if config.encryption_key else "", difference, threshold, card)
-    log.info("score with it: %s", command("evaluate", "-e", spec, f"evaluate.checkpoint={onnx_path}"))
+    # Its own results folder: the .pth's metrics.json in evaluate.results_dir stays for comparison.
+    log.info("score with it: %s", command("evaluate", "-e", spec, f"evaluate.checkpoint={onnx_path}",
+                                          f"evaluate.results_dir={onnx_path.parent / 'evaluate'}"))
 
 
 def _write_verified(model: SiameseNet, input_shape: tuple[int, int, int], export: ExportConfig,

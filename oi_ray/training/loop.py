@@ -262,8 +262,10 @@ def validate(net: SiameseNet, job: TrainJob, device: torch.device) -> dict[str, 
     return {
         "val_loss": float(loss), "val_acc": tao["total_accuracy"], "val_fpr": tao["false_alarm"],
         "val_auroc": auroc(distances, targets), "threshold": calibrated.threshold,
-        "val_defect_recall": calibrated.defect_recall, "val_false_alarm_rate": calibrated.false_alarm_rate,
-        "val_far_at_99_recall": at_recall.false_alarm_rate,
+        # oi-ray's own rates at the calibrated threshold, named as metrics.json names them
+        "val_defect_recall_fraction_of_defects": calibrated.defect_recall,
+        "val_false_alarm_fraction_of_pass_pairs": calibrated.false_alarm_rate,
+        "val_false_alarm_fraction_of_pass_pairs_at_99_defect_recall": at_recall.false_alarm_rate,
     }
 
 

@@ -118,8 +118,9 @@ def summary_line(metrics: dict[str, Any], num_epochs: int) -> str:
     if "val_loss" in metrics:
         parts += [f"val_loss {metrics['val_loss']:.4f}", f"val_auroc {metrics['val_auroc']:.3f}",
                   f"val_acc {metrics['val_acc']:.1f}% at margin",
-                  f"threshold {metrics['threshold']:.3f} (recall {metrics['val_defect_recall']:.1%}, "
-                  f"false alarms {metrics['val_false_alarm_rate']:.1%})"]
+                  f"threshold {metrics['threshold']:.3f} (recall "
+                  f"{metrics['val_defect_recall_fraction_of_defects']:.1%}, false alarms "
+                  f"{metrics['val_false_alarm_fraction_of_pass_pairs']:.1%} of PASS)"]
     return " | ".join(parts)
 
 
