@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.assemble import InputGeometry, read_pictures
+from oi_ray.data.epochs import epoch_plan
 from oi_ray.data.pairs import load_split
 from oi_ray.metrics import auroc
 from oi_ray.model.inputs import InputNormalizer
@@ -34,8 +35,11 @@ class BareRun:
     training_pairs: int
 
 
-def train_bare(config: ExperimentConfig, threads: int) -> BareRun:
-    """Train ``config``'s model for ``train.num_epochs`` epochs in a plain loop."""
+def train_bare(config: ExperimentConfig, threads: int, *, oi_ray_draws: bool = False) -> BareRun:
+    """Train ``config``'s model for ``train.num_epochs`` epochs in a plain loop.
+
+    ``oi_ray_draws``: instead of the sampler, take each epoch's rows from oi-ray's own epoch
+    plan (the same draws ``oi-ray train`` makes with this seed), to compare the loops alone."""
     torch.set_num_threads(threads)
     torch.manual_seed(config.train.seed)
     dataset = config.dataset
@@ -48,23 +52,29 @@ def train_bare(config: ExperimentConfig, threads: int) -> BareRun:
     weights = torch.where(targets == 1, passes / defects * dataset.fpratio_sampling, 1.0)
     sampler = WeightedRandomSampler(weights, len(targets), replacement=True,
                                     generator=torch.Generator().manual_seed(config.train.seed))
-    loader = DataLoader(TensorDataset(test, golden, targets), batch_size=dataset.batch_size, drop_last=True,
-                        sampler=sampler)
+    pairs = TensorDataset(test, golden, targets)
+    loader = DataLoader(pairs, batch_size=dataset.batch_size, drop_last=True, sampler=sampler)
     net = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
     optimizer = make_optimizer(net.parameters(), config.train.optim)
     normalize = InputNormalizer(geometry)
     rates = []
-    for _ in range(config.train.num_epochs):
+    for epoch in range(config.train.num_epochs):
         net.train()
-        start, pairs = time.perf_counter(), 0
-        for batch_test, batch_golden, target in loader:
+        start, drawn = time.perf_counter(), 0
+        if oi_ray_draws:
+            plan = epoch_plan(table.targets, dataset.fpratio_sampling, seed=config.train.seed, epoch=epoch,
+                              world=1, batch_size=dataset.batch_size)[0]
+            batches = (pairs[rows] for rows in plan.reshape(-1, dataset.batch_size))
+        else:
+            batches = loader
+        for batch_test, batch_golden, target in batches:
             loss = contrastive_loss(net.distance(normalize(batch_test), normalize(batch_golden)), target,
                                     config.model.margin)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            pairs += len(target)
-        rates.append(pairs / (time.perf_counter() - start))
+            drawn += len(target)
+        rates.append(drawn / (time.perf_counter() - start))
     return BareRun(net, rates, len(targets))
 
 

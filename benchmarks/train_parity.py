@@ -4,7 +4,10 @@ Both train the same TAO model for the same epochs with the same loss, sampler se
 optimiser, batch, threads and seed (see ``bare_loop.py``), then score the test split the same
 way (eval mode, in this process). oi-ray's seeds drive its model initialisation and its epoch
 plans; the bare loop's drive its initialisation and its ``WeightedRandomSampler``. The
-question: does oi-ray's mean AUROC lie within the bare loop's spread over seeds?
+question: does oi-ray's mean AUROC lie within the bare loop's spread over seeds? With
+``--replay``, a third column trains the bare loop on oi-ray's own draws (its epoch plans for
+the seed, same initial weights): equal AUROCs there mean the two loops train alike, and any
+difference in the other columns comes from the draws.
 
     python benchmarks/train_parity.py --pairs 2000 --size 48 --epochs 5 --seeds 1 2 3
 """
@@ -35,10 +38,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--replay", action="store_true", help="also train the bare loop on oi-ray's draws")
     args = parser.parse_args()
     threads = os.cpu_count() or 1
 
-    bare_aurocs, oi_ray_aurocs = [], []
+    bare_aurocs, oi_ray_aurocs, replayed = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = synthesize_dataset(Path(tmp) / "data", SyntheticSpec(
             num_pairs=args.pairs, defect_ratio=args.defect_ratio, lights=tuple(args.lights.split(",")),
@@ -55,8 +59,12 @@ def main() -> None:
                 train.run(config)
             checkpoint = Path(config.train.results_dir) / LATEST_NAME
             oi_ray_aurocs.append(split_auroc_of_checkpoint(checkpoint, config))
-            print(f"seed {seed}: test AUROC bare {bare_aurocs[-1]:.4f}, oi-ray {oi_ray_aurocs[-1]:.4f}",
-                  flush=True)
+            if args.replay:
+                replayed.append(split_auroc_of_net(train_bare(bare_config, threads, oi_ray_draws=True).net,
+                                                   bare_config))
+            extra = f", bare loop on oi-ray's draws {replayed[-1]:.4f}" if args.replay else ""
+            print(f"seed {seed}: test AUROC bare {bare_aurocs[-1]:.4f}, "
+                  f"oi-ray {oi_ray_aurocs[-1]:.4f}{extra}", flush=True)
 
     low, high = min(bare_aurocs), max(bare_aurocs)
     mean = float(np.mean(oi_ray_aurocs))
@@ -64,6 +72,8 @@ def main() -> None:
           f"{args.defect_ratio}, fpratio {args.fpratio}, {args.epochs} epochs, seeds {args.seeds}")
     print(f"bare loop : {' '.join(f'{value:.4f}' for value in bare_aurocs)}  mean {np.mean(bare_aurocs):.4f}")
     print(f"oi-ray    : {' '.join(f'{value:.4f}' for value in oi_ray_aurocs)}  mean {mean:.4f}")
+    if args.replay:
+        print(f"bare loop on oi-ray's draws: {' '.join(f'{value:.4f}' for value in replayed)}")
     verdict = "within" if low <= mean <= high else "OUTSIDE"
     print(f"oi-ray's mean {mean:.4f} is {verdict} the bare loop's spread [{low:.4f}, {high:.4f}]")
 
