@@ -128,7 +128,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if outcome.ended is not None:  # every rank got the same answer from the same check
             if rank == 0:
                 job.progress.ended_early(*outcome.ended)
-            return
+            break
         metrics = {"epoch": epoch, "train_loss": outcome.mean_loss,
                    "pairs_per_s": outcome.steps * batch_size * world / (time.perf_counter() - start)}
         last_epoch = epoch == train.num_epochs
