@@ -62,14 +62,13 @@ def decode_cache(table: PairTable, spec: PipelineSpec, *, for_training: bool) ->
     """Decode every pair of ``table`` once into a :class:`DecodedCache`."""
     augmenting = for_training and spec.augmentation is not None
     resample = RESIZE_AUGMENT if augmenting else RESIZE_PLAIN
-    decoded = _decoded(table, spec, resample)
+    decoded = _decoded(table, spec, resample, tiled=False)
     return DecodedCache(decoded.to_numpy_refs(), table.targets)
 
 
 def evaluation_dataset(table: PairTable, spec: PipelineSpec) -> Dataset:
     """Every pair of ``table`` once, in CSV order, tiled without augmentation."""
-    dataset = _decoded(table, spec, RESIZE_PLAIN).map_batches(
-        tile_batch, batch_format="numpy", fn_kwargs={"geometry": spec.geometry})
+    dataset = _decoded(table, spec, RESIZE_PLAIN, tiled=True)
     dataset.context.execution_options.preserve_order = True
     return dataset
 
@@ -80,22 +79,25 @@ def tile_batch(batch: dict[str, np.ndarray], geometry: InputGeometry) -> dict[st
             "test": assemble(batch["test"], geometry), "golden": assemble(batch["golden"], geometry)}
 
 
-def _decoded(table: PairTable, spec: PipelineSpec, resample) -> Dataset:
+def _decoded(table: PairTable, spec: PipelineSpec, resample, *, tiled: bool) -> Dataset:
+    """Decoded pairs of ``table``: lighting stacks, or tiled pictures (one task does both)."""
     frame = table.pipeline_frame()
     blocks = [frame.iloc[start:start + ROWS_PER_BLOCK] for start in range(0, len(frame), ROWS_PER_BLOCK)]
     return ray.data.from_pandas(blocks).map_batches(
-        _decode_batch, fn_kwargs={"geometry": spec.geometry, "resample": resample},
+        _decode_batch, fn_kwargs={"geometry": spec.geometry, "resample": resample, "tiled": tiled},
         batch_size=DECODE_BATCH_ROWS, batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=min(spec.tasks, len(blocks))))
 
 
-def _decode_batch(batch: dict[str, np.ndarray], geometry: InputGeometry, resample) -> dict[str, np.ndarray]:
-    return {
+def _decode_batch(batch: dict[str, np.ndarray], geometry: InputGeometry, resample,
+                  tiled: bool) -> dict[str, np.ndarray]:
+    decoded = {
         "row": batch["row"],
         "target": batch["target"],
         "test": np.stack([read_stack(list(paths), geometry, resample) for paths in batch["test_paths"]]),
         "golden": np.stack([read_stack(list(paths), geometry, resample)
                             for paths in batch["golden_paths"]]),
     }
+    return tile_batch(decoded, geometry) if tiled else decoded
 
 
