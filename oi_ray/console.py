@@ -1,5 +1,6 @@
 """Command lines oi-ray prints for the user to run next, spelled so they work in their shell."""
 
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -19,12 +20,13 @@ def program() -> str:
     if started is not None and started.name == PROGRAM:
         if on_path and Path(on_path).resolve() == started.resolve():
             return PROGRAM
-        return str(started)
+        return shlex.quote(str(started))
     if on_path and Path(on_path).resolve().parent == Path(sys.executable).parent.resolve():
         return PROGRAM
-    return f"{sys.executable} -m oi_ray.cli"
+    return f"{shlex.quote(sys.executable)} -m oi_ray.cli"
 
 
 def command(task: str, *arguments: object) -> str:
-    """A printable ``oi-ray <task> ...`` line with the working program name."""
-    return " ".join([program(), task, *map(str, arguments)])
+    """A printable ``oi-ray <task> ...`` line with the working program name, each argument
+    quoted for the shell where it needs it (a path with spaces stays one argument)."""
+    return " ".join([program(), task, *(shlex.quote(str(argument)) for argument in arguments)])

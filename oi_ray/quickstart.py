@@ -9,7 +9,6 @@ command lines repeat them exactly) and the results in ``results/``.
 """
 
 import logging
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -55,7 +54,7 @@ def run_quickstart(spec: QuickstartSpec) -> Path:
     steps = (train, evaluate, inference, export)
     with ray_session(config.ray):
         for step in steps:
-            log.info("== %s", command(_task(step), "-e", _quoted(spec_path)))
+            log.info("== %s", command(_task(step), "-e", spec_path))
             step.run(config)
     onnx_file = Path(config.export.onnx_file)
     lines = [
@@ -67,10 +66,10 @@ def run_quickstart(spec: QuickstartSpec) -> Path:
         f"  inference:   {Path(config.inference.results_dir) / 'inference.csv'}",
         f"  ONNX model:  {onnx_file} (+ .json model card)",
         "Rerun a step (train resumes from the checkpoint; raise train.num_epochs=N to train on):",
-        *(f"  {command(_task(step), '-e', _quoted(spec_path))}" for step in steps),
+        *(f"  {command(_task(step), '-e', spec_path)}" for step in steps),
         "Score the inference split with the ONNX model:",
-        "  " + command("inference", "-e", _quoted(spec_path), _quoted(f"inference.checkpoint={onnx_file}"),
-                       _quoted(f"inference.results_dir={results / 'inference_onnx'}")),
+        "  " + command("inference", "-e", spec_path, f"inference.checkpoint={onnx_file}",
+                       f"inference.results_dir={results / 'inference_onnx'}"),
     ]
     log.info("\n".join(lines))
     return spec_path
@@ -97,7 +96,7 @@ def write_quickstart_spec(dataset_spec: Path, output: Path, spec: QuickstartSpec
         f"# Written by `oi-ray quickstart` ({spec.num_pairs} synthetic pairs in {dataset_spec.parent}, "
         f"{spec.epochs} epochs).\n"
         "# A TAO optical_inspection spec: every quickstart step ran from it, e.g.\n"
-        f"#   {command('evaluate', '-e', _quoted(output / SPEC_NAME))}\n"
+        f"#   {command('evaluate', '-e', output / SPEC_NAME)}\n"
     )
     path = output / SPEC_NAME
     write_atomically(path, (header + OmegaConf.to_yaml(raw)).encode())
@@ -106,7 +105,3 @@ def write_quickstart_spec(dataset_spec: Path, output: Path, spec: QuickstartSpec
 
 def _task(step: ModuleType) -> str:
     return step.__name__.rsplit(".", 1)[-1]
-
-
-def _quoted(argument: object) -> str:
-    return shlex.quote(str(argument))

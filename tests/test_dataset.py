@@ -217,5 +217,10 @@ def test_check_dataset_cli_validates_and_runs_every_split(ray_local, table, tmp_
     assert "batches of (16, 12, 8, 3) uint8 -> model input (16, 3, 12, 8) float32" in err
     assert f"infer_dataset: through Ray Data, {NUM_ROWS} pairs" in err and "dataset OK" in err
 
+    # Unseeded (train.seed=-1) with augmentation: previews with seed 0.
+    assert main(["check_dataset", "-e", str(spec), "dataset.batch_size=16", "train.seed=-1",
+                 "dataset.augmentation_config.augment=true"]) == 0
+    assert "train_dataset: decoded by Ray Data, one epoch's 112 pairs" in capsys.readouterr().err
+
     assert main(["check_dataset", "-e", str(spec), "dataset.image_ext=.jpg"]) == 1
     assert "hint: images exist with extension .png: check dataset.image_ext (.jpg)" in capsys.readouterr().err

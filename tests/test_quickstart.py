@@ -49,3 +49,10 @@ def test_quickstart_runs_from_its_own_spec_and_prints_working_commands(ray_local
     pth_scores = pd.read_csv(results / "inference/inference.csv")["siamese_score"]
     pd.testing.assert_series_equal(onnx_scores, pth_scores, rtol=1e-4)
     assert "stored in the model card" in capsys.readouterr().err
+
+
+def test_printed_commands_quote_what_the_shell_would_split():
+    from oi_ray.console import command
+
+    line = command("evaluate", "-e", "/data/my runs/spec.yaml", "evaluate.checkpoint=/m/a.onnx")
+    assert line.endswith(" evaluate -e '/data/my runs/spec.yaml' evaluate.checkpoint=/m/a.onnx")

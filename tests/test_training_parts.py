@@ -99,3 +99,4 @@ def test_resumed_optimizer_keeps_its_moments_and_takes_the_specs_lr():
     assert [group["lr"] for group in resumed.param_groups] == [1e-5]
     moments = resumed.state_dict()["state"][0]["exp_avg"]
     torch.testing.assert_close(moments, first.state_dict()["state"][0]["exp_avg"])
+

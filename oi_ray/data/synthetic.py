@@ -10,7 +10,6 @@ random draw derives from ``(seed, ids)``, so the output depends only on the opti
 
 import math
 import re
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +62,7 @@ class SynthesisSummary:
             lines.append(f"  {split}.csv: {labels.get('PASS', 0)} PASS, {defects} defect "
                          f"({', '.join(f'{k} {v}' for k, v in sorted(labels.items()) if k != 'PASS')})")
         lines.append(f"spec: {self.spec_path}")
-        lines.append(f"next: {command('check_dataset', '-e', shlex.quote(str(self.spec_path)))}")
+        lines.append(f"next: {command('check_dataset', '-e', self.spec_path)}")
         return "\n".join(lines)
 
 

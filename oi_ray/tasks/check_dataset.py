@@ -47,10 +47,11 @@ def run(config: ExperimentConfig) -> None:
             start = time.perf_counter()
             if split == "train_dataset":
                 cache = decode_cache(table, spec, for_training=True)
-                plan = epoch_plan(cache.targets, spec.fpratio_sampling, seed=max(config.train.seed, 0),
-                                  epoch=0, world=1, batch_size=dataset.batch_size)[0]
+                seed = max(config.train.seed, 0)  # -1 (unseeded) previews with seed 0
+                plan = epoch_plan(cache.targets, spec.fpratio_sampling, seed=seed, epoch=0, world=1,
+                                  batch_size=dataset.batch_size)[0]
                 batches = training_batches(cache, CacheReader(cache), plan, spec,
-                                           batch_size=dataset.batch_size, seed=(config.train.seed, 0, 0))
+                                           batch_size=dataset.batch_size, seed=(seed, 0, 0))
             else:
                 batches = evaluation_dataset(table, spec).iter_batches(batch_size=dataset.batch_size,
                                                                        batch_format="numpy")
