@@ -22,6 +22,7 @@ SPEC_TASKS = {
     "export": "export a checkpoint to ONNX with TAO's input/output names",
     "gen_trt_engine": "build a TensorRT engine from an exported ONNX model (GPU)",
     "check_dataset": "validate every dataset split of the spec and preview the Ray Data pipeline",
+    "serve": "score pairs over HTTP with Ray Serve until Ctrl-C (serve.model, default the export)",
 }
 
 OVERRIDES_HELP = (
@@ -78,6 +79,10 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
         sub.add_argument("--print-config", action="store_true",
                          help="print the fully resolved spec as YAML and exit")
+        if task == "serve":
+            sub.add_argument("--build", type=Path, metavar="SERVE_CONFIG.yaml",
+                             help="write the Ray Serve config (for `serve deploy` or a KubeRay RayService) "
+                                  "instead of serving")
 
     synth = commands.add_parser(
         "synthesize", parents=[common],
@@ -136,7 +141,11 @@ def _run_spec_task(args: argparse.Namespace) -> int:
         print(to_yaml(config), end="")
         return 0
     # Imported on demand: `oi-ray --help` stays fast and only the task's dependencies load.
-    importlib.import_module(f"oi_ray.tasks.{args.command}").run(config)
+    task = importlib.import_module(f"oi_ray.tasks.{args.command}")
+    if args.command == "serve":
+        task.run(config, build=args.build)
+    else:
+        task.run(config)
     return 0
 
 

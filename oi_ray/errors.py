@@ -27,6 +27,10 @@ class DataError(OiRayError):
     """A dataset CSV or image is invalid, missing or unreadable."""
 
 
+class ImageSizeError(DataError):
+    """An image has another size than the model takes, and resizing it is turned off."""
+
+
 class BackendUnavailableError(OiRayError):
     """An optional runtime (TensorRT, CUDA) is not installed or has no device."""
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from oi_ray.decision import flagged
+
 
 @dataclass(frozen=True)
 class OperatingPoint:
@@ -25,28 +27,28 @@ def tao_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float) -> di
     defects / **all pairs**.
     """
     scores, targets = _checked(scores, targets)
-    flagged = scores > threshold
+    calls = flagged(scores, threshold)
     defect = targets == 1
     total = len(scores)
-    caught = int(np.count_nonzero(flagged & defect))
+    caught = int(np.count_nonzero(calls & defect))
     num_defects = int(np.count_nonzero(defect))
     return {  # plain Python floats: they go into checkpoints that load with weights_only=True
-        "total_accuracy": 100.0 * int(np.count_nonzero(flagged == defect)) / total,
+        "total_accuracy": 100.0 * int(np.count_nonzero(calls == defect)) / total,
         "defect_accuracy": 100.0 * caught / num_defects if num_defects else 0.0,
-        "false_alarm": 100.0 * int(np.count_nonzero(flagged & ~defect)) / total,
-        "false_negative": 100.0 * int(np.count_nonzero(~flagged & defect)) / total,
+        "false_alarm": 100.0 * int(np.count_nonzero(calls & ~defect)) / total,
+        "false_negative": 100.0 * int(np.count_nonzero(~calls & defect)) / total,
     }
 
 
 def confusion_matrix(scores: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, int]:
     """Counts of the decision ``score > threshold`` against the labels."""
     scores, targets = _checked(scores, targets)
-    flagged, defect = scores > threshold, targets == 1
+    calls, defect = flagged(scores, threshold), targets == 1
     return {
-        "true_pass": int(np.count_nonzero(~flagged & ~defect)),
-        "false_alarm": int(np.count_nonzero(flagged & ~defect)),
-        "missed_defect": int(np.count_nonzero(~flagged & defect)),
-        "caught_defect": int(np.count_nonzero(flagged & defect)),
+        "true_pass": int(np.count_nonzero(~calls & ~defect)),
+        "false_alarm": int(np.count_nonzero(calls & ~defect)),
+        "missed_defect": int(np.count_nonzero(~calls & defect)),
+        "caught_defect": int(np.count_nonzero(calls & defect)),
     }
 
 
@@ -123,12 +125,12 @@ def calibrate_threshold(scores: np.ndarray, targets: np.ndarray) -> OperatingPoi
 
 
 def _operating_point(scores: np.ndarray, targets: np.ndarray, threshold: float) -> OperatingPoint:
-    flagged = scores > threshold
+    calls = flagged(scores, threshold)
     defect = targets == 1
     return OperatingPoint(
         threshold=threshold,
-        defect_recall=float(np.count_nonzero(flagged & defect) / max(1, np.count_nonzero(defect))),
-        false_alarm_rate=float(np.count_nonzero(flagged & ~defect) / max(1, np.count_nonzero(~defect))),
+        defect_recall=float(np.count_nonzero(calls & defect) / max(1, np.count_nonzero(defect))),
+        false_alarm_rate=float(np.count_nonzero(calls & ~defect) / max(1, np.count_nonzero(~defect))),
     )
 
 

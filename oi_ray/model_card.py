@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from oi_ray.config.schema import ExperimentConfig
+from oi_ray.config.schema import ExperimentConfig, ExportConfig
 from oi_ray.data.assemble import InputGeometry
 from oi_ray.errors import DataError
 from oi_ray.fileio import write_atomically
@@ -37,7 +37,7 @@ class ModelCard:
     margin: float
     threshold: float | None  # calibrated on validation data; None: use margin
     batch_size: int  # -1: dynamic batch axis "batch"; else the fixed batch of the trace
-    opset_version: int
+    opset_version: int | None  # None: the card describes a checkpoint (.pth), not an export
     oi_ray_version: str
     source_checkpoint: str
     source_checkpoint_sha256: str
@@ -58,6 +58,13 @@ class ModelCard:
             **provenance,
         )
 
+    def geometry(self) -> InputGeometry:
+        """How one side's lighting images become this model's input."""
+        height, width = self.image_size
+        _, total_height, total_width = self.input_shape
+        return InputGeometry(num_lights=(total_height // height) * (total_width // width), height=height,
+                             width=width, grid=self.grid_map, mean=self.rgb_mean, std=self.rgb_std)
+
     def check_matches(self, config: ExperimentConfig, model_path: Path) -> None:
         """Refuse a spec whose input layout differs from the one the model was exported for."""
         provenance = ("batch_size", "opset_version", "oi_ray_version", "source_checkpoint",
@@ -76,6 +83,12 @@ class ModelCard:
         path = card_path(model_path)
         write_atomically(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
         return path
+
+
+def export_destination(export: ExportConfig) -> Path:
+    """Where ``oi-ray export`` writes the ONNX model: ``export.onnx_file``, else
+    ``export.results_dir/oi_model.onnx``."""
+    return Path(export.onnx_file or Path(export.results_dir) / "oi_model.onnx").resolve()
 
 
 def card_path(model_path: Path) -> Path:

@@ -30,6 +30,7 @@ from oi_ray.checkpoint import check_fits, load_checkpoint, restore_model
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.crypto import decrypt_into, is_encrypted_file, read_plain
 from oi_ray.data.assemble import InputGeometry
+from oi_ray.decision import CarriedThreshold
 from oi_ray.errors import BackendUnavailableError, DataError
 from oi_ray.fileio import sha256_of
 from oi_ray.model.inputs import InputNormalizer
@@ -80,14 +81,6 @@ def _padded(pictures: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([pictures, np.repeat(pictures[-1:], size - len(pictures), axis=0)])
 
 
-@dataclass(frozen=True)
-class CarriedThreshold:
-    """The decision threshold a model file carries, and where it was read."""
-
-    value: float | None  # None: the file carries none (model.margin decides)
-    source: str  # "the checkpoint <path>" or "the model card <path>"
-
-
 class TorchPredictor:
     """A :class:`SiameseNet` in eval mode, on ``device``."""
 
@@ -118,10 +111,15 @@ def load_torch_predictor(path: str | Path, config: ExperimentConfig,
     """A :class:`TorchPredictor` for the ``.pth`` at ``path``, checked against the spec's model.
 
     The weights are the checkpoint's own tensors (memory-mapped from a plain file), not a copy."""
-    geometry = InputGeometry.from_config(config.dataset)
-    checkpoint = load_checkpoint(path, config.encryption_key)
-    model = restore_model(checkpoint, path, config.model.model_type, geometry.input_shape,
-                          config.model.embedding_vectors)
+    model = config.model
+    return _torch_predictor(Path(path), config.encryption_key, model.model_type,
+                            InputGeometry.from_config(config.dataset), model.embedding_vectors, device)
+
+
+def _torch_predictor(path: Path, key: str | None, model_type: str, geometry: InputGeometry,
+                     embedding_dim: int, device: torch.device | str) -> TorchPredictor:
+    checkpoint = load_checkpoint(path, key)
+    model = restore_model(checkpoint, path, model_type, geometry.input_shape, embedding_dim)
     return TorchPredictor(model.to(device), geometry, device=device, threshold=checkpoint.threshold)
 
 
@@ -129,15 +127,17 @@ class OnnxPredictor:
     """An exported oi-ray / TAO ONNX model on ONNX Runtime, from its path or its bytes."""
 
     def __init__(self, model: bytes | str | Path, geometry: InputGeometry, *, threshold: float | None,
-                 use_gpu: bool = False, source: str | Path = "model") -> None:
+                 use_gpu: bool = False, source: str | Path = "model", threads: int | None = None) -> None:
         import onnxruntime as ort
 
         wanted = ["CPUExecutionProvider"]
         if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
             wanted.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one per core
         try:
             self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
-                                                providers=wanted)
+                                                sess_options=options, providers=wanted)
         except Exception as error:  # onnxruntime raises its own pybind classes (Fail, InvalidProtobuf...)
             raise DataError(f"cannot load ONNX model {source}: {str(error).strip()}") from None
         # onnxruntime-gpu lists CUDA even without a usable GPU and silently falls back: say so.
@@ -265,12 +265,22 @@ def load_predictor(path: str | Path, config: ExperimentConfig, use_gpu: bool = F
     path = Path(path)
     if path.suffix == ".pth":
         return load_torch_predictor(path, config, "cuda" if use_gpu else "cpu")
-    card = _checked_card(path, config)
-    geometry = InputGeometry.from_config(config.dataset)
-    key = config.encryption_key
+    return predictor_for_card(path, _checked_card(path, config), config.encryption_key, use_gpu)
+
+
+def predictor_for_card(path: Path, card: ModelCard, key: str | None, use_gpu: bool = False, *,
+                       threads: int | None = None) -> Predictor:
+    """The predictor for the model file at ``path``, laid out as its ``card`` says (for a
+    ``.pth``, a card :meth:`ModelCard.describe` wrote from its spec). ``threads``: ONNX Runtime's
+    intra-op threads (default: one per core)."""
+    geometry = card.geometry()
+    if path.suffix == ".pth":
+        return _torch_predictor(path, key, card.model_type, geometry, card.embedding_dim,
+                                "cuda" if use_gpu else "cpu")
     if path.suffix in ONNX_SUFFIXES:
         model = read_plain(path, key) if is_encrypted_file(path) else path  # ONNX Runtime reads a path itself
-        return OnnxPredictor(model, geometry, threshold=card.threshold, use_gpu=use_gpu, source=path)
+        return OnnxPredictor(model, geometry, threshold=card.threshold, use_gpu=use_gpu, source=path,
+                             threads=threads)
     return TensorRTPredictor(read_plain(path, key), geometry, threshold=card.threshold, source=path)
 
 

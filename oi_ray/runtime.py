@@ -37,10 +37,12 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         num_cpus = config.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
         memory = config.object_store_memory_mb
         ray.init(
+            address="local",  # a private Ray, even when another one runs on this machine
             num_cpus=num_cpus,
             object_store_memory=memory * 1024 * 1024 if memory else None,
             include_dashboard=config.include_dashboard,
             dashboard_host="127.0.0.1",
+            _metrics_export_port=config.metrics_export_port,
             logging_level=logging.WARNING,
             # Workers' output stays in Ray's log files; the driver draws progress and summaries.
             log_to_driver=False,

@@ -27,7 +27,18 @@ MAX_SUGGESTIONS = 3  # "did you mean" candidates for an unknown key
 def load_config(spec_path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read ``spec_path`` (TAO spec YAML), apply dotlist ``overrides`` and validate."""
     spec = _read_spec(Path(spec_path)) if spec_path is not None else OmegaConf.create({})
-    source = str(spec_path) if spec_path is not None else "spec"
+    return _typed_config(spec, str(spec_path) if spec_path is not None else "spec", overrides)
+
+
+def config_from_mapping(spec: dict[str, Any], source: str) -> ExperimentConfig:
+    """Validate a spec given as plain data (e.g. application arguments in a Serve config),
+    exactly as a spec file; ``source`` names it in errors."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{source}: the spec must be a mapping of sections, not {type(spec).__name__}")
+    return _typed_config(OmegaConf.create(spec), source, ())
+
+
+def _typed_config(spec: DictConfig, source: str, overrides: Sequence[str]) -> ExperimentConfig:
     dotlist = _parse_overrides(overrides)
 
     misplaced = [

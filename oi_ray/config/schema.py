@@ -247,6 +247,50 @@ class RayConfig:
     num_cpus: int | None = None  # logical CPUs of an embedded Ray; default max(4, cores)
     object_store_memory_mb: int | None = None  # embedded Ray object store; default Ray's
     include_dashboard: bool = False  # embedded Ray: Ray's dashboard and state API on 127.0.0.1:8265
+    metrics_export_port: int | None = None  # embedded Ray: Prometheus metrics on this port (default any)
+
+
+@dataclass
+class ServeBatching:
+    """Ray Serve dynamic batching (``@serve.batch``) of the pairs of concurrent requests."""
+
+    max_batch_size: int = 32  # pairs scored in one model call
+    batch_wait_timeout_s: float = 0.002  # how long a batch waits to fill after its first pair
+
+
+@dataclass
+class ServeAutoscaling:
+    """Ray Serve ``autoscaling_config`` of the scoring deployment."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: int | None = None  # default min_replicas
+    target_ongoing_requests: float = 8.0  # per replica; more ongoing requests add replicas
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 300.0
+
+
+@dataclass
+class ServeConfig:
+    """oi-ray's own section: online scoring with ``oi-ray serve`` on Ray Serve."""
+
+    model: str | None = None  # .onnx, .engine or .pth; default the ONNX model `oi-ray export` writes
+    app_name: str = "oi-ray"  # Ray Serve application name
+    host: str = "127.0.0.1"  # HTTP bind address; 0.0.0.0 exposes the service to the network
+    port: int = 8000
+    route_prefix: str = "/"  # the API lives under {route_prefix}v1/...
+    max_pairs_per_request: int = 64
+    max_request_mb: float = 64.0  # larger request bodies are refused (413)
+    request_timeout_s: float = 30.0  # Serve's HTTP proxy ends a request that takes longer (408)
+    batching: ServeBatching = field(default_factory=ServeBatching)
+    autoscaling_config: ServeAutoscaling = field(default_factory=ServeAutoscaling)
+    max_ongoing_requests: int = 32  # per replica, in progress at once
+    max_queued_requests: int = 128  # waiting for a replica; beyond this Serve answers 503
+    num_cpus: float = 1.0  # per replica (decoding uploads and CPU scoring)
+    num_gpus: float = 0.0  # per replica, fractional allowed; > 0 scores on the GPU
+    threshold: float | None = None  # decision threshold; None: the model's calibrated one, else margin
+    auth_token_env: str | None = None  # env var holding a bearer token every request must carry
+    resize_images: bool = True  # True: other image sizes are resized as in training; False: refused
 
 
 @dataclass
@@ -264,3 +308,4 @@ class ExperimentConfig:
     dataset_convert: DatasetConvertConfig = field(default_factory=DatasetConvertConfig)
     wandb: WandBConfig = field(default_factory=WandBConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)

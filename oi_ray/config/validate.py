@@ -16,6 +16,7 @@ from oi_ray.config.schema import (
     ExportConfig,
     ModelConfig,
     RayConfig,
+    ServeConfig,
     TensorRTConfig,
     TrainConfig,
 )
@@ -26,6 +27,7 @@ MODEL_TYPES = ("Siamese_3", "Siamese_1", "Siamese")
 CONCAT_TYPES = ("linear", "grid")
 OPTIMIZERS = ("Adam", "SGD")
 TRT_DATA_TYPES = ("fp32", "fp16", "int8")
+MAX_PORT = 65535
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ def validate(config: ExperimentConfig) -> list[str]:
     p.check(config.gen_trt_engine.batch_size == -1 or config.gen_trt_engine.batch_size >= 1,
             "gen_trt_engine.batch_size", config.gen_trt_engine.batch_size, "expected -1 (profile) or >= 1")
     _check_ray(p, config.ray)
+    _check_serve(p, config.serve)
     return p.messages
 
 
@@ -273,3 +276,39 @@ def _check_ray(p: _Problems, ray: RayConfig) -> None:
             ray.torch_threads, "expected >= 1")
     p.check(ray.num_cpus is None or ray.num_cpus >= 1, "ray.num_cpus", ray.num_cpus,
             "expected >= 1")
+    p.check(ray.metrics_export_port is None or 1 <= ray.metrics_export_port <= MAX_PORT,
+            "ray.metrics_export_port", ray.metrics_export_port, f"expected a port 1..{MAX_PORT}")
+
+
+def _check_serve(p: _Problems, serve: ServeConfig) -> None:
+    p.check(bool(serve.app_name.strip()), "serve.app_name", serve.app_name, "expected a name")
+    p.in_range("serve.port", serve.port, 1, MAX_PORT)
+    p.check(serve.route_prefix.startswith("/"), "serve.route_prefix", serve.route_prefix,
+            "expected a path starting with '/', e.g. / or /inspection")
+    p.at_least("serve.max_pairs_per_request", serve.max_pairs_per_request, 1)
+    p.check(serve.max_request_mb > 0, "serve.max_request_mb", serve.max_request_mb, "expected > 0")
+    p.check(serve.request_timeout_s > 0, "serve.request_timeout_s", serve.request_timeout_s, "expected > 0")
+    p.at_least("serve.batching.max_batch_size", serve.batching.max_batch_size, 1)
+    p.at_least("serve.batching.batch_wait_timeout_s", serve.batching.batch_wait_timeout_s, 0)
+    scaling = serve.autoscaling_config
+    prefix = "serve.autoscaling_config"
+    p.at_least(f"{prefix}.min_replicas", scaling.min_replicas, 0)
+    p.check(scaling.max_replicas >= max(1, scaling.min_replicas), f"{prefix}.max_replicas",
+            scaling.max_replicas, f"expected >= 1 and >= min_replicas ({scaling.min_replicas})")
+    p.check(scaling.initial_replicas is None
+            or scaling.min_replicas <= scaling.initial_replicas <= scaling.max_replicas,
+            f"{prefix}.initial_replicas", scaling.initial_replicas,
+            f"expected min_replicas {scaling.min_replicas} <= value <= max_replicas {scaling.max_replicas}")
+    p.check(scaling.target_ongoing_requests > 0, f"{prefix}.target_ongoing_requests",
+            scaling.target_ongoing_requests, "expected > 0")
+    p.at_least(f"{prefix}.upscale_delay_s", scaling.upscale_delay_s, 0)
+    p.at_least(f"{prefix}.downscale_delay_s", scaling.downscale_delay_s, 0)
+    p.at_least("serve.max_ongoing_requests", serve.max_ongoing_requests, 1)
+    p.check(serve.max_queued_requests == -1 or serve.max_queued_requests >= 0, "serve.max_queued_requests",
+            serve.max_queued_requests, "expected >= 0, or -1 for no limit")
+    p.check(serve.num_cpus > 0, "serve.num_cpus", serve.num_cpus, "expected > 0")
+    p.at_least("serve.num_gpus", serve.num_gpus, 0)
+    p.check(serve.threshold is None or serve.threshold > 0, "serve.threshold", serve.threshold,
+            "expected > 0 (pairs farther apart are NO_PASS)")
+    p.check(serve.auth_token_env is None or serve.auth_token_env.isidentifier(), "serve.auth_token_env",
+            serve.auth_token_env, "expected the name of an environment variable, e.g. OI_RAY_SERVE_TOKEN")

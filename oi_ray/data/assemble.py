@@ -10,6 +10,7 @@ store and the host-to-device copy. Decoding/resizing is split from tiling so the
 can cache the uint8 lighting stacks and finish batches later.
 """
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,11 +18,14 @@ import numpy as np
 from PIL import Image
 
 from oi_ray.config.schema import DatasetConfig
-from oi_ray.errors import DataError
+from oi_ray.errors import DataError, ImageSizeError
 
 # TAO's transforms: torchvision Resize (bilinear) for plain inputs, bicubic when augmenting.
 RESIZE_PLAIN = Image.Resampling.BILINEAR
 RESIZE_AUGMENT = Image.Resampling.BICUBIC
+# Bytes a complete file ends with: a cheap check for truncated downloads, copies and uploads.
+FILE_TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+ImageSource = str | bytes  # an image file's path, or an encoded image's bytes
 
 
 @dataclass(frozen=True)
@@ -57,24 +61,44 @@ class InputGeometry:
         return 3, rows * self.height, columns * self.width
 
 
-def read_image(path: str, size_hw: tuple[int, int], resample: Image.Resampling = RESIZE_PLAIN) -> np.ndarray:
-    """Decode ``path`` as RGB and resize to ``size_hw``: ``(H, W, 3)`` uint8."""
+def read_image(source: ImageSource, size_hw: tuple[int, int], resample: Image.Resampling = RESIZE_PLAIN, *,
+               name: str | None = None, allow_resize: bool = True) -> np.ndarray:
+    """Decode ``source`` (a file path, or an encoded image's bytes named ``name``) as RGB and
+    resize it to ``size_hw``: ``(H, W, 3)`` uint8. ``allow_resize=False`` refuses another size."""
     height, width = size_hw
+    named = name or str(source)
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            if isinstance(source, bytes):
+                problem = truncation_problem(image.format, source)
+                if problem:
+                    raise DataError(f"cannot decode image {named}: {problem}")
             rgb = image.convert("RGB")
             if rgb.size != (width, height):
+                if not allow_resize:
+                    raise ImageSizeError(f"image {named} is {rgb.width}x{rgb.height} pixels; the model takes "
+                                    f"{width}x{height} (width x height)")
                 rgb = rgb.resize((width, height), resample)
             return np.asarray(rgb, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot decode image {path}: {error}") from None
+        raise DataError(f"cannot decode image {named}: {error}") from None
 
 
-def read_stack(paths: Sequence[str], geometry: InputGeometry,
+def truncation_problem(image_format: str | None, data_or_tail: bytes) -> str | None:
+    """Why an encoded JPEG/PNG ending in ``data_or_tail`` is incomplete, or None.
+
+    A file cut short often still opens (the header is intact); its end marker is missing."""
+    trailer = FILE_TRAILERS.get(image_format or "")
+    if trailer and not data_or_tail.endswith(trailer):
+        return f"truncated {image_format} file (no end marker)"
+    return None
+
+
+def read_stack(sources: Sequence[ImageSource], geometry: InputGeometry,
                resample: Image.Resampling = RESIZE_PLAIN) -> np.ndarray:
     """Decode one side's lighting images: ``(L, H, W, 3)`` uint8, in lighting order."""
     size = (geometry.height, geometry.width)
-    return np.stack([read_image(path, size, resample) for path in paths])
+    return np.stack([read_image(source, size, resample) for source in sources])
 
 
 def tile(stacks: np.ndarray, geometry: InputGeometry) -> np.ndarray:
@@ -92,6 +116,6 @@ def assemble(stacks: np.ndarray, geometry: InputGeometry) -> np.ndarray:
     return np.ascontiguousarray(tile(stacks, geometry))
 
 
-def read_pictures(sides: Sequence[Sequence[str]], geometry: InputGeometry) -> np.ndarray:
+def read_pictures(sides: Sequence[Sequence[ImageSource]], geometry: InputGeometry) -> np.ndarray:
     """Decode and tile several sides in this process (no Ray): ``(B, H', W', 3)`` uint8."""
-    return assemble(np.stack([read_stack(paths, geometry) for paths in sides]), geometry)
+    return assemble(np.stack([read_stack(sources, geometry) for sources in sides]), geometry)

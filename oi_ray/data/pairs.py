@@ -23,6 +23,7 @@ import pandas as pd
 from PIL import Image
 
 from oi_ray.config.schema import DatasetConfig
+from oi_ray.data.assemble import truncation_problem
 from oi_ray.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,7 @@ LABEL_COLUMN = "label"
 PASS_LABEL = "PASS"
 UNLABELED = -1
 MAX_LISTED_PROBLEMS = 20
-# Bytes a complete file ends with: a cheap check for truncated downloads and copies.
-FILE_TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+TRAILER_BYTES = 16  # read from the end of each image to spot a truncated file
 
 
 @dataclass(frozen=True)
@@ -284,15 +284,11 @@ def _open_error(path: str) -> str | None:
             image_format = image.format
             if image.width < 1 or image.height < 1:
                 return "empty image"
-        trailer = FILE_TRAILERS.get(image_format or "")
-        if trailer:
-            with open(path, "rb") as handle:
-                handle.seek(-len(trailer), os.SEEK_END)
-                if handle.read() != trailer:
-                    return f"truncated {image_format} file (no end marker)"
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.path.getsize(path) - TRAILER_BYTES))
+            return truncation_problem(image_format, handle.read())
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         return str(error) or type(error).__name__
-    return None
 
 
 def _missing_image_hint(path: str, root: Path, naming: ImageNaming, index: _DirectoryIndex) -> str | None:

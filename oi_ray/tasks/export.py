@@ -37,7 +37,7 @@ from oi_ray.errors import ConfigError, DataError
 from oi_ray.fileio import atomic_output, sha256_of
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.siamese import SiameseNet
-from oi_ray.model_card import INPUT_NAMES, OUTPUT_NAMES, ModelCard
+from oi_ray.model_card import INPUT_NAMES, OUTPUT_NAMES, ModelCard, export_destination
 
 log = logging.getLogger(__name__)
 DYNAMIC_BATCH = "batch"
@@ -53,7 +53,7 @@ def run(config: ExperimentConfig) -> None:
         raise ConfigError("export.checkpoint is not set: give the .pth to export")
     geometry = InputGeometry.from_config(config.dataset)
     _check_input_size(config, geometry.input_shape)
-    onnx_path = Path(export.onnx_file or Path(export.results_dir) / "oi_model.onnx").resolve()
+    onnx_path = export_destination(export)
 
     source = Path(export.checkpoint)
     checkpoint = load_checkpoint(source, config.encryption_key)

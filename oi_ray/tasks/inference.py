@@ -9,10 +9,9 @@ beside it.
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from oi_ray.config import save_resolved_spec
 from oi_ray.config.schema import ExperimentConfig
+from oi_ray.decision import NO_PASS, decisions
 from oi_ray.fileio import write_atomically
 from oi_ray.tasks.scoring_setup import score_split
 
@@ -28,7 +27,7 @@ def run(config: ExperimentConfig) -> None:
     scored = score_split(config, "inference", SPLITS, require_labels=False)
     frame = scored.table.rows.copy()
     frame[SCORE_COLUMN] = scored.scores.distances
-    frame[DECISION_COLUMN] = np.where(scored.scores.distances > scored.threshold, "NO_PASS", "PASS")
+    frame[DECISION_COLUMN] = decisions(scored.scores.distances, scored.threshold)
     results_dir = Path(config.inference.results_dir).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     output = results_dir / "inference.csv"
@@ -36,6 +35,6 @@ def run(config: ExperimentConfig) -> None:
         log.info("replacing the earlier %s", output)
     write_atomically(output, frame.to_csv(index=False).encode())
     spec = save_resolved_spec(config, results_dir)
-    flagged = int((frame[DECISION_COLUMN] == "NO_PASS").sum())
+    flagged = int((frame[DECISION_COLUMN] == NO_PASS).sum())
     log.info("wrote %s and %s: %d pairs, %d flagged NO_PASS at threshold %.4g; threshold source: %s",
              output, spec.name, len(frame), flagged, scored.threshold, scored.threshold_source)

@@ -10,8 +10,9 @@ from pathlib import Path
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.dataset import PipelineSpec
 from oi_ray.data.pairs import PairTable, first_configured_split, load_split
+from oi_ray.decision import choose_threshold
 from oi_ray.errors import BackendUnavailableError, ConfigError
-from oi_ray.predictors import CarriedThreshold, carried_threshold, is_tensorrt_file, load_predictor
+from oi_ray.predictors import carried_threshold, is_tensorrt_file, load_predictor
 from oi_ray.runtime import ray_session, torch_threads, uses_gpus
 from oi_ray.scoring import Scores, score_table
 
@@ -42,8 +43,8 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *,
     split = _choose_split(config, task, splits)
     table = load_split(config.dataset, split, require_labels=require_labels)
     checkpoint = Path(model_file)
-    threshold, source = _decision_threshold(section.threshold, carried_threshold(checkpoint, config),
-                                            config.model.margin, task)
+    threshold = choose_threshold(section.threshold, f"{task}.threshold",
+                                 carried_threshold(checkpoint, config), config.model.margin)
     batch_size = section.batch_size if section.batch_size > 0 else config.dataset.batch_size
     if batch_size == 1 and len(table) > SLOW_SINGLE_PAIR_ROWS:
         log.info("%s.batch_size=1 (TAO's default) scores one pair per call; %s.batch_size=%d gives the "
@@ -61,7 +62,7 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *,
         scores = score_table(table, PipelineSpec.from_config(config.dataset), load,
                              batch_size=batch_size, use_gpu=use_gpu, actors=actors,
                              threads=torch_threads(config.ray, actors))
-    return ScoringRun(checkpoint, split, table, scores, threshold, source)
+    return ScoringRun(checkpoint, split, table, scores, threshold.value, threshold.source)
 
 
 def _choose_split(config: ExperimentConfig, task: str, splits: Sequence[str]) -> str:
@@ -73,13 +74,3 @@ def _choose_split(config: ExperimentConfig, task: str, splits: Sequence[str]) ->
         log.info("dataset.%s is not set: %s uses dataset.%s", splits[0], task, split)
     return split
 
-
-def _decision_threshold(explicit: float | None, carried: CarriedThreshold, margin: float,
-                        task: str) -> tuple[float, str]:
-    """The threshold and where it came from: the spec, the model (a checkpoint stores it, an
-    exported model's card carries it), else TAO's margin."""
-    if explicit is not None:
-        return float(explicit), f"{task}.threshold"
-    if carried.value is not None:
-        return float(carried.value), f"calibrated on the validation set (stored in {carried.source})"
-    return float(margin), f"model.margin ({carried.source} carries no calibrated threshold)"

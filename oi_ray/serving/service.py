@@ -1,0 +1,267 @@
+"""The Ray Serve deployment: the inspection HTTP API in front of one predictor per replica.
+
+Routes (under the application's route prefix):
+
+- ``POST /v1/inspect``: pairs in (see :mod:`oi_ray.serving.uploads`), one answer per pair out:
+  ``{"model", "results": [{"id", "distance", "decision", "threshold", "model"}]}``.
+- ``GET /v1/model``: the model card, the threshold in force and where it comes from.
+- ``GET /healthz``: 200 while this replica's model scores; names the replica.
+
+A request is read (bounded by ``max_request_bytes``), parsed and decoded in a worker thread,
+so the event loop keeps accepting requests and filling batches; its pairs join
+``@serve.batch`` batches with other requests' pairs, and each batch is one model call. The
+threshold lives in ``user_config``: a redeploy that changes only it reaches the running
+replicas through :meth:`InspectionService.reconfigure`. Errors are JSON bodies with a stable
+``code``; a request never takes the replica down.
+"""
+
+import asyncio
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.metrics import Counter, Histogram
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from oi_ray.decision import NO_PASS, DecisionThreshold, choose_threshold, decisions
+from oi_ray.serving.model import ServedModel
+from oi_ray.serving.uploads import (
+    PairUpload,
+    RequestError,
+    UploadLayout,
+    decode_pairs,
+    pairs_from_form,
+    pairs_from_json,
+)
+
+log = logging.getLogger(__name__)
+DEPLOYMENT_NAME = "InspectionService"
+THRESHOLD_KEY = "threshold"  # the user_config entry
+THRESHOLD_OVERRIDE = "serve.threshold (user_config)"
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+DISTANCE_STEPS = [0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0]  # x the threshold at start
+
+api = FastAPI(title="oi-ray inspection", summary="PASS / NO_PASS for test-golden image pairs")
+# Serve pickles the deployment class when it is decorated: every helper it uses is defined above it.
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What a replica needs besides the model (from the spec's ``serve`` section)."""
+
+    max_pairs_per_request: int
+    max_request_bytes: int
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    resize_images: bool
+    use_gpu: bool
+    threads: int
+    auth_token_env: str | None
+
+
+@dataclass(frozen=True)
+class _Pictures:
+    """Tiled pictures of some pairs, the unit a batch is made of."""
+
+    test: np.ndarray
+    golden: np.ndarray
+
+
+class _Metrics:
+    """The replica's Prometheus metrics (Ray exports them with Serve's application tags)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.pairs = Counter("oi_ray_pairs_scored", description="pairs scored")
+        self.no_pass = Counter("oi_ray_no_pass_decisions", description="pairs decided NO_PASS")
+        self.request_errors = Counter("oi_ray_request_errors", description="refused requests by error code",
+                                      tag_keys=("code",))
+        self.batch_pairs = Histogram("oi_ray_batch_pairs", description="pairs per model call",
+                                     boundaries=BATCH_BOUNDARIES)
+        self.distance = Histogram("oi_ray_pair_distance", description="pair distances (the decision score)",
+                                  boundaries=[round(threshold * step, 6) for step in DISTANCE_STEPS])
+
+    def record(self, distances: np.ndarray, verdicts: np.ndarray) -> None:
+        self.pairs.inc(len(distances))
+        flagged = int(np.count_nonzero(verdicts == NO_PASS))
+        if flagged:
+            self.no_pass.inc(flagged)
+        for distance in distances:
+            self.distance.observe(float(distance))
+
+
+def _token(variable: str | None) -> str | None:
+    if variable is None:
+        return None
+    token = os.environ.get(variable, "").strip()
+    if not token:
+        raise RuntimeError(f"serve.auth_token_env names ${variable}, which is not set (or empty) in this "
+                           f"replica's environment; set it where Ray runs the replicas")
+    return token
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
+    too_large = RequestError(413, "body_too_large", f"the request body exceeds {limit} bytes "
+                             "(serve.max_request_mb)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(api)
+class InspectionService:
+    """One predictor, the HTTP API, batching and metrics (one instance per replica)."""
+
+    def __init__(self, model: ServedModel, settings: ServiceSettings) -> None:
+        torch.set_num_threads(settings.threads)
+        self.model = model
+        self.settings = settings
+        self.layout = UploadLayout(model.card.lights, settings.max_pairs_per_request)
+        self.geometry = model.card.geometry()
+        self.token = _token(settings.auth_token_env)
+        self.predictor = model.load(settings.use_gpu, settings.threads)
+        self.model_lock = asyncio.Lock()  # health checks and batches take turns on the model
+        self.threshold = self._threshold(None)
+        self._score.set_max_batch_size(settings.max_batch_size)
+        self._score.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.metrics = _Metrics(self.threshold.value)
+        log.info("serving %s (%s) at threshold %.4g", model.name, model.backend, self.threshold.value)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a new ``user_config`` (the threshold) without restarting the replica."""
+        unknown = sorted(set(user_config) - {THRESHOLD_KEY})
+        if unknown:
+            raise ValueError(f"user_config keys {unknown} are unknown; expected only '{THRESHOLD_KEY}'")
+        value = user_config.get(THRESHOLD_KEY)
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if value is not None and not (numeric and value > 0):
+            raise ValueError(f"user_config {THRESHOLD_KEY}={value!r}: expected a number > 0, or null")
+        self.threshold = self._threshold(value)
+        log.info("decision threshold %.4g (%s)", self.threshold.value, self.threshold.source)
+
+    def _threshold(self, override: float | None) -> DecisionThreshold:
+        return choose_threshold(override, THRESHOLD_OVERRIDE, self.model.carried, self.model.card.margin)
+
+    async def check_health(self) -> None:
+        """Serve's health probe: the model must still score a pair to a finite distance."""
+        height, width = self.model.card.input_shape[1:]
+        blank = np.zeros((1, height, width, 3), np.uint8)
+        async with self.model_lock:
+            distance = await asyncio.to_thread(self.predictor.distances, blank, blank)
+        if not np.isfinite(distance).all():
+            raise RuntimeError(f"{self.model.name} scored a blank pair as {distance[0]}")
+
+    @api.post("/v1/inspect")
+    async def inspect(self, request: Request) -> JSONResponse:
+        """Score the pairs of one request."""
+        try:
+            self._authorize(request)
+            pairs = await self._read_pairs(request)
+            test, golden = await asyncio.to_thread(decode_pairs, pairs, self.geometry, self.layout.lights,
+                                                   allow_resize=self.settings.resize_images)
+        except RequestError as error:
+            return self._refuse(error)
+        step = self.settings.max_batch_size
+        try:
+            distances = np.concatenate(await asyncio.gather(*(
+                self._score(_Pictures(test[start:start + step], golden[start:start + step]))
+                for start in range(0, len(pairs), step))))
+        except Exception:  # a model failure: say so in JSON, count it, keep serving
+            log.exception("scoring %d pairs failed", len(pairs))
+            return self._refuse(RequestError(500, "internal_error", "the model failed to score the pairs; "
+                                             "see the replica's log"))
+        threshold = self.threshold.value
+        verdicts = decisions(distances, threshold)
+        self.metrics.record(distances, verdicts)
+        name = self.model.name
+        return JSONResponse({"model": name, "results": [
+            {"id": pair.id, "distance": float(distance), "decision": str(verdict), "threshold": threshold,
+             "model": name} for pair, distance, verdict in zip(pairs, distances, verdicts, strict=True)]})
+
+    @api.get("/v1/model")
+    async def describe(self, request: Request) -> JSONResponse:
+        """The model card and the decision threshold in force."""
+        try:
+            self._authorize(request)
+        except RequestError as error:
+            return self._refuse(error)
+        return JSONResponse({
+            "model": self.model.name, "file": str(self.model.path), "backend": self.model.backend,
+            "threshold": asdict(self.threshold), "card": asdict(self.model.card),
+            "fields": self.layout.expected_fields(),
+            "max_pairs_per_request": self.settings.max_pairs_per_request,
+        })
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 with this replica's id while its model scores, else 503."""
+        replica = serve.get_replica_context().replica_id.unique_id
+        try:
+            await asyncio.wait_for(self.check_health(), timeout=10)
+        except Exception as error:  # any failure of the model means: not healthy
+            return JSONResponse({"status": "unhealthy", "replica": replica, "error": str(error)},
+                                status_code=503)
+        return JSONResponse({"status": "ok", "replica": replica, "model": self.model.name})
+
+    @serve.batch(batch_size_fn=lambda chunks: sum(len(chunk.test) for chunk in chunks))
+    async def _score(self, chunks: list[_Pictures]) -> list[np.ndarray]:
+        """One model call for the pairs of several requests; each gets its own distances back."""
+        test = np.concatenate([chunk.test for chunk in chunks])
+        golden = np.concatenate([chunk.golden for chunk in chunks])
+        async with self.model_lock:
+            distances = await asyncio.to_thread(self.predictor.distances, test, golden)
+        self.metrics.batch_pairs.observe(len(test))
+        return np.split(distances, np.cumsum([len(chunk.test) for chunk in chunks])[:-1])
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        matches = hmac.compare_digest(presented.strip().encode(), self.token.encode())
+        if scheme.lower() != "bearer" or not matches:
+            raise RequestError(401, "unauthorized", "this service needs 'Authorization: Bearer <token>' "
+                               f"with the token in ${self.settings.auth_token_env}")
+
+    async def _read_pairs(self, request: Request) -> list[PairUpload]:
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type not in ("application/json", "multipart/form-data"):
+            raise RequestError(415, "unsupported_media_type", f"content type {media_type or 'none'!r}; send "
+                               "multipart/form-data (test.<Light>, golden.<Light> files) or application/json")
+        body = await _bounded_body(request, self.settings.max_request_bytes)
+        if media_type == "application/json":
+            return await asyncio.to_thread(pairs_from_json, body, self.layout)
+        try:
+            form = await MultiPartParser(request.headers, _once(body), max_part_size=len(body) + 1).parse()
+        except MultiPartException as error:
+            raise RequestError(400, "malformed_multipart",
+                               f"cannot parse the multipart body: {error}") from None
+        fields = [(name, await value.read() if isinstance(value, UploadFile) else value)
+                  for name, value in form.multi_items()]
+        await form.close()
+        return pairs_from_form(fields, self.layout)
+
+    def _refuse(self, error: RequestError) -> JSONResponse:
+        self.metrics.request_errors.inc(tags={"code": error.code})
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)

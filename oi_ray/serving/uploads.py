@@ -1,0 +1,224 @@
+"""Request bodies of ``POST /v1/inspect``: pairs of lighting images, parsed, checked and decoded.
+
+A pair is one image per lighting per side, named by lighting as in the model card
+(``lights``), plus an optional ``id`` that the answer echoes. Two body formats:
+
+- ``multipart/form-data``: file fields ``test.<Light>`` and ``golden.<Light>`` (``test`` and
+  ``golden`` for a model of one image per side) and an optional text field ``id``. Several
+  pairs in one body prefix every field with the pair's index: ``0.test.WhiteLight``, ``0.id``.
+- ``application/json``: a pair ``{"id": ..., "test": {"<Light>": "<base64>", ...}, "golden":
+  {...}}`` (``"test": "<base64>"`` for one image per side), a list of pairs, or
+  ``{"pairs": [...]}``.
+
+Every problem is a :class:`RequestError` naming the pair index, side and lighting. Decoding
+is :func:`oi_ray.data.assemble.read_image` and :func:`~oi_ray.data.assemble.assemble`, the
+functions evaluate and inference decode and tile with.
+"""
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from oi_ray.data.assemble import InputGeometry, assemble, read_image
+from oi_ray.errors import DataError, ImageSizeError
+
+SIDES = ("test", "golden")
+
+
+class RequestError(Exception):
+    """A request the service refuses: HTTP ``status``, a stable ``code`` and what is wrong."""
+
+    def __init__(self, status: int, code: str, message: str, **where: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.where = {name: value for name, value in where.items() if value is not None}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error body: ``{"error": {"code", "message", "pair"?, "side"?, "lighting"?}}``."""
+        return {"error": {"code": self.code, "message": self.message, **self.where}}
+
+
+@dataclass(frozen=True)
+class PairUpload:
+    """One pair as uploaded: encoded images in the model's lighting order."""
+
+    id: str | None
+    test: tuple[bytes, ...]
+    golden: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class UploadLayout:
+    """What a pair must hold: one image per lighting in ``lights`` (``()``: one per side)."""
+
+    lights: tuple[str, ...]
+    max_pairs: int
+
+    def field(self, side: str, light: str | None) -> str:
+        """``test.WhiteLight``, or ``test`` for a model of one image per side."""
+        return f"{side}.{light}" if light else side
+
+    def expected_fields(self) -> str:
+        """The field names of one pair, for error messages."""
+        return ", ".join(self.field(side, light) for side in SIDES for light in self.lights or (None,))
+
+
+def pairs_from_json(body: bytes, layout: UploadLayout) -> list[PairUpload]:
+    """Parse a JSON body: one pair, a list of pairs, or ``{"pairs": [...]}``."""
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
+    if isinstance(document, dict) and "pairs" in document:
+        extra = sorted(set(document) - {"pairs"})
+        if extra:
+            raise RequestError(422, "unknown_field",
+                               f"unknown top-level fields {extra}; expected only 'pairs'")
+        document = document["pairs"]
+    items = document if isinstance(document, list) else [document]
+    _check_count(len(items), layout)
+    return [_json_pair(index, item, layout) for index, item in enumerate(items)]
+
+
+def _json_pair(index: int, item: Any, layout: UploadLayout) -> PairUpload:
+    if not isinstance(item, dict):
+        raise RequestError(422, "bad_pair", f"pair {index} is a JSON {type(item).__name__}; expected an "
+                           f"object with 'test' and 'golden'", pair=index)
+    extra = sorted(set(item) - {"id", *SIDES})
+    if extra:
+        raise RequestError(422, "unknown_field", f"pair {index}: unknown fields {extra}; expected id, "
+                           f"test and golden", pair=index)
+    sides = {}
+    for side in SIDES:
+        value = item.get(side)
+        if value is None:
+            raise RequestError(422, "missing_image", f"pair {index}: no '{side}' images; expected "
+                               f"{layout.expected_fields()}", pair=index, side=side)
+        if not layout.lights:
+            value = {None: value}
+        elif not isinstance(value, dict):
+            raise RequestError(422, "bad_pair", f"pair {index}: '{side}' must map each lighting "
+                               f"({', '.join(layout.lights)}) to a base64 image", pair=index, side=side)
+        sides[side] = {light: _base64(index, side, light, encoded) for light, encoded in value.items()}
+    return _pair(index, _json_id(index, item.get("id")), sides, layout)
+
+
+def _base64(index: int, side: str, light: str | None, encoded: Any) -> bytes:
+    field = f"{side}.{light}" if light else side
+    if not isinstance(encoded, str):
+        raise RequestError(422, "bad_image", f"pair {index}: {field} must be a base64 string",
+                           pair=index, side=side, lighting=light)
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(422, "bad_image", f"pair {index}: {field} is not valid base64",
+                           pair=index, side=side, lighting=light) from None
+
+
+def _json_id(index: int, value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise RequestError(422, "bad_pair", f"pair {index}: id must be a string or a number", pair=index)
+
+
+def pairs_from_form(fields: Iterable[tuple[str, bytes | str]], layout: UploadLayout) -> list[PairUpload]:
+    """Parse multipart fields ``[<index>.]test.<Light>``, ``[<index>.]golden.<Light>`` and
+    ``[<index>.]id`` (files as bytes, text fields as str)."""
+    by_pair: dict[int, dict[str, bytes | str]] = {}
+    indexed = None
+    for name, value in fields:
+        head, _, rest = name.partition(".")
+        has_index = head.isdigit() and bool(rest)
+        if indexed is not None and has_index != indexed:
+            raise RequestError(422, "bad_field", "either every field carries a pair index "
+                               "(0.test.<Light>) or none does (test.<Light>)")
+        indexed = has_index
+        index, field = (int(head), rest) if has_index else (0, name)
+        by_pair.setdefault(index, {})[field] = value
+    if not by_pair:
+        raise RequestError(422, "no_pairs", f"the form holds no fields; expected {layout.expected_fields()}")
+    _check_count(len(by_pair), layout)
+    if sorted(by_pair) != list(range(len(by_pair))):
+        raise RequestError(422, "bad_field",
+                           f"pair indices must be 0..{len(by_pair) - 1}; got {sorted(by_pair)}")
+    return [_form_pair(index, by_pair[index], layout) for index in range(len(by_pair))]
+
+
+def _form_pair(index: int, fields: dict[str, bytes | str], layout: UploadLayout) -> PairUpload:
+    pair_id = fields.pop("id", None)
+    if isinstance(pair_id, bytes):
+        pair_id = pair_id.decode(errors="replace")
+    sides: dict[str, dict[str | None, bytes]] = {side: {} for side in SIDES}
+    for field, value in fields.items():
+        side, _, light = field.partition(".")
+        if side not in SIDES:
+            raise RequestError(422, "unknown_field", f"pair {index}: unknown field {field!r}; expected "
+                               f"{layout.expected_fields()} and id", pair=index)
+        if isinstance(value, str):
+            raise RequestError(422, "bad_image", f"pair {index}: {field} must be a file part, not a text "
+                               "field", pair=index, side=side, lighting=light or None)
+        sides[side][light or None] = value
+    return _pair(index, pair_id, sides, layout)
+
+
+def _pair(index: int, pair_id: str | None, sides: dict[str, dict[str | None, bytes]],
+          layout: UploadLayout) -> PairUpload:
+    """Order each side's images by the model's lightings; refuse missing or extra ones."""
+    wanted = layout.lights or (None,)
+    ordered = {}
+    for side in SIDES:
+        images = sides[side]
+        extra = [light for light in images if light not in wanted]
+        if extra:
+            names = ", ".join(layout.field(side, light) for light in extra)
+            raise RequestError(422, "unknown_lighting", f"pair {index}: {names} is not a lighting of this "
+                               f"model; expected {layout.expected_fields()}", pair=index, side=side,
+                               lighting=extra[0])
+        for light in wanted:
+            if light not in images:
+                raise RequestError(422, "missing_image", f"pair {index}: no {layout.field(side, light)} "
+                                   f"image; expected {layout.expected_fields()}", pair=index, side=side,
+                                   lighting=light)
+        ordered[side] = tuple(images[light] for light in wanted)
+    return PairUpload(pair_id, ordered["test"], ordered["golden"])
+
+
+def _check_count(count: int, layout: UploadLayout) -> None:
+    if count == 0:
+        raise RequestError(422, "no_pairs", "the request holds no pairs")
+    if count > layout.max_pairs:
+        raise RequestError(413, "too_many_pairs", f"the request holds {count} pairs; this service takes at "
+                           f"most {layout.max_pairs} per request (serve.max_pairs_per_request)")
+
+
+def decode_pairs(pairs: list[PairUpload], geometry: InputGeometry, lights: tuple[str, ...], *,
+                 allow_resize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, resize and tile every pair as evaluate and inference do: ``(test, golden)``,
+    each ``(B, H', W', 3)`` uint8."""
+    size = (geometry.height, geometry.width)
+    pictures = {}
+    for side in SIDES:
+        stacks = []
+        for index, pair in enumerate(pairs):
+            images = []
+            for light, data in zip(lights or (None,), getattr(pair, side), strict=True):
+                field = f"{side}.{light}" if light else side
+                try:
+                    images.append(read_image(data, size, name=f"{field} of pair {index}",
+                                             allow_resize=allow_resize))
+                except DataError as error:
+                    code = "wrong_image_size" if isinstance(error, ImageSizeError) else "undecodable_image"
+                    raise RequestError(422, code, error.message, pair=index, side=side,
+                                       lighting=light) from None
+            stacks.append(np.stack(images))
+        pictures[side] = assemble(np.stack(stacks), geometry)
+    return pictures["test"], pictures["golden"]

@@ -1,0 +1,359 @@
+"""``oi-ray serve``: real HTTP requests to a real Ray Serve application on 127.0.0.1.
+
+One model is trained, exported and scored offline with ``oi-ray inference``; the service must
+give the same distances. Every request goes to 127.0.0.1, in bounded numbers, with timeouts.
+"""
+
+import base64
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import requests
+import yaml
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+
+from oi_ray.cli import main
+from oi_ray.config import load_config
+from oi_ray.data.pairs import PairTable, load_split
+from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
+from oi_ray.serving.app import IMPORT_PATH, build_app, deploy, serve_config
+from oi_ray.serving.service import DEPLOYMENT_NAME
+
+pytestmark = pytest.mark.ray
+LIGHTS = ("WhiteLight", "SolderLight")
+TOKEN_ENV = "OI_RAY_TEST_SERVE_TOKEN"
+TOKEN = "loopback-test-token"
+HTTP_TIMEOUT_S = 30
+MAX_PAIRS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def token_in_environment():
+    """The token must be in the environment before Ray starts: replicas inherit it from there."""
+    os.environ[TOKEN_ENV] = TOKEN
+    yield
+    os.environ.pop(TOKEN_ENV, None)
+
+
+@dataclass(frozen=True)
+class Exported:
+    spec: Path
+    results: Path
+    onnx: Path
+    table: PairTable  # the test split, scored offline
+    offline: pd.DataFrame  # inference.csv
+
+
+@pytest.fixture(scope="module")
+def exported(ray_local, tmp_path_factory) -> Exported:
+    root = tmp_path_factory.mktemp("serve")
+    spec = synthesize_dataset(root / "data", SyntheticSpec(num_pairs=120, lights=LIGHTS, width=16, height=16,
+                                                           image_ext=".png", seed=7)).spec_path
+    results = root / "results"
+    common = ["-e", str(spec), f"results_dir={results}"]
+    assert main(["train", *common, "train.num_epochs=1", "dataset.batch_size=8", "ray.num_workers=1"]) == 0
+    assert main(["export", *common]) == 0
+    onnx = results / "export" / "oi_model.onnx"
+    assert main(["inference", *common, f"inference.checkpoint={onnx}", "inference.batch_size=8"]) == 0
+    config = load_config(spec, [f"results_dir={results}"])
+    return Exported(spec, results, onnx, load_split(config.dataset, "test_dataset"),
+                    pd.read_csv(results / "inference" / "inference.csv"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Service:
+    exported: Exported
+    port: int
+    overrides: list[str]
+
+    def url(self, path: str, prefix: str = "") -> str:
+        return f"http://127.0.0.1:{self.port}{prefix}{path}"
+
+    def config(self, *extra: str):
+        return load_config(self.exported.spec, [*self.overrides, *extra])
+
+
+@pytest.fixture(scope="module")
+def service(exported) -> Service:
+    port = _free_port()
+    overrides = [f"results_dir={exported.results}", f"serve.port={port}", f"serve.max_pairs_per_request={MAX_PAIRS}",
+                 "serve.max_request_mb=0.05", "serve.batching.batch_wait_timeout_s=0.05"]
+    running = Service(exported, port, overrides)
+    deploy(serve_config(running.config()))
+    yield running
+    serve.shutdown()
+
+
+def _files(table: PairTable, row: int, prefix: str = "") -> list[tuple[str, tuple[str, bytes]]]:
+    files = []
+    for side, paths in (("test", table.test_paths[row]), ("golden", table.golden_paths[row])):
+        for light, path in zip(LIGHTS, paths, strict=True):
+            files.append((f"{prefix}{side}.{light}", (Path(path).name, Path(path).read_bytes())))
+    return files
+
+
+def _json_pair(table: PairTable, row: int) -> dict:
+    return {"id": f"row{row}", **{side: {light: base64.b64encode(Path(path).read_bytes()).decode()
+                                         for light, path in zip(LIGHTS, paths, strict=True)}
+                                  for side, paths in (("test", table.test_paths[row]),
+                                                      ("golden", table.golden_paths[row]))}}
+
+
+def _inspect_row(service: Service, row: int, prefix: str = "", **kwargs) -> requests.Response:
+    return requests.post(service.url("/v1/inspect", prefix), files=_files(service.exported.table, row),
+                         data={"id": f"row{row}"}, timeout=HTTP_TIMEOUT_S, **kwargs)
+
+
+def test_http_scores_equal_offline_inference(service):
+    table, offline = service.exported.table, service.exported.offline
+    answers = []
+    for row in range(3):  # multipart, one pair per request
+        response = _inspect_row(service, row)
+        assert response.status_code == 200, response.text
+        answers += response.json()["results"]
+    rows = list(range(3, len(table)))
+    for start in range(0, len(rows), MAX_PAIRS):  # JSON, several pairs per request
+        chunk = rows[start:start + MAX_PAIRS]
+        response = requests.post(service.url("/v1/inspect"), json={"pairs": [_json_pair(table, row) for row in chunk]},
+                                 timeout=HTTP_TIMEOUT_S)
+        assert response.status_code == 200, response.text
+        answers += response.json()["results"]
+    assert [answer["id"] for answer in answers] == [f"row{row}" for row in range(len(table))]
+    np.testing.assert_allclose([answer["distance"] for answer in answers], offline["siamese_score"], atol=1e-5, rtol=0)
+    assert [answer["decision"] for answer in answers] == list(offline["decision"])
+    card = requests.get(service.url("/v1/model"), timeout=HTTP_TIMEOUT_S).json()
+    assert {answer["threshold"] for answer in answers} == {card["threshold"]["value"]}
+    assert card["card"]["lights"] == list(LIGHTS) and card["backend"] == "onnxruntime"
+    assert answers[0]["model"] == card["model"] and card["model"].startswith("oi_model.onnx@")
+
+
+def test_concurrent_requests_are_batched_and_counted(service):
+    requests_sent = 16
+    with ThreadPoolExecutor(requests_sent) as pool:
+        statuses = list(pool.map(lambda row: _inspect_row(service, row % 8).status_code, range(requests_sent)))
+    assert statuses == [200] * requests_sent
+    metrics = _poll_metrics(lambda text: _sum(text, "ray_oi_ray_batch_pairs_count") > _sum(
+        text, "ray_oi_ray_batch_pairs_bucket", 'le="1.0"'))
+    assert _sum(metrics, "ray_oi_ray_pairs_scored_total") >= requests_sent
+    assert "ray_oi_ray_pair_distance_bucket" in metrics
+
+
+def _sum(metrics: str, name: str, label: str = "") -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith(name + "{") and label in line)
+
+
+def _poll_metrics(ready, timeout_s: float = 60) -> str:
+    """Ray's Prometheus endpoint on this node, once ``ready(text)`` holds (exports lag seconds)."""
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=HTTP_TIMEOUT_S).text
+        if ready(text):
+            return text
+        assert time.monotonic() < deadline, "metrics did not show up in time"
+        time.sleep(2)
+
+
+def _bad_requests(table: PairTable) -> dict[str, tuple[dict, int, str]]:
+    good = _files(table, 0)
+    png = good[0][1][1]
+    return {
+        "missing lighting": ({"files": good[:-1]}, 422, "missing_image"),
+        "extra lighting": ({"files": [*good, ("test.UVLight", ("x.png", png))]}, 422, "unknown_lighting"),
+        "undecodable image": ({"files": [*good[:-1], (good[-1][0], ("x.png", b"not an image"))]}, 422,
+                              "undecodable_image"),
+        "truncated image": ({"files": [(good[0][0], ("x.png", png[:-20])), *good[1:]]}, 422, "undecodable_image"),
+        "too many pairs": ({"json": [_json_pair(table, 0)] * (MAX_PAIRS + 1)}, 413, "too_many_pairs"),
+        "oversized body": ({"data": b"x" * 60_000, "headers": {"content-type": "application/json"}}, 413,
+                           "body_too_large"),
+        "malformed JSON": ({"data": b'{"pairs": [', "headers": {"content-type": "application/json"}}, 400,
+                           "malformed_json"),
+        "wrong content type": ({"data": b"hello", "headers": {"content-type": "text/plain"}}, 415,
+                               "unsupported_media_type"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing lighting", "extra lighting", "undecodable image", "truncated image",
+                                  "too many pairs", "oversized body", "malformed JSON", "wrong content type"])
+def test_bad_requests_get_a_json_4xx_and_the_service_keeps_answering(service, case):
+    kwargs, status, code = _bad_requests(service.exported.table)[case]
+    response = requests.post(service.url("/v1/inspect"), timeout=HTTP_TIMEOUT_S, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    if code in ("missing_image", "unknown_lighting", "undecodable_image"):
+        assert error["pair"] == 0 and error["lighting"] in (*LIGHTS, "UVLight")
+    assert _inspect_row(service, 1).status_code == 200
+
+
+def test_request_errors_are_counted_by_code(service):
+    requests.post(service.url("/v1/inspect"), data=b"{", headers={"content-type": "application/json"},
+                  timeout=HTTP_TIMEOUT_S)
+    metrics = _poll_metrics(lambda text: _sum(text, "ray_oi_ray_request_errors_total", 'code="malformed_json"') >= 1)
+    assert _sum(metrics, "ray_oi_ray_request_errors_total", 'code="malformed_json"') >= 1
+
+
+def test_threshold_redeploy_reconfigures_running_replica(service):
+    before = requests.get(service.url("/healthz"), timeout=HTTP_TIMEOUT_S).json()
+    assert before["status"] == "ok"
+    deploy(serve_config(service.config("serve.threshold=123.5")))
+    assert _wait_for_threshold(service, 123.5)["source"] == "serve.threshold (user_config)"
+    after = requests.get(service.url("/healthz"), timeout=HTTP_TIMEOUT_S).json()
+    assert after["replica"] == before["replica"]  # the same replica, reconfigured
+    answer = _inspect_row(service, 0).json()["results"][0]
+    assert answer["threshold"] == 123.5 and answer["decision"] == "PASS"
+    deploy(serve_config(service.config()))
+    assert _wait_for_threshold(service, None)["source"].startswith("calibrated on the validation set")
+
+
+def _wait_for_threshold(service: Service, value: float | None, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        threshold = requests.get(service.url("/v1/model"), timeout=HTTP_TIMEOUT_S).json()["threshold"]
+        if (value is None and "user_config" not in threshold["source"]) or threshold["value"] == value:
+            return threshold
+        assert time.monotonic() < deadline, f"threshold still {threshold}"
+        time.sleep(0.5)
+
+
+def test_bearer_token_is_required_when_configured(service):
+    app = service.config(f"serve.auth_token_env={TOKEN_ENV}", "serve.app_name=secured",
+                         "serve.route_prefix=/secured")
+    deploy(serve_config(app))
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            response = _inspect_row(service, 0, "/secured", headers=headers)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert requests.get(service.url("/v1/model", "/secured"), timeout=HTTP_TIMEOUT_S).status_code == 401
+        assert requests.get(service.url("/healthz", "/secured"), timeout=HTTP_TIMEOUT_S).status_code == 200
+        response = _inspect_row(service, 0, "/secured", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 200 and response.json()["results"][0]["id"] == "row0"
+    finally:
+        serve.delete("secured")
+
+
+def test_overload_is_refused_with_503_not_queued(service):
+    app = service.config("serve.app_name=narrow", "serve.route_prefix=/narrow", "serve.max_ongoing_requests=1",
+                         "serve.max_queued_requests=1", "serve.batching.batch_wait_timeout_s=1.0")
+    deploy(serve_config(app))
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda _: _inspect_row(service, 0, "/narrow").status_code, range(6)))
+        assert statuses.count(503) >= 1 and statuses.count(200) >= 1 and set(statuses) <= {200, 503}
+    finally:
+        serve.delete("narrow")
+
+
+def test_a_killed_replica_is_replaced_and_nothing_hangs(service):
+    app = service.config("serve.app_name=fragile", "serve.route_prefix=/fragile",
+                         "serve.batching.batch_wait_timeout_s=1.0")
+    deploy(serve_config(app))
+    try:
+        replica = requests.get(service.url("/healthz", "/fragile"), timeout=HTTP_TIMEOUT_S).json()["replica"]
+        in_flight: list[int] = []
+        request = threading.Thread(target=lambda: in_flight.append(_inspect_row(service, 0, "/fragile").status_code))
+        request.start()
+        time.sleep(0.3)  # the request now waits in the replica's batch
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::fragile#{DEPLOYMENT_NAME}#{replica}", namespace="serve"),
+                 no_restart=True)
+        request.join(HTTP_TIMEOUT_S + 5)
+        assert not request.is_alive() and len(in_flight) == 1
+        assert in_flight[0] >= 500 or in_flight[0] == 200  # failed with the replica, or finished just before
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                health = requests.get(service.url("/healthz", "/fragile"), timeout=HTTP_TIMEOUT_S)
+                if health.status_code == 200 and health.json()["replica"] != replica:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "no replacement replica"
+            time.sleep(1)
+        assert _inspect_row(service, 0, "/fragile").status_code == 200
+    finally:
+        serve.delete("fragile")
+
+
+def test_build_writes_a_serve_config_that_deploys(service, tmp_path):
+    target = tmp_path / "serve_config.yaml"
+    assert main(["serve", "-e", str(service.exported.spec), *service.overrides, "serve.app_name=built",
+                 "serve.route_prefix=/built", "serve.threshold=0.5", "--build", str(target)]) == 0
+    text = target.read_text()
+    assert text.startswith("# Ray Serve config for oi-ray") and "serve deploy serve_config.yaml" in text
+    document = yaml.safe_load(text)
+    schema = ServeDeploySchema.model_validate(document)  # Ray's own schema
+    application = schema.applications[0]
+    assert application.import_path == IMPORT_PATH and application.route_prefix == "/built"
+    assert document["applications"][0]["deployments"][0]["user_config"] == {"threshold": 0.5}
+    assert application.args["spec"]["serve"]["model"] == str(service.exported.onnx)
+    assert type(build_app(application.args)).__name__ == "Application"  # what the Serve controller calls
+    deploy(document)
+    try:
+        answer = _inspect_row(service, 0, "/built").json()["results"][0]
+        assert answer["threshold"] == 0.5
+        assert answer["distance"] == pytest.approx(service.exported.offline["siamese_score"][0], abs=1e-5)
+    finally:
+        serve.delete("built")
+
+
+def test_cli_serves_until_interrupted_beside_another_ray(service, tmp_path):
+    """A real `oi-ray serve` process with its own embedded Ray (the test's Ray keeps running)."""
+    port = _free_port()
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "oi_ray.cli", "serve", "-e", str(service.exported.spec),
+             f"results_dir={service.exported.results}", f"serve.port={port}", "ray.num_cpus=2"],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
+    try:
+        banner = _read_until(process, "Press Ctrl-C to stop.", log, timeout_s=240)
+        assert re.search(rf"oi_model\.onnx@\w+ \(onnxruntime, 1 CPU per replica, 1\.\.1 replicas\) at "
+                         rf"http://127\.0\.0\.1:{port}/", banner), banner
+        assert "test.WhiteLight, test.SolderLight, golden.WhiteLight, golden.SolderLight" in banner
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=HTTP_TIMEOUT_S).status_code == 200
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C, to the process group this test started
+        assert process.wait(timeout=120) == 0, log.read_text()
+        assert "stopped" in log.read_text() and "Traceback" not in log.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def _read_until(process: subprocess.Popen, marker: str, log: Path, timeout_s: float) -> str:
+    """The process's stdout up to the line holding ``marker``."""
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in iter(process.stdout.readline, ""):
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not any(marker in line for line in lines):
+        assert process.poll() is None, f"oi-ray serve exited: {log.read_text()}"
+        assert time.monotonic() < deadline, f"no {marker!r} within {timeout_s} s: {''.join(lines)}"
+        time.sleep(0.5)
+    return "".join(lines)
