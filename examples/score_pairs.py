@@ -12,6 +12,7 @@ import sys
 from oi_ray.config import load_config
 from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.pairs import first_configured_split, load_split
+from oi_ray.decision import CarriedThreshold, choose_threshold, decisions
 from oi_ray.predictors import load_predictor
 
 PAIRS_SHOWN = 8
@@ -28,10 +29,12 @@ def main(spec_path: str, *model_paths: str) -> None:
     golden = read_pictures(table.golden_paths[: len(rows)], geometry)
     for model_path in model_paths:
         predictor = load_predictor(model_path, config)
-        threshold = predictor.threshold if predictor.threshold is not None else config.model.margin
+        # the decision rule evaluate, inference and serving use: the model's threshold, else margin
+        threshold = choose_threshold(None, "", CarriedThreshold(predictor.threshold, model_path),
+                                     config.model.margin).value
         print(f"{model_path} (threshold {threshold:.4g}):")
-        for row, distance in zip(rows, predictor.distances(test, golden), strict=True):
-            decision = "NO_PASS" if distance > threshold else "PASS"
+        distances = predictor.distances(test, golden)
+        for row, distance, decision in zip(rows, distances, decisions(distances, threshold), strict=True):
             row_values = table.rows.iloc[row]
             print(f"  {row_values['object_name']:<10} {distance:8.4f}  {decision:<8} "
                   f"(label {row_values.get('label', '-')})")

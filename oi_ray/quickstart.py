@@ -70,6 +70,8 @@ def run_quickstart(spec: QuickstartSpec) -> Path:
         "Score the inference split with the ONNX model:",
         "  " + command("inference", "-e", spec_path, f"inference.checkpoint={onnx_file}",
                        f"inference.results_dir={results / 'inference_onnx'}"),
+        "Serve the ONNX model over HTTP on 127.0.0.1:8000 (Ray Serve; Ctrl-C stops it):",
+        "  " + command("serve", "-e", spec_path),
     ]
     log.info("\n".join(lines))
     return spec_path

@@ -146,6 +146,14 @@ def test_bad_type_names_key_and_value():
         (["export.batch_size=0"], "export.batch_size=0 is invalid: expected -1 (dynamic) or >= 1"),
         (["ray.cpus_per_worker=0"], "ray.cpus_per_worker=0.0 is invalid: expected > 0"),
         (["dataset.input_map=null"], "without dataset.input_map there is one image per side"),
+        (["serve.port=70000"], "serve.port=70000 is invalid: expected 1 <= value <= 65535"),
+        (["serve.route_prefix=api"], "serve.route_prefix='api' is invalid: expected a path starting with '/'"),
+        (["serve.autoscaling_config.min_replicas=3"],
+         "serve.autoscaling_config.max_replicas=1 is invalid: expected >= 1 and >= min_replicas (3)"),
+        (["serve.batching.max_batch_size=0"], "serve.batching.max_batch_size=0 is invalid: expected >= 1"),
+        (["serve.num_gpus=-0.5"], "serve.num_gpus=-0.5 is invalid: expected >= 0"),
+        (["serve.auth_token_env=my-token"], "serve.auth_token_env='my-token' is invalid: expected the name of an "
+                                            "environment variable"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(overrides, expected):

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import ray
 import requests
+import torch
 import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
@@ -156,6 +157,9 @@ def test_concurrent_requests_are_batched_and_counted(service):
         text, "ray_oi_ray_batch_pairs_bucket", 'le="1.0"'))
     assert _sum(metrics, "ray_oi_ray_pairs_scored_total") >= requests_sent
     assert "ray_oi_ray_pair_distance_bucket" in metrics
+    flagged_offline = int((service.exported.offline["decision"][:8] == "NO_PASS").sum())
+    assert flagged_offline > 0, "the test split should hold NO_PASS pairs among its first rows"
+    assert _sum(metrics, "ray_oi_ray_no_pass_decisions_total") >= flagged_offline
 
 
 def _sum(metrics: str, name: str, label: str = "") -> float:
@@ -318,15 +322,72 @@ def test_build_writes_a_serve_config_that_deploys(service, tmp_path):
         serve.delete("built")
 
 
+def test_a_checkpoint_is_served_with_torch(service):
+    checkpoint = service.exported.results / "train" / "oi_model_latest.pth"
+    deploy(serve_config(service.config(f"serve.model={checkpoint}", "serve.app_name=torch",
+                                       "serve.route_prefix=/torch")))
+    try:
+        card = requests.get(service.url("/v1/model", "/torch"), timeout=HTTP_TIMEOUT_S).json()
+        assert card["backend"] == "torch" and card["card"]["opset_version"] is None
+        # the link is resolved: the service keeps the file it loaded while training moves the link on
+        assert card["file"] == str(checkpoint.resolve()) and card["model"].startswith("model_epoch_000.pth@")
+        assert card["threshold"]["source"] == ("calibrated on the validation set (stored in the checkpoint "
+                                               f"{checkpoint.resolve()})")
+        _assert_scores_like_onnx_offline(service, "/torch")
+    finally:
+        serve.delete("torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU; none is visible")
+def test_gpu_replica_scores_like_the_cpu(service):
+    deploy(serve_config(service.config("serve.num_gpus=1", "serve.app_name=gpu", "serve.route_prefix=/gpu")))
+    try:
+        _assert_scores_like_onnx_offline(service, "/gpu")
+    finally:
+        serve.delete("gpu")
+
+
+def _assert_scores_like_onnx_offline(service: Service, prefix: str) -> None:
+    """Another backend or device: the first pairs' distances within 1e-4 of ONNX Runtime's."""
+    table = service.exported.table
+    answers = requests.post(service.url("/v1/inspect", prefix), timeout=HTTP_TIMEOUT_S,
+                            json=[_json_pair(table, row) for row in range(MAX_PAIRS)]).json()["results"]
+    np.testing.assert_allclose([answer["distance"] for answer in answers],
+                               service.exported.offline["siamese_score"][:MAX_PAIRS], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["serve.model=/nowhere/model.onnx"], "model not found: /nowhere/model.onnx; export one with"),
+    (["serve.auth_token_env=OI_RAY_TEST_UNSET_TOKEN"],
+     "serve.auth_token_env='OI_RAY_TEST_UNSET_TOKEN': the environment variable OI_RAY_TEST_UNSET_TOKEN is not set"),
+    (["serve.model={engine}"], "is a TensorRT engine, which runs on a GPU: set serve.num_gpus"),
+    (["serve.port={busy}"], "cannot listen on 127.0.0.1:{busy}"),
+])
+def test_cli_refuses_before_starting(service, tmp_path, capsys, overrides, message):
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not really an engine")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        values = {"engine": engine, "busy": busy.getsockname()[1]}
+        code = main(["serve", "-e", str(service.exported.spec), f"results_dir={service.exported.results}",
+                     *(override.format(**values) for override in overrides)])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("oi-ray serve: error: ") and message.format(**values) in error, error
+
+
 def test_cli_serves_until_interrupted_beside_another_ray(service, tmp_path):
-    """A real `oi-ray serve` process with its own embedded Ray (the test's Ray keeps running)."""
+    """A real `oi-ray serve` process with its own embedded Ray (the test's Ray keeps running),
+    from a spec that names only the model: its card holds everything else."""
     port = _free_port()
+    spec = tmp_path / "serve.yaml"
+    spec.write_text(f"serve:\n  model: {service.exported.onnx}\n  port: {port}\nray:\n  num_cpus: 2\n")
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "oi_ray.cli", "serve", "-e", str(service.exported.spec),
-             f"results_dir={service.exported.results}", f"serve.port={port}", "ray.num_cpus=2"],
-            stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
+        process = subprocess.Popen([sys.executable, "-m", "oi_ray.cli", "serve", "-e", str(spec)],
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
     try:
         banner = _read_until(process, "Press Ctrl-C to stop.", log, timeout_s=240)
         assert re.search(rf"oi_model\.onnx@\w+ \(onnxruntime, 1 CPU per replica, 1\.\.1 replicas\) at "

@@ -255,7 +255,9 @@ class ServeBatching:
     """Ray Serve dynamic batching (``@serve.batch``) of the pairs of concurrent requests."""
 
     max_batch_size: int = 32  # pairs scored in one model call
-    batch_wait_timeout_s: float = 0.002  # how long a batch waits to fill after its first pair
+    # How long a batch waits to fill after its first pair. 0: no wait; pairs that arrive while the
+    # model runs still form one batch (they wait for the model anyway).
+    batch_wait_timeout_s: float = 0.0
 
 
 @dataclass

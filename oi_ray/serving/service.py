@@ -8,8 +8,11 @@ Routes (under the application's route prefix):
 - ``GET /healthz``: 200 while this replica's model scores; names the replica.
 
 A request is read (bounded by ``max_request_bytes``), parsed and decoded in a worker thread,
-so the event loop keeps accepting requests and filling batches; its pairs join
-``@serve.batch`` batches with other requests' pairs, and each batch is one model call. The
+so the event loop keeps accepting requests; its pairs join ``@serve.batch`` batches with other
+requests' pairs, and each batch is one model call. Serve forms the next batch while the
+current one runs, from the pairs arriving within ``batch_wait_timeout_s``; so that the pairs
+arriving during a model call form one batch instead of many small ones, requests wait for the
+model to be idle before they join a batch (the wait costs nothing when it is idle). The
 threshold lives in ``user_config``: a redeploy that changes only it reaches the running
 replicas through :meth:`InspectionService.reconfigure`. Errors are JSON bodies with a stable
 ``code``; a request never takes the replica down.
@@ -142,6 +145,8 @@ class InspectionService:
         self.token = _token(settings.auth_token_env)
         self.predictor = model.load(settings.use_gpu, settings.threads)
         self.model_lock = asyncio.Lock()  # health checks and batches take turns on the model
+        self.model_idle = asyncio.Event()  # cleared while a batch runs: arrivals wait, then go together
+        self.model_idle.set()
         self.threshold = self._threshold(None)
         self._score.set_max_batch_size(settings.max_batch_size)
         self._score.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
@@ -183,6 +188,7 @@ class InspectionService:
         except RequestError as error:
             return self._refuse(error)
         step = self.settings.max_batch_size
+        await self.model_idle.wait()
         try:
             distances = np.concatenate(await asyncio.gather(*(
                 self._score(_Pictures(test[start:start + step], golden[start:start + step]))
@@ -229,8 +235,12 @@ class InspectionService:
         """One model call for the pairs of several requests; each gets its own distances back."""
         test = np.concatenate([chunk.test for chunk in chunks])
         golden = np.concatenate([chunk.golden for chunk in chunks])
-        async with self.model_lock:
-            distances = await asyncio.to_thread(self.predictor.distances, test, golden)
+        self.model_idle.clear()
+        try:
+            async with self.model_lock:
+                distances = await asyncio.to_thread(self.predictor.distances, test, golden)
+        finally:
+            self.model_idle.set()
         self.metrics.batch_pairs.observe(len(test))
         return np.split(distances, np.cumsum([len(chunk.test) for chunk in chunks])[:-1])
 

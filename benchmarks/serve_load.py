@@ -1,0 +1,255 @@
+"""`oi-ray serve` under load vs in-process ONNX Runtime on the same pairs, side by side.
+
+TAO's layout (4 lightings of 100x100 JPEG per side) from the synthetic generator; a model
+trained for one epoch and exported with `oi-ray export`. Then, in one run:
+
+1. in-process: the service's own decoding (``decode_pairs``) and ONNX Runtime predictor, no
+   HTTP: pairs/s at batch 1 and at the service's batch size;
+2. served: `oi-ray serve` in its own process (its embedded Ray, 127.0.0.1 only). First one
+   client, alternating a request with the same pair scored in-process, so both latencies are
+   measured under the same conditions; then 1, 8 and 32 concurrent clients posting
+   single-pair multipart requests (keep-alive HTTP/1.1), each level a fixed number of
+   requests bounded by a time limit;
+3. in-process again once the service has stopped, so a drifting machine shows.
+
+Ratios: served pairs/s at 32 clients over in-process pairs/s at the service's batch size
+(target >= 0.5), and the served p50 latency of one pair minus the in-process p50 latency of
+one pair, alternated (the serving overhead; target <= 10 ms).
+
+    python benchmarks/serve_load.py [--workdir DIR] [--requests 200 400 800]
+"""
+
+import argparse
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from oi_ray.cli import main as oi_ray
+from oi_ray.config import load_config
+from oi_ray.data.pairs import load_split
+from oi_ray.model_card import read_card
+from oi_ray.predictors import OnnxPredictor
+from oi_ray.serving.uploads import PairUpload, decode_pairs
+
+CLIENTS = (1, 8, 32)
+PORT = 18731
+SERVE_CPUS = 2  # replica CPUs: ONNX Runtime threads, as in-process
+BATCH = 32
+TIME_LIMIT_S = 90.0  # per load level
+ALTERNATED = 150  # single pairs scored served and in-process in turns
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, help="reuse a dataset and model from an earlier run")
+    parser.add_argument("--requests", type=int, nargs=3, default=(200, 400, 800),
+                        help="requests at 1, 8 and 32 clients")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="oi-ray-serve-load-"))
+    spec, onnx = _model(workdir.resolve())
+    config = load_config(spec, [f"results_dir={workdir / 'results'}"])
+    table = load_split(config.dataset, "test_dataset")
+    lights = tuple(config.dataset.input_map)
+    pairs = [PairUpload(str(row), _contents(table.test_paths[row]), _contents(table.golden_paths[row]))
+             for row in range(len(table))]
+    print(f"{len(pairs)} pairs of {len(lights)} x {config.dataset.image_width}x{config.dataset.image_height} "
+          f"JPEG per side; model {onnx}; {os.cpu_count()} cores")
+
+    before = _in_process(onnx, pairs, lights)
+    served = _served(spec, workdir, onnx, pairs, lights, args.requests)
+    after = _in_process(onnx, pairs, lights)
+    print(f"\nin-process (decode + ONNX Runtime, {SERVE_CPUS} threads), before | after the load:")
+    for key, unit in (("batch1", "pairs/s at batch 1"), (f"batch{BATCH}", f"pairs/s at batch {BATCH}")):
+        print(f"  {before[key]:9.2f} | {after[key]:9.2f}  {unit}")
+    alternated = served.pop("alternated")
+    print(f"\none pair at a time, alternated ({ALTERNATED} each): served p50 {alternated['served']:.2f} ms, "
+          f"in-process p50 {alternated['in_process']:.2f} ms")
+    print("\nserved (oi-ray serve, single-pair multipart requests):")
+    print(f"  {'clients':>7} {'requests':>8} {'pairs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for clients, level in served.items():
+        print(f"  {clients:>7} {level['requests']:>8} {level['rate']:>9.1f} {level['p50']:>8.2f} "
+              f"{level['p99']:>8.2f} {level['errors']:>6}")
+    in_process_rate = (before[f"batch{BATCH}"] + after[f"batch{BATCH}"]) / 2
+    print(f"\nratio served pairs/s at 32 clients / in-process pairs/s at batch {BATCH}: "
+          f"{served[32]['rate'] / in_process_rate:.2f} (target >= 0.5)")
+    print(f"serving overhead of one pair: {alternated['served'] - alternated['in_process']:.2f} ms "
+          f"(target <= 10)")
+
+
+def _contents(paths: list[str]) -> tuple[bytes, ...]:
+    return tuple(Path(path).read_bytes() for path in paths)
+
+
+def _model(workdir: Path) -> tuple[Path, Path]:
+    """Synthetic TAO-layout data, one epoch of training and the ONNX export (reused when present)."""
+    spec = workdir / "data" / "spec.yaml"
+    results = workdir / "results"
+    onnx = results / "export" / "oi_model.onnx"
+    if onnx.is_file():
+        return spec, onnx
+    common = ["-e", str(spec), f"results_dir={results}"]
+    for step in (["synthesize", "--output", str(workdir / "data"), "--num-pairs", "240", "--seed", "3"],
+                 ["train", *common, "train.num_epochs=1"], ["export", *common]):
+        if oi_ray(step) != 0:
+            raise SystemExit(f"oi-ray {step[0]} failed")
+    return spec, onnx
+
+
+class InProcess:
+    """The service's decoding and predictor in this process: what serving adds overhead to."""
+
+    def __init__(self, onnx: Path, lights: tuple[str, ...]) -> None:
+        card = read_card(onnx)
+        self.geometry = card.geometry()
+        self.lights = lights
+        self.predictor = OnnxPredictor(onnx, self.geometry, threshold=card.threshold, threads=SERVE_CPUS)
+
+    def score(self, chunk: list[PairUpload]) -> None:
+        self.predictor.distances(*decode_pairs(chunk, self.geometry, self.lights, allow_resize=True))
+
+
+def _in_process(onnx: Path, pairs: list[PairUpload], lights: tuple[str, ...]) -> dict[str, float]:
+    score = InProcess(onnx, lights).score
+    score(pairs[:BATCH])  # warm-up
+    result = {}
+    for batch in (1, BATCH):
+        start = time.perf_counter()
+        chunks = [pairs[i:i + batch] for i in range(0, len(pairs), batch)]
+        for chunk in chunks:
+            score(chunk)
+        result[f"batch{batch}"] = len(pairs) / (time.perf_counter() - start)
+    return result
+
+
+def _served(spec: Path, workdir: Path, onnx: Path, pairs: list[PairUpload], lights: tuple[str, ...],
+            counts: tuple[int, int, int]) -> dict:
+    bodies = [_multipart(pair, lights) for pair in pairs]
+    log = (workdir / "serve.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "oi_ray.cli", "serve", "-e", str(spec), f"results_dir={workdir / 'results'}",
+         f"serve.port={PORT}", f"serve.num_cpus={SERVE_CPUS}", f"serve.batching.max_batch_size={BATCH}",
+         f"serve.max_ongoing_requests={2 * BATCH}", "serve.max_queued_requests=-1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(process)
+        _post_all(bodies[:BATCH], clients=4, limit=len(bodies[:BATCH]))  # warm-up
+        results: dict = {"alternated": _alternated(InProcess(onnx, lights), pairs, bodies)}
+        results.update({clients: _load(bodies, clients, count)
+                        for clients, count in zip(CLIENTS, counts, strict=True)})
+        return results
+    finally:
+        os.killpg(process.pid, signal.SIGINT)  # the process group this benchmark started
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+        time.sleep(10)  # let the stopped Ray's processes exit before measuring again
+
+
+def _alternated(local: InProcess, pairs: list[PairUpload],
+                bodies: list[tuple[bytes, str]]) -> dict[str, float]:
+    """p50 latency of one pair, served and in-process, measured in turns on the same pairs."""
+    connection = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
+    times: dict[str, list[float]] = {"served": [], "in_process": []}
+    for index in range(ALTERNATED):
+        body, content_type = bodies[index % len(bodies)]
+        start = time.perf_counter()
+        connection.request("POST", "/v1/inspect", body=body, headers={"Content-Type": content_type})
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise SystemExit(f"HTTP {response.status} from the service")
+        times["served"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        local.score([pairs[index % len(pairs)]])
+        times["in_process"].append(time.perf_counter() - start)
+    connection.close()
+    return {name: 1000 * float(np.median(values)) for name, values in times.items()}
+
+
+def _multipart(pair: PairUpload, lights: tuple[str, ...]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="id"\r\n\r\n{pair.id}\r\n'.encode()]
+    for side in ("test", "golden"):
+        for light, data in zip(lights, getattr(pair, side), strict=True):
+            header = (f'--{boundary}\r\nContent-Disposition: form-data; name="{side}.{light}"; '
+                      f'filename="{light}.jpg"\r\nContent-Type: image/jpeg\r\n\r\n')
+            parts.append(header.encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _wait_healthy(process: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit("oi-ray serve exited; see serve.log in the workdir")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", PORT, timeout=5)
+            connection.request("GET", "/healthz")
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise SystemExit("oi-ray serve did not become healthy")
+
+
+def _load(bodies: list[tuple[bytes, str]], clients: int, count: int) -> dict[str, float]:
+    start = time.perf_counter()
+    latencies, errors = _post_all(bodies, clients, count)
+    wall = time.perf_counter() - start
+    return {"requests": len(latencies) + errors, "rate": len(latencies) / wall, "errors": errors,
+            "p50": 1000 * float(np.percentile(latencies, 50)),
+            "p99": 1000 * float(np.percentile(latencies, 99))}
+
+
+def _post_all(bodies: list[tuple[bytes, str]], clients: int, limit: int) -> tuple[list[float], int]:
+    """``limit`` requests from ``clients`` threads, each with its own keep-alive connection;
+    stops early at the time limit. Returns the latencies of answered requests and the errors."""
+    issued = iter(range(limit))
+    lock = threading.Lock()
+    deadline = time.monotonic() + TIME_LIMIT_S
+    latencies: list[float] = []
+    errors = 0
+
+    def client() -> None:
+        nonlocal errors
+        connection = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
+        while time.monotonic() < deadline:
+            with lock:
+                index = next(issued, None)
+            if index is None:
+                break
+            body, content_type = bodies[index % len(bodies)]
+            start = time.perf_counter()
+            connection.request("POST", "/v1/inspect", body=body, headers={"Content-Type": content_type})
+            response = connection.getresponse()
+            response.read()
+            with lock:
+                if response.status == 200:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors += 1
+        connection.close()
+
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(client) for _ in range(clients)]:
+            future.result()
+    return latencies, errors
+
+
+if __name__ == "__main__":
+    main()

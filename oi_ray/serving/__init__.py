@@ -1,0 +1,1 @@
+"""Online scoring on Ray Serve: request bodies, the deployment, and the application builder."""
