@@ -35,9 +35,7 @@ def main() -> None:
 
     token = os.environ.get("OI_RAY_SERVE_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    model = requests.get(f"{args.url}/v1/model", headers=headers, timeout=TIMEOUT_S)
-    model.raise_for_status()
-    card = model.json()
+    card = _answer(requests.get(f"{args.url}/v1/model", headers=headers, timeout=TIMEOUT_S))
     lights = card["card"]["lights"]
     print(f"{card['model']} ({card['backend']}), threshold {card['threshold']['value']:.4g}; "
           f"fields {card['fields']}")
@@ -61,12 +59,21 @@ def main() -> None:
             ids = {f"{i}.id" if prefix else "id": str(row) for i, row in enumerate(chunk)}
             response = requests.post(f"{args.url}/v1/inspect", files=files, data=ids, headers=headers,
                                      timeout=TIMEOUT_S)
-        if response.status_code != 200:
-            raise SystemExit(f"HTTP {response.status_code}: {response.json()['error']['message']}")
-        for answer in response.json()["results"]:
+        for answer in _answer(response)["results"]:
             row = table.rows.iloc[int(answer["id"])]
             print(f"  {row['object_name']:<12} {answer['distance']:8.4f}  {answer['decision']:<8} "
                   f"(label {row.get('label', '-')})")
+
+
+def _answer(response: requests.Response) -> dict:
+    """The JSON body of a 200, or exit with the service's error message."""
+    if response.status_code != 200:
+        try:
+            reason = response.json()["error"]["message"]
+        except (ValueError, KeyError):
+            reason = response.text.strip()
+        raise SystemExit(f"HTTP {response.status_code} from {response.url}: {reason}")
+    return response.json()
 
 
 def _files(pair: dict[str, list[str]], lights: list[str]) -> list[tuple[str, tuple[str, bytes]]]:

@@ -5,6 +5,7 @@ give the same distances. Every request goes to 127.0.0.1, in bounded numbers, wi
 """
 
 import base64
+import json
 import os
 import re
 import signal
@@ -320,6 +321,44 @@ def test_build_writes_a_serve_config_that_deploys(service, tmp_path):
         assert answer["distance"] == pytest.approx(service.exported.offline["siamese_score"][0], abs=1e-5)
     finally:
         serve.delete("built")
+
+
+SERVE_DEPLOY = """
+import json, subprocess, sys, time, urllib.request
+import ray
+ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+         dashboard_port={dashboard}, log_to_driver=False)
+try:
+    done = subprocess.run([{serve!r}, "deploy", {config!r}, "-a", "http://127.0.0.1:{dashboard}"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            print(urllib.request.urlopen("http://127.0.0.1:{port}/v1/model", timeout=10).read().decode())
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the deployed service never answered"
+            time.sleep(2)
+finally:
+    ray.shutdown()
+"""
+
+
+def test_build_file_deploys_with_rays_serve_deploy(service, tmp_path):
+    """`serve deploy` (Ray's CLI, through the dashboard's REST API) on a second, private Ray."""
+    port, dashboard = _free_port(), _free_port()
+    target = tmp_path / "serve_config.yaml"
+    assert main(["serve", "-e", str(service.exported.spec), f"results_dir={service.exported.results}",
+                 f"serve.port={port}", "serve.threshold=0.25", "--build", str(target)]) == 0
+    script = SERVE_DEPLOY.format(dashboard=dashboard, port=port, config=str(target),
+                                 serve=str(Path(sys.executable).with_name("serve")))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = json.loads(done.stdout.strip().splitlines()[-1])
+    assert card["threshold"] == {"value": 0.25, "source": "serve.threshold (user_config)"}
+    assert card["file"] == str(service.exported.onnx)
 
 
 def test_a_checkpoint_is_served_with_torch(service):
