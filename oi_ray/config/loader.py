@@ -7,7 +7,7 @@ fail before anything runs, naming the full dotted key.
 import dataclasses
 import difflib
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,17 @@ def load_config(spec_path: str | Path | None, overrides: Sequence[str] = ()) -> 
     return _typed_config(spec, str(spec_path) if spec_path is not None else "spec", overrides)
 
 
-def config_from_mapping(spec: dict[str, Any], source: str) -> ExperimentConfig:
+def config_from_mapping(spec: dict[str, Any], source: str,
+                        values: Mapping[str, Any] | None = None) -> ExperimentConfig:
     """Validate a spec given as plain data (e.g. application arguments in a Serve config),
-    exactly as a spec file; ``source`` names it in errors."""
+    exactly as a spec file, after setting the dotted keys of ``values`` (e.g. a sweep trial's
+    parameters); ``source`` names it in errors."""
     if not isinstance(spec, dict):
         raise ConfigError(f"{source}: the spec must be a mapping of sections, not {type(spec).__name__}")
-    return _typed_config(OmegaConf.create(spec), source, ())
+    node = OmegaConf.create(spec)
+    for key, value in (values or {}).items():
+        OmegaConf.update(node, key, value, merge=False)
+    return _typed_config(node, source, ())
 
 
 def _typed_config(spec: DictConfig, source: str, overrides: Sequence[str]) -> ExperimentConfig:
@@ -126,10 +131,17 @@ def _structure_problems(node: DictConfig, schema: type, source: str, prefix: str
                 hint = f"did you mean one of {', '.join(map(repr, close))}?"
             yield f"{dotted} ({source}): {hint}"
             continue
+        value = node._get_node(key)
+        entries = _dict_entry_dataclass(hints[key])
+        if entries is not None and isinstance(value, DictConfig):  # a mapping of sections, e.g. search_space
+            for name in value:
+                entry = value._get_node(name)
+                if isinstance(entry, DictConfig):
+                    yield from _structure_problems(entry, entries, source, f"{dotted}.{name}.")
+            continue
         child = _dataclass_of(hints[key])
         if child is None:
             continue
-        value = node._get_node(key)
         if isinstance(value, DictConfig):
             yield from _structure_problems(value, child, source, f"{dotted}.")
         elif value._value() is not None:
@@ -181,10 +193,20 @@ def _mapping_fields(node: DictConfig, schema: type, prefix: str = "") -> Iterato
 
 def _dataclass_of(hint: Any) -> type | None:
     """The dataclass a field holds (unwrapping ``X | None``), or None for leaves and dicts."""
+    if typing.get_origin(hint) is dict:
+        return None
     candidates = typing.get_args(hint) or (hint,)
     for candidate in candidates:
         if dataclasses.is_dataclass(candidate):
             return typing.cast(type, candidate)
+    return None
+
+
+def _dict_entry_dataclass(hint: Any) -> type | None:
+    """For a ``dict[str, SomeDataclass]`` field, the dataclass of its values."""
+    if typing.get_origin(hint) is dict:
+        value = typing.get_args(hint)[1]
+        return value if dataclasses.is_dataclass(value) else None
     return None
 
 

@@ -7,6 +7,7 @@ oi-ray accepts but does not act on are listed in ``validate.INERT_KEYS``; settin
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -251,6 +252,50 @@ class RayConfig:
 
 
 @dataclass
+class SearchDimension:
+    """One entry of ``tune.search_space``: how a trial draws the value of its spec key."""
+
+    type: str = "choice"  # choice | grid | uniform | loguniform | quniform | randint
+    values: list[Any] | None = None  # choice, grid
+    low: float | None = None  # uniform, loguniform, quniform, randint (inclusive)
+    high: float | None = None  # uniform, loguniform, quniform (inclusive); randint (exclusive)
+    q: float | None = None  # quniform: the step values are rounded to
+
+
+@dataclass
+class TuneScheduler:
+    type: str = "asha"  # asha: stop weak trials early at validation epochs | none
+    grace_period: int = 1  # epochs every trial runs before it may be stopped
+    reduction_factor: float = 2.0  # ASHA keeps 1/reduction_factor of the trials at each rung
+
+
+@dataclass
+class TuneTrialResources:
+    """What one trial trains with; unset values are the ``ray`` section's."""
+
+    num_workers: int | None = None  # training workers per trial (default ray.num_workers, else 1)
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float | None = None
+
+
+@dataclass
+class TuneConfig:
+    """oi-ray's own section: hyperparameter sweeps with ``oi-ray tune`` on Ray Tune."""
+
+    # dotted spec key -> how to sample it, e.g. {model.margin: {type: uniform, low: 0.5, high: 3}}
+    search_space: dict[str, SearchDimension] = field(default_factory=dict)
+    num_samples: int = 4  # trials; with grid entries, repeats of the whole grid
+    metric: str = "val_auroc"  # a validation metric every epoch reports (see train's status.json)
+    mode: str = "max"  # max | min
+    scheduler: TuneScheduler = field(default_factory=TuneScheduler)
+    search_alg: str = "random"  # random (grid entries: every point) | optuna (needs the tune extra)
+    max_concurrent_trials: int | None = None  # default: as many as the cluster's CPUs/GPUs hold
+    resources_per_trial: TuneTrialResources = field(default_factory=TuneTrialResources)
+    results_dir: str = "${results_dir}/tune"
+    name: str = "sweep"  # the sweep's folder under results_dir; `--resume` continues it
+
+
+@dataclass
 class ServeBatching:
     """Ray Serve dynamic batching (``@serve.batch``) of the pairs of concurrent requests."""
 
@@ -311,3 +356,4 @@ class ExperimentConfig:
     wandb: WandBConfig = field(default_factory=WandBConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)

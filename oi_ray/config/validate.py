@@ -19,6 +19,7 @@ from oi_ray.config.schema import (
     ServeConfig,
     TensorRTConfig,
     TrainConfig,
+    TuneConfig,
 )
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,12 @@ CONCAT_TYPES = ("linear", "grid")
 OPTIMIZERS = ("Adam", "SGD")
 TRT_DATA_TYPES = ("fp32", "fp16", "int8")
 MAX_PORT = 65535
+# What every training epoch reports (training/loop.py), the metrics a sweep can rank trials by
+TUNE_METRICS = ("val_auroc", "val_loss", "val_acc", "val_fpr", "val_defect_recall_fraction_of_defects",
+                "val_false_alarm_fraction_of_pass_pairs",
+                "val_false_alarm_fraction_of_pass_pairs_at_99_defect_recall", "train_loss")
+TUNE_SCHEDULERS = ("asha", "none")
+TUNE_SEARCH_ALGS = ("random", "grid", "optuna")
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,7 @@ def validate(config: ExperimentConfig) -> list[str]:
             "gen_trt_engine.batch_size", config.gen_trt_engine.batch_size, "expected -1 (profile) or >= 1")
     _check_ray(p, config.ray)
     _check_serve(p, config.serve)
+    _check_tune(p, config.tune)
     return p.messages
 
 
@@ -312,3 +320,25 @@ def _check_serve(p: _Problems, serve: ServeConfig) -> None:
             "expected > 0 (pairs farther apart are NO_PASS)")
     p.check(serve.auth_token_env is None or serve.auth_token_env.isidentifier(), "serve.auth_token_env",
             serve.auth_token_env, "expected the name of an environment variable, e.g. OI_RAY_SERVE_TOKEN")
+
+
+def _check_tune(p: _Problems, tune: TuneConfig) -> None:
+    p.at_least("tune.num_samples", tune.num_samples, 1)
+    p.one_of("tune.metric", tune.metric, TUNE_METRICS)
+    p.one_of("tune.mode", tune.mode, ("max", "min"))
+    p.one_of("tune.scheduler.type", tune.scheduler.type, TUNE_SCHEDULERS)
+    p.at_least("tune.scheduler.grace_period", tune.scheduler.grace_period, 1)
+    p.check(tune.scheduler.reduction_factor > 1, "tune.scheduler.reduction_factor",
+            tune.scheduler.reduction_factor, "expected > 1")
+    p.one_of("tune.search_alg", tune.search_alg, TUNE_SEARCH_ALGS)
+    p.check(tune.max_concurrent_trials is None or tune.max_concurrent_trials >= 1,
+            "tune.max_concurrent_trials", tune.max_concurrent_trials, "expected >= 1")
+    resources = tune.resources_per_trial
+    p.check(resources.num_workers is None or resources.num_workers >= 1,
+            "tune.resources_per_trial.num_workers", resources.num_workers, "expected >= 1")
+    p.check(resources.cpus_per_worker is None or resources.cpus_per_worker > 0,
+            "tune.resources_per_trial.cpus_per_worker", resources.cpus_per_worker, "expected > 0")
+    p.check(resources.gpus_per_worker is None or resources.gpus_per_worker >= 0,
+            "tune.resources_per_trial.gpus_per_worker", resources.gpus_per_worker, "expected >= 0")
+    p.check(bool(tune.name.strip()) and "/" not in tune.name, "tune.name", tune.name,
+            "expected a folder name (no '/')")

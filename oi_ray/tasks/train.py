@@ -19,7 +19,7 @@ from ray.train.torch import TorchTrainer
 from oi_ray.checkpoint import LATEST_NAME, check_fits, load_checkpoint
 from oi_ray.config import save_resolved_spec
 from oi_ray.config.schema import ExperimentConfig
-from oi_ray.data.dataset import PipelineSpec, decode_cache
+from oi_ray.data.dataset import DecodedCache, PipelineSpec, decode_cache
 from oi_ray.data.pairs import PairTable, load_split
 from oi_ray.errors import ConfigError, DataError, TaskInterrupted, TrainingDivergedError
 from oi_ray.fileio import remove_partial_files
@@ -34,12 +34,12 @@ def run(config: ExperimentConfig) -> None:
     """Train ``config`` on Ray Train, resuming where the last run stopped."""
     train = config.train
     results_dir = Path(train.results_dir).resolve()
-    resume_from, done_epochs = _resume_point(config, results_dir)
+    resume_from, done_epochs = resume_point(config, results_dir)
     if done_epochs >= train.num_epochs:
         log.info("training already complete: %s holds epoch %d of %d; nothing to do "
                  "(raise train.num_epochs to train longer)", resume_from, done_epochs, train.num_epochs)
         return
-    train_table, validation_table = _load_tables(config)
+    train_table, validation_table = load_tables(config)
 
     pipeline = PipelineSpec.from_config(config.dataset)
     try:
@@ -47,9 +47,9 @@ def run(config: ExperimentConfig) -> None:
             job = _fit(config, pipeline, train_table, validation_table, results_dir, resume_from, done_epochs)
     except KeyboardInterrupt:  # a second Ctrl-C (or one before training started): stopped at once
         remove_partial_files(results_dir)
-        raise TaskInterrupted(f"interrupted; {_rerun_note(config, results_dir)}") from None
+        raise TaskInterrupted(f"interrupted; {rerun_note(config, results_dir)}") from None
     if job.progress.early_end is not None:
-        raise _early_end_error(job.progress.early_end, config, results_dir)
+        raise early_end_error(job.progress.early_end, config, results_dir)
     latest, status = results_dir / LATEST_NAME, results_dir / STATUS_FILE
     last_epoch = json.loads(status.read_text().splitlines()[-1])  # the final epoch is always validated
     threshold = f"{last_epoch['threshold']:.4f}" if "threshold" in last_epoch \
@@ -65,43 +65,50 @@ def _fit(config: ExperimentConfig, pipeline: PipelineSpec, train_table: PairTabl
     train = config.train
     use_gpu = uses_gpus(config.ray)
     workers = config.ray.num_workers or (train.num_gpus if use_gpu else 1)
-    _check_batches(train_table, config.dataset.batch_size, workers)
+    check_batches(train_table, config.dataset.batch_size, workers)
     if pipeline.augmentation is not None:
         _check_cpus(config, workers)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in remove_partial_files(results_dir):
-        log.info("removed %s, a partial file an interrupted run left", leftover)
-    save_resolved_spec(config, results_dir)
     log.info("training %s on %d %s worker(s): epochs %d to %d, %d training pairs%s; results in %s",
              config.model.model_type, workers, "GPU" if use_gpu else "CPU", done_epochs + 1,
              train.num_epochs, len(train_table), _validation_note(validation_table), results_dir)
     if resume_from is not None:
         log.info("resuming from %s (epoch %d)", resume_from, done_epochs)
-    job = TrainJob(
-        config=config, pipeline=pipeline,
-        train_cache=decode_cache(train_table, pipeline, for_training=True),
-        validation_cache=(decode_cache(validation_table, pipeline, for_training=False)
-                          if validation_table is not None else None),
-        results_dir=results_dir, resume_from=resume_from,
-        threads=torch_threads(config.ray, workers), progress=ProgressFeed(),
-        data_seed=train.seed if train.seed >= 0 else secrets.randbelow(2**31),
-    )
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"job": job},
-        scaling_config=_scaling(config, workers, use_gpu),
-        run_config=RunConfig(
-            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(Path(config.ray.storage_path).resolve()),
-            failure_config=FailureConfig(max_failures=config.ray.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-        ),
-    )
+    job = prepare_job(config, pipeline, decode_cache(train_table, pipeline, for_training=True),
+                      decode_cache(validation_table, pipeline, for_training=False)
+                      if validation_table is not None else None,
+                      results_dir, resume_from, torch_threads(config.ray, workers))
+    trainer = make_trainer(job, workers, use_gpu, RunConfig(
+        name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=str(Path(config.ray.storage_path).resolve()),
+        failure_config=FailureConfig(max_failures=config.ray.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=1)))
     job.progress.render_while(trainer.fit)
     return job
 
 
-def _rerun_note(config: ExperimentConfig, results_dir: Path) -> str:
+def prepare_job(config: ExperimentConfig, pipeline: PipelineSpec, train_cache: DecodedCache,
+                validation_cache: DecodedCache | None, results_dir: Path, resume_from: Path | None,
+                threads: int) -> TrainJob:
+    """The job every worker runs, and its results folder made ready (leftovers of an
+    interrupted run removed, the resolved spec saved)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in remove_partial_files(results_dir):
+        log.info("removed %s, a partial file an interrupted run left", leftover)
+    save_resolved_spec(config, results_dir)
+    seed = config.train.seed
+    return TrainJob(config=config, pipeline=pipeline, train_cache=train_cache,
+                    validation_cache=validation_cache, results_dir=results_dir, resume_from=resume_from,
+                    threads=threads, progress=ProgressFeed(),
+                    data_seed=seed if seed >= 0 else secrets.randbelow(2**31))
+
+
+def make_trainer(job: TrainJob, workers: int, use_gpu: bool, run_config: RunConfig) -> TorchTrainer:
+    """The Ray Train ``TorchTrainer`` of ``job`` (what ``oi-ray train`` and every sweep trial fit)."""
+    return TorchTrainer(train_worker, train_loop_config={"job": job},
+                        scaling_config=_scaling(job.config, workers, use_gpu), run_config=run_config)
+
+
+def rerun_note(config: ExperimentConfig, results_dir: Path) -> str:
     """Where a rerun of the same command continues from."""
     latest, newest = results_dir / LATEST_NAME, None
     if latest.exists():
@@ -116,19 +123,19 @@ def _rerun_note(config: ExperimentConfig, results_dir: Path) -> str:
     return "no checkpoint was written yet: a rerun starts from epoch 1"
 
 
-def _early_end_error(reason: tuple, config: ExperimentConfig, results_dir: Path) -> Exception:
+def early_end_error(reason: tuple, config: ExperimentConfig, results_dir: Path) -> Exception:
     """The error for a run the workers ended before its last epoch."""
     if reason[0] == "stopped":
-        return TaskInterrupted(f"stopped during epoch {reason[1]}; {_rerun_note(config, results_dir)}")
+        return TaskInterrupted(f"stopped during epoch {reason[1]}; {rerun_note(config, results_dir)}")
     _, epoch, step, steps = reason
     optim = config.train.optim
     return TrainingDivergedError(
         f"training diverged: the loss became NaN or infinite at epoch {epoch}, step {step} of {steps}; "
-        f"nothing of epoch {epoch} was saved, and {_rerun_note(config, results_dir)}. Try a lower "
+        f"nothing of epoch {epoch} was saved, and {rerun_note(config, results_dir)}. Try a lower "
         f"train.optim.lr (now {optim.lr:g}) or set train.clip_grad_norm (e.g. 1.0)")
 
 
-def _resume_point(config: ExperimentConfig, results_dir: Path) -> tuple[Path | None, int]:
+def resume_point(config: ExperimentConfig, results_dir: Path) -> tuple[Path | None, int]:
     """The checkpoint to continue from and its epoch, checked against the spec's model."""
     explicit = config.train.resume_training_checkpoint_path
     path = Path(explicit) if explicit else results_dir / LATEST_NAME
@@ -143,7 +150,7 @@ def _resume_point(config: ExperimentConfig, results_dir: Path) -> tuple[Path | N
     return path, checkpoint.epoch
 
 
-def _load_tables(config: ExperimentConfig) -> tuple[PairTable, PairTable | None]:
+def load_tables(config: ExperimentConfig) -> tuple[PairTable, PairTable | None]:
     dataset = config.dataset
     if not dataset.train_dataset.csv_path:
         raise ConfigError("dataset.train_dataset.csv_path is not set")
@@ -155,7 +162,8 @@ def _load_tables(config: ExperimentConfig) -> tuple[PairTable, PairTable | None]
     return train_table, load_split(dataset, "validation_dataset")
 
 
-def _check_batches(table: PairTable, batch_size: int, workers: int) -> None:
+def check_batches(table: PairTable, batch_size: int, workers: int) -> None:
+    """Refuse a split too small for one batch per worker."""
     per_worker = len(table) // workers
     if per_worker < batch_size:
         raise DataError(

@@ -1,0 +1,110 @@
+"""``tune.search_space``: checked before any trial starts, then turned into Ray Tune domains.
+
+Every entry is keyed by a dotted spec key and says how a trial draws its value. A sweep
+decodes the images once for all trials, so only keys that leave the decoded pixels unchanged
+can be swept: ``model.*``, ``train.*`` (but not where results go, where training resumes
+from, or the GPU count, which ``tune.resources_per_trial`` sets) and ``dataset.*`` except the
+splits, image size, lightings and the augmentation switch (it changes the resampling of the
+decode). Each value a trial could get at the edges of its range (every choice, every grid
+point, low and high) is applied to the spec and validated, so a value the schema would refuse
+fails the sweep before it starts, naming the entry.
+"""
+
+from typing import Any
+
+from ray import tune
+
+from oi_ray.config import config_from_mapping
+from oi_ray.config.schema import SearchDimension
+from oi_ray.errors import ConfigError
+
+SEARCH_TYPES = ("choice", "grid", "uniform", "loguniform", "quniform", "randint")
+SWEEPABLE_SECTIONS = ("model.", "train.", "dataset.")
+FIXED_KEYS = (  # prefixes a trial must share with the sweep
+    "train.results_dir", "train.resume_training_checkpoint_path", "train.num_gpus", "train.gpu_ids",
+    "train.num_nodes", "dataset.train_dataset", "dataset.validation_dataset", "dataset.test_dataset",
+    "dataset.infer_dataset", "dataset.image_ext", "dataset.num_input", "dataset.input_map",
+    "dataset.image_width", "dataset.image_height", "dataset.augmentation_config.augment",
+)
+
+
+def search_problems(search_space: dict[str, SearchDimension], base: dict[str, Any]) -> list[str]:
+    """Every problem of ``search_space`` against the resolved spec ``base`` (empty: fine)."""
+    problems = []
+    for key, dimension in search_space.items():
+        name = f"tune.search_space.{key}"
+        shape = _shape_problem(key, dimension)
+        if shape:
+            problems.append(f"{name}: {shape}")
+            continue
+        for value in _edge_values(dimension):
+            try:
+                config_from_mapping(base, name, {key: value})
+            except ConfigError as error:
+                problems.append(f"{name}: the value {value!r} is refused: {error}")
+                break
+    return problems
+
+
+def _shape_problem(key: str, dimension: SearchDimension) -> str | None:
+    """What is wrong with the entry itself, or None."""
+    if not key.startswith(SWEEPABLE_SECTIONS):
+        return f"only model.*, train.* and dataset.* keys can be swept, not {key}"
+    if key.startswith(FIXED_KEYS):
+        return "every trial shares it with the sweep (the decoded images, the results folder or the GPUs)"
+    kind, low, high = dimension.type, dimension.low, dimension.high
+    if kind not in SEARCH_TYPES:
+        return f"type {kind!r} is not one of {list(SEARCH_TYPES)}"
+    if kind in ("choice", "grid"):
+        return None if dimension.values else f"type {kind} needs a non-empty list of values"
+    if low is None or high is None:
+        return f"type {kind} needs low and high"
+    if kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
+        return f"randint needs integer bounds, got low={low}, high={high}"
+    if low > high:
+        return f"low={low} is above high={high}"
+    if kind == "randint" and low == high:
+        return "randint needs low < high (high is excluded)"
+    if kind == "loguniform" and low <= 0:
+        return f"loguniform needs low > 0 (the logarithm of {low} is undefined)"
+    if kind == "quniform" and (dimension.q is None or dimension.q <= 0):
+        return f"quniform needs a step q > 0, got {dimension.q}"
+    return None
+
+
+def _edge_values(dimension: SearchDimension) -> list[Any]:
+    """Values a trial can get that the schema must accept: every listed one, else the bounds."""
+    if dimension.type in ("choice", "grid"):
+        return list(dimension.values)
+    if dimension.type == "randint":
+        return [int(dimension.low), int(dimension.high) - 1]
+    return [dimension.low, dimension.high]
+
+
+def param_space(search_space: dict[str, SearchDimension]) -> dict[str, Any]:
+    """Ray Tune's ``param_space``: one domain per dotted key."""
+    return {key: _domain(dimension) for key, dimension in search_space.items()}
+
+
+def _domain(dimension: SearchDimension) -> Any:
+    kind, low, high = dimension.type, dimension.low, dimension.high
+    if kind == "choice":
+        return tune.choice(list(dimension.values))
+    if kind == "grid":
+        return tune.grid_search(list(dimension.values))
+    if kind == "uniform":
+        return tune.uniform(low, high)
+    if kind == "loguniform":
+        return tune.loguniform(low, high)
+    if kind == "quniform":
+        return tune.quniform(low, high, dimension.q)
+    return tune.randint(int(low), int(high))
+
+
+def grid_points(search_space: dict[str, SearchDimension]) -> int:
+    """How many grid points the grid entries span (1 without grid entries)."""
+    points = 1
+    for dimension in search_space.values():
+        if dimension.type == "grid":
+            points *= len(dimension.values)
+    return points
