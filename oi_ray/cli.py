@@ -23,6 +23,7 @@ SPEC_TASKS = {
     "gen_trt_engine": "build a TensorRT engine from an exported ONNX model (GPU)",
     "check_dataset": "validate every dataset split of the spec and preview the Ray Data pipeline",
     "serve": "score pairs over HTTP with Ray Serve until Ctrl-C (serve.model, default the export)",
+    "tune": "sweep spec keys (tune.search_space) with Ray Tune; results.csv and the best model",
 }
 
 OVERRIDES_HELP = (
@@ -83,6 +84,9 @@ def _build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--build", type=Path, metavar="SERVE_CONFIG.yaml",
                              help="write the Ray Serve config (for `serve deploy` or a KubeRay RayService) "
                                   "instead of serving")
+        if task == "tune":
+            sub.add_argument("--resume", action="store_true",
+                             help="continue the interrupted sweep tune.name: finished trials are kept")
 
     synth = commands.add_parser(
         "synthesize", parents=[common],
@@ -144,6 +148,8 @@ def _run_spec_task(args: argparse.Namespace) -> int:
     task = importlib.import_module(f"oi_ray.tasks.{args.command}")
     if args.command == "serve":
         task.run(config, build=args.build)
+    elif args.command == "tune":
+        task.run(config, resume=args.resume)
     else:
         task.run(config)
     return 0

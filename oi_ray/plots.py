@@ -75,6 +75,23 @@ def write_evaluation_plots(distances: np.ndarray, targets: np.ndarray, threshold
     return written
 
 
+def write_sweep_plot(curves: dict[str, list[tuple[int, float]]], metric: str, path: Path, *,
+                     best: str | None) -> Path:
+    """``metric`` over epochs, one line per trial (the best one drawn thicker); write ``path``."""
+    figure, axes = _figure(7, 4.5)
+    for name, points in curves.items():
+        if points:
+            epochs, values = zip(*points, strict=True)
+            axes.plot(epochs, values, marker="o", markersize=3, linewidth=2.5 if name == best else 1,
+                      label=f"{name} (best)" if name == best else name)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(metric)
+    axes.set_title(f"{metric} per trial")
+    if curves:
+        axes.legend(fontsize=7, loc="best")
+    return _save(figure, path)
+
+
 def _figure(width: float, height: float) -> tuple[Figure, Axes]:
     figure = Figure(figsize=(width, height))
     return figure, figure.subplots()

@@ -65,7 +65,7 @@ def _fit(config: ExperimentConfig, pipeline: PipelineSpec, train_table: PairTabl
     train = config.train
     use_gpu = uses_gpus(config.ray)
     workers = config.ray.num_workers or (train.num_gpus if use_gpu else 1)
-    check_batches(train_table, config.dataset.batch_size, workers)
+    check_batches(len(train_table), train_table.csv_path, config.dataset.batch_size, workers)
     if pipeline.augmentation is not None:
         _check_cpus(config, workers)
     log.info("training %s on %d %s worker(s): epochs %d to %d, %d training pairs%s; results in %s",
@@ -162,12 +162,12 @@ def load_tables(config: ExperimentConfig) -> tuple[PairTable, PairTable | None]:
     return train_table, load_split(dataset, "validation_dataset")
 
 
-def check_batches(table: PairTable, batch_size: int, workers: int) -> None:
-    """Refuse a split too small for one batch per worker."""
-    per_worker = len(table) // workers
+def check_batches(pairs: int, source: str | Path, batch_size: int, workers: int) -> None:
+    """Refuse a training split (``pairs`` read from ``source``) too small for one batch per worker."""
+    per_worker = pairs // workers
     if per_worker < batch_size:
         raise DataError(
-            f"{table.csv_path}: {len(table)} training pairs give each of {workers} worker(s) "
+            f"{source}: {pairs} training pairs give each of {workers} worker(s) "
             f"{per_worker} pairs, less than one batch of dataset.batch_size={batch_size} "
             f"(incomplete batches are dropped); lower dataset.batch_size or add pairs")
 

@@ -48,15 +48,16 @@ class ProgressFeed:
         """Rank 0: whether the user asked the run to stop (Ctrl-C in the driver)."""
         return not self._requests.empty()
 
-    def render_while(self, work: Callable[[], Result]) -> Result:
-        """Driver: run ``work`` in a thread and draw its events until it returns.
+    def render_while(self, work: Callable[[], Result], *, quiet: bool = False) -> Result:
+        """Driver: run ``work`` in a thread and draw its events until it returns (``quiet``:
+        only record how the run ended, e.g. in a sweep trial, which has no console).
 
         The first Ctrl-C asks the workers to stop; a second one raises KeyboardInterrupt.
         """
         outcome: queue_module.Queue = queue_module.Queue()
         thread = threading.Thread(target=lambda: outcome.put(_capture(work)), daemon=True)
         thread.start()
-        console = _Console()
+        console = _Console(quiet)
         try:
             self._draw_until_done(thread, console)
         except KeyboardInterrupt:
@@ -88,11 +89,14 @@ class ProgressFeed:
 class _Console:
     """One tqdm bar for the running epoch (drawn only on a terminal), log lines for the rest."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.bar: tqdm | None = None
         self.epoch: int | None = None
+        self.quiet = quiet
 
     def draw(self, event: tuple) -> None:
+        if self.quiet:
+            return
         if event[0] == "step":
             _, epoch, pairs, total, loss = event
             if epoch != self.epoch:

@@ -1,0 +1,231 @@
+"""``oi-ray tune``: a Ray Tune sweep over spec keys, each trial an ``oi-ray train`` run.
+
+Before Ray starts: the search space is checked entry by entry, and the splits and images as
+``train`` checks them. Then the images are decoded once for the whole sweep, and Ray Tune runs
+the trials (:mod:`oi_ray.tuning.trial`) with the spec's scheduler (ASHA over validation
+epochs) and search algorithm. A trial that fails or diverges is recorded as failed and the
+sweep goes on; the sweep fails only when every trial failed. The console shows one line per
+finished trial and a final table; the sweep's folder gets ``results.csv``, a plot and
+``best/`` (:mod:`oi_ray.tuning.results`). ``--resume`` continues an interrupted sweep.
+"""
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+from omegaconf import OmegaConf
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from oi_ray.config.schema import ExperimentConfig, RayConfig
+from oi_ray.console import command
+from oi_ray.data.dataset import PipelineSpec, decode_cache
+from oi_ray.errors import BackendUnavailableError, ConfigError, OiRayError, TaskInterrupted
+from oi_ray.runtime import ray_session, uses_gpus
+from oi_ray.tuning.results import choose_best, summarize, write_best, write_results
+from oi_ray.tuning.search import grid_points, param_space, search_problems
+from oi_ray.tuning.trial import SweepPlan, run_trial
+
+log = logging.getLogger(__name__)
+TRIALS_DIR = "trials"
+RAY_DIR = "ray"  # Ray Tune's experiment state and the trials' Ray Train runs
+TRIAL_DRIVER_CPUS = 0.01  # the trial function only waits on its Ray Train run, whose workers hold CPUs
+
+
+class SweepFailedError(OiRayError):
+    """Every trial of a sweep failed."""
+
+
+def run(config: ExperimentConfig, resume: bool = False) -> None:
+    """Run (or with ``resume`` continue) the sweep of ``config.tune``."""
+    from oi_ray.tasks.train import load_tables
+
+    settings = config.tune
+    base = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    _check_search(config, base)
+    sweep_dir = Path(settings.results_dir).resolve() / settings.name
+    experiment = sweep_dir / RAY_DIR / settings.name
+    _check_resume(config, experiment, resume)
+    train_table, validation_table = load_tables(config)
+    pipeline = PipelineSpec.from_config(config.dataset)
+    with ray_session(_with_state_api(config.ray)):
+        workers, use_gpu, concurrent = _trial_shape(config)
+        log.info("sweep %s: %s over %s; %d trial(s) at a time, %d %s worker(s) each; results in %s",
+                 settings.name, _trial_count(config), ", ".join(settings.search_space), concurrent, workers,
+                 "GPU" if use_gpu else "CPU", sweep_dir)
+        plan = SweepPlan(
+            base=base, trials_dir=str(sweep_dir / TRIALS_DIR),
+            train_storage=str(sweep_dir / RAY_DIR / "train"),
+            train_cache=decode_cache(train_table, pipeline, for_training=True),
+            validation_cache=(decode_cache(validation_table, pipeline, for_training=False)
+                              if validation_table is not None else None),
+            workers=workers, use_gpu=use_gpu,
+            threads=max(1, (os.cpu_count() or 1) // (workers * concurrent)) if not config.ray.address else 1)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan),
+                                        {"CPU": TRIAL_DRIVER_CPUS})
+        tuner = (tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
+                 if resume else _new_tuner(config, trainable, sweep_dir, concurrent))
+        results = tuner.fit()
+    if not results.experiment_path or _interrupted(results):
+        raise TaskInterrupted(f"sweep stopped; continue it with {_resume_command(config)}")
+    _report(config, base, results, sweep_dir)
+
+
+def _check_search(config: ExperimentConfig, base: dict[str, Any]) -> None:
+    settings = config.tune
+    if not settings.search_space:
+        raise ConfigError("tune.search_space is empty: give the spec keys to sweep, e.g. "
+                          "tune.search_space={model.margin: {type: uniform, low: 0.5, high: 3.0}}")
+    problems = search_problems(settings.search_space, base)
+    if settings.search_alg == "grid":
+        problems += [f"tune.search_space.{key}: grid search takes grid entries only, not {entry.type}"
+                     for key, entry in settings.search_space.items() if entry.type != "grid"]
+    if settings.metric.startswith("val_") and not config.dataset.validation_dataset.csv_path:
+        problems.append(f"tune.metric={settings.metric} needs dataset.validation_dataset")
+    if problems:
+        raise ConfigError("invalid sweep:\n" + "\n".join(f"  - {problem}" for problem in problems))
+    if settings.search_alg == "optuna":
+        try:
+            import optuna  # noqa: F401  (imported for the check; Ray's OptunaSearch imports it again)
+        except ImportError:
+            raise BackendUnavailableError("tune.search_alg=optuna needs optuna: "
+                                          "pip install -e '.[tune]'") from None
+
+
+def _check_resume(config: ExperimentConfig, experiment: Path, resume: bool) -> None:
+    exists = tune.Tuner.can_restore(str(experiment))
+    if resume and not exists:
+        raise ConfigError(f"--resume: no sweep to continue at {experiment} (tune.name={config.tune.name})")
+    if exists and not resume:
+        raise ConfigError(f"a sweep named {config.tune.name!r} already exists in {experiment.parent.parent}; "
+                          f"continue it with --resume, or start another with tune.name=<new name>")
+
+
+def _with_state_api(ray_config: RayConfig) -> RayConfig:
+    """An embedded Ray for a sweep runs the dashboard (on 127.0.0.1): Ray Train frees the workers
+    of a trial the scheduler stopped through the state API, which the dashboard serves;
+    without it they keep their CPUs/GPUs and the sweep stalls."""
+    if ray_config.address is None and not ray_config.include_dashboard and not ray.is_initialized():
+        log.info("starting Ray's dashboard on 127.0.0.1: Ray Train needs its state API to free "
+                 "the workers of stopped trials")
+        return dataclasses.replace(ray_config, include_dashboard=True)
+    return ray_config
+
+
+def _trial_shape(config: ExperimentConfig) -> tuple[int, bool, int]:
+    """Workers per trial, whether they use GPUs, and how many trials run at once."""
+    resources = config.tune.resources_per_trial
+    use_gpu = uses_gpus(config.ray)
+    workers = resources.num_workers or config.ray.num_workers or 1
+    cpus = resources.cpus_per_worker or config.ray.cpus_per_worker
+    gpus = resources.gpus_per_worker if resources.gpus_per_worker is not None else config.ray.gpus_per_worker
+    config.ray.num_workers, config.ray.cpus_per_worker, config.ray.gpus_per_worker = workers, cpus, gpus
+    if config.tune.max_concurrent_trials:
+        return workers, use_gpu, config.tune.max_concurrent_trials
+    available = ray.cluster_resources()
+    fits = int(available.get("CPU", 0) // (workers * cpus + TRIAL_DRIVER_CPUS))
+    if use_gpu and gpus > 0:
+        fits = min(fits, int(available.get("GPU", 0) // (workers * gpus)))
+    if fits < 1:
+        raise ConfigError(f"one trial needs {workers} worker(s) x {cpus:g} CPU(s); the Ray cluster has "
+                          f"{available.get('CPU', 0):g}")
+    return workers, use_gpu, fits
+
+
+def _new_tuner(config: ExperimentConfig, trainable: Any, sweep_dir: Path, concurrent: int) -> tune.Tuner:
+    settings = config.tune
+    scheduler = None
+    if settings.scheduler.type == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=config.train.num_epochs,
+                                  grace_period=settings.scheduler.grace_period,
+                                  reduction_factor=settings.scheduler.reduction_factor)
+    search_alg = None
+    if settings.search_alg == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = ConcurrencyLimiter(OptunaSearch(), max_concurrent=concurrent)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(settings.search_space),
+        tune_config=tune.TuneConfig(
+            metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples, scheduler=scheduler,
+            search_alg=search_alg, max_concurrent_trials=concurrent,
+            # A stopped trial's process must end: a reused one would keep its Ray Train run going.
+            reuse_actors=False,
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=settings.name, storage_path=str(sweep_dir / RAY_DIR), verbose=0,
+                                  callbacks=[_TrialLines(settings.metric, config.train.num_epochs)]),
+    )
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+class _TrialLines(tune.Callback):
+    """One console line per finished trial."""
+
+    def __init__(self, metric: str, num_epochs: int) -> None:
+        self.metric = metric
+        self.num_epochs = num_epochs
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        epochs = int(result.get("epoch", 0))
+        how = "completed" if epochs >= self.num_epochs \
+            else f"stopped early by the scheduler after epoch {epochs}"
+        value = result.get(self.metric)
+        shown = f"{self.metric} {value:.4f}" if isinstance(value, float) else f"no {self.metric}"
+        log.info("%s %s: %s, %s", trial, _params_text(trial.config), how, shown)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        log.warning("%s %s: failed (recorded; the sweep goes on)", trial, _params_text(trial.config))
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return "(" + ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                           for key, value in params.items()) + ")"
+
+
+def _interrupted(results: Any) -> bool:
+    """Whether the sweep ended before every trial ended (Ctrl-C)."""
+    return any(result.metrics is None and result.error is None for result in results)
+
+
+def _report(config: ExperimentConfig, base: dict[str, Any], results: Any, sweep_dir: Path) -> None:
+    settings = config.tune
+    summaries = summarize(results, settings.metric, settings.mode, config.train.num_epochs)
+    best = choose_best(summaries, settings.mode)
+    written = write_results(summaries, settings.metric, sweep_dir, best)
+    lines = [f"{'trial':<20}{'status':<15}{'epochs':>7}{f'last {settings.metric}':>16}  parameters"]
+    for summary in summaries:
+        last = f"{summary.last:.4f}" if summary.last is not None else "-"
+        marker = " *" if best is not None and summary.name == best.name else ""
+        lines.append(f"{summary.name:<20}{summary.status:<15}{summary.epochs:>7}{last:>16}  "
+                     f"{_params_text(summary.params)}{marker}")
+        if summary.error:
+            lines.append(f"{'':<20}error: {summary.error}")
+    print("\n".join(lines))
+    if best is None:
+        failed = [summary for summary in summaries if summary.status == "failed"]
+        reason = failed[0].error if failed else f"no trial reported {settings.metric}"
+        raise SweepFailedError(f"every trial failed; the first: {reason}; results in {written[0]}")
+    spec = write_best(best, base, sweep_dir / TRIALS_DIR, sweep_dir)
+    log.info("best: %s (last %s %.4f); wrote %s, %s and %s", best.name, settings.metric, best.last,
+             written[0], written[1].name, spec.parent)
+    log.info("export it: %s", command("export", "-e", spec))
+
+
+def _trial_count(config: ExperimentConfig) -> str:
+    settings = config.tune
+    points = grid_points(settings.search_space)
+    total = settings.num_samples * points
+    return f"{total} trial(s)" + (f" ({points} grid points x {settings.num_samples})" if points > 1 else "")
+
+
+def _resume_command(config: ExperimentConfig) -> str:
+    return command("tune", "-e", "SPEC", f"tune.name={config.tune.name}", "--resume")
