@@ -1,5 +1,9 @@
 """``oi-ray tune``: the search space is checked before any trial starts; real sweeps on a local Ray."""
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,3 +137,37 @@ def test_grid_sweep_runs_every_point_once(ray_with_state_api, sweep_data, tmp_pa
     points = sorted(zip(table["model.margin"], table["dataset.fpratio_sampling"], strict=True))
     assert points == [(1.0, 0.2), (1.0, 0.5), (2.0, 0.2), (2.0, 0.5)]
     assert (table["status"] == "completed").all()
+
+
+@pytest.mark.ray
+def test_resume_finishes_an_interrupted_sweep_without_redoing_trials(sweep_data, tmp_path):
+    """Ctrl-C (SIGINT to the process group this test started) after the first trial, then --resume."""
+    command = [sys.executable, "-m", "oi_ray.cli", "tune", "-e", str(sweep_data), f"results_dir={tmp_path}",
+               "train.num_epochs=2", "dataset.batch_size=8", "tune.num_samples=3", "tune.max_concurrent_trials=1",
+               "tune.scheduler.type=none", "ray.num_cpus=2",
+               "tune.search_space={model.margin: {type: uniform, low: 0.5, high: 3.0}}"]
+    log = tmp_path / "first.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while ": completed, val_auroc" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=120) == 130, log.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert "rerun the same command with --resume" in log.read_text()
+    trials = tmp_path / "tune" / "sweep" / "trials"
+    first = {path.parent.name: path.read_text() for path in trials.glob("*/status.json")
+             if len(path.read_text().splitlines()) == 2}
+    assert len(first) >= 1
+
+    done = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = pd.read_csv(tmp_path / "tune" / "sweep" / "results.csv")
+    assert len(table) == 3 and (table["status"] == "completed").all()
+    for name, status in first.items():  # finished trials were not run again
+        assert (trials / name / "status.json").read_text() == status

@@ -12,6 +12,8 @@ finished trial and a final table; the sweep's folder gets ``results.csv``, a plo
 import dataclasses
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +70,23 @@ def run(config: ExperimentConfig, resume: bool = False) -> None:
                                         {"CPU": TRIAL_DRIVER_CPUS})
         tuner = (tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
                  if resume else _new_tuner(config, trainable, sweep_dir, concurrent))
-        results = tuner.fit()
-    if not results.experiment_path or _interrupted(results):
-        raise TaskInterrupted(f"sweep stopped; continue it with {_resume_command(config)}")
+        results, interrupted = _fit_noting_interrupt(tuner)
+    if interrupted:  # Ray Tune ended the run on Ctrl-C and saved its state
+        raise TaskInterrupted(f"sweep interrupted; rerun the same command with --resume to continue it "
+                              f"(tune.name={settings.name}): finished trials are kept")
     _report(config, base, results, sweep_dir)
+
+
+def _fit_noting_interrupt(tuner: tune.Tuner) -> tuple[Any, bool]:
+    """Run the sweep; say whether Ctrl-C ended it. Ray Tune ends a run gracefully on Ctrl-C and
+    then puts back the SIGINT handler it found, which it otherwise leaves replaced by its own."""
+    if threading.current_thread() is not threading.main_thread():  # Tune catches no signal there
+        return tuner.fit(), False
+    found = signal.getsignal(signal.SIGINT)
+    results = tuner.fit()
+    interrupted = signal.getsignal(signal.SIGINT) is found
+    signal.signal(signal.SIGINT, found)
+    return results, interrupted
 
 
 def _check_search(config: ExperimentConfig, base: dict[str, Any]) -> None:
@@ -191,11 +206,6 @@ def _params_text(params: dict[str, Any]) -> str:
                            for key, value in params.items()) + ")"
 
 
-def _interrupted(results: Any) -> bool:
-    """Whether the sweep ended before every trial ended (Ctrl-C)."""
-    return any(result.metrics is None and result.error is None for result in results)
-
-
 def _report(config: ExperimentConfig, base: dict[str, Any], results: Any, sweep_dir: Path) -> None:
     settings = config.tune
     summaries = summarize(results, settings.metric, settings.mode, config.train.num_epochs)
@@ -226,6 +236,3 @@ def _trial_count(config: ExperimentConfig) -> str:
     total = settings.num_samples * points
     return f"{total} trial(s)" + (f" ({points} grid points x {settings.num_samples})" if points > 1 else "")
 
-
-def _resume_command(config: ExperimentConfig) -> str:
-    return command("tune", "-e", "SPEC", f"tune.name={config.tune.name}", "--resume")
