@@ -70,6 +70,8 @@ def run(config: ExperimentConfig, resume: bool = False) -> None:
                                         {"CPU": TRIAL_DRIVER_CPUS})
         tuner = (tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
                  if resume else _new_tuner(config, trainable, sweep_dir, concurrent))
+        # Ray Tune's newer console output prints its own header and tables even at verbose=0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         results, interrupted = _fit_noting_interrupt(tuner)
     if interrupted:  # Ray Tune ended the run on Ctrl-C and saved its state
         raise TaskInterrupted(f"sweep interrupted; rerun the same command with --resume to continue it "
