@@ -26,7 +26,8 @@ from oi_ray.config.schema import ExperimentConfig, RayConfig
 from oi_ray.console import command
 from oi_ray.data.dataset import PipelineSpec, decode_cache
 from oi_ray.errors import BackendUnavailableError, ConfigError, OiRayError, TaskInterrupted
-from oi_ray.runtime import ray_session, uses_gpus
+from oi_ray.runtime import ray_session, torch_threads, uses_gpus
+from oi_ray.tasks.train import load_tables
 from oi_ray.tuning.results import choose_best, summarize, write_best, write_results
 from oi_ray.tuning.search import grid_points, param_space, search_problems
 from oi_ray.tuning.trial import SweepPlan, run_trial
@@ -43,8 +44,6 @@ class SweepFailedError(OiRayError):
 
 def run(config: ExperimentConfig, resume: bool = False) -> None:
     """Run (or with ``resume`` continue) the sweep of ``config.tune``."""
-    from oi_ray.tasks.train import load_tables
-
     settings = config.tune
     base = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     _check_search(config, base)
@@ -65,7 +64,7 @@ def run(config: ExperimentConfig, resume: bool = False) -> None:
             validation_cache=(decode_cache(validation_table, pipeline, for_training=False)
                               if validation_table is not None else None),
             workers=workers, use_gpu=use_gpu,
-            threads=max(1, (os.cpu_count() or 1) // (workers * concurrent)) if not config.ray.address else 1)
+            threads=torch_threads(config.ray, workers * concurrent))
         trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan),
                                         {"CPU": TRIAL_DRIVER_CPUS})
         tuner = (tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
