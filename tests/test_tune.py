@@ -132,12 +132,16 @@ def test_grid_sweep_runs_every_point_once(ray_with_state_api, sweep_data, tmp_pa
     results = tmp_path / "results"
     assert main(["tune", "-e", str(sweep_data), f"results_dir={results}", "train.num_epochs=1",
                  "dataset.batch_size=8", "tune.num_samples=1", "tune.search_alg=grid", "tune.scheduler.type=none",
+                 "tune.max_concurrent_trials=2", "tune.resources_per_trial.cpus_per_worker=0.5",
                  "tune.search_space={model.margin: {type: grid, values: [1.0, 2.0]}, "
                  "dataset.fpratio_sampling: {type: grid, values: [0.2, 0.5]}}"]) == 0
     table = pd.read_csv(results / "tune" / "sweep" / "results.csv")
     points = sorted(zip(table["model.margin"], table["dataset.fpratio_sampling"], strict=True))
     assert points == [(1.0, 0.2), (1.0, 0.5), (2.0, 0.2), (2.0, 0.5)]
     assert (table["status"] == "completed").all()
+    for trial in table["trial"]:  # each trial trained with tune.resources_per_trial
+        spec = load_config(results / "tune" / "sweep" / "trials" / trial / "spec.yaml")
+        assert (spec.ray.num_workers, spec.ray.cpus_per_worker) == (1, 0.5)
 
 
 @pytest.mark.ray

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from oi_ray.config.schema import ExperimentConfig, RayConfig
+from oi_ray.config.schema import ExperimentConfig, RayConfig, TuneTrialResources
 from oi_ray.console import command
 from oi_ray.data.dataset import PipelineSpec, decode_cache
 from oi_ray.errors import BackendUnavailableError, ConfigError, OiRayError, TaskInterrupted
@@ -45,7 +45,10 @@ class SweepFailedError(OiRayError):
 def run(config: ExperimentConfig, resume: bool = False) -> None:
     """Run (or with ``resume`` continue) the sweep of ``config.tune``."""
     settings = config.tune
-    base = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    trial_ray = _trial_ray(config.ray, settings.resources_per_trial)
+    # the spec every trial starts from, holding the resources it trains with
+    base = OmegaConf.to_container(OmegaConf.structured(dataclasses.replace(config, ray=trial_ray)),
+                                  resolve=True)
     _check_search(config, base)
     sweep_dir = Path(settings.results_dir).resolve() / settings.name
     experiment = sweep_dir / RAY_DIR / settings.name
@@ -53,7 +56,9 @@ def run(config: ExperimentConfig, resume: bool = False) -> None:
     train_table, validation_table = load_tables(config)
     pipeline = PipelineSpec.from_config(config.dataset)
     with ray_session(_with_state_api(config.ray)):
-        workers, use_gpu, concurrent = _trial_shape(config)
+        use_gpu = uses_gpus(trial_ray)
+        workers = trial_ray.num_workers
+        concurrent = _concurrency(settings.max_concurrent_trials, trial_ray, use_gpu)
         log.info("sweep %s: %s over %s; %d trial(s) at a time, %d %s worker(s) each; results in %s",
                  settings.name, _trial_count(config), ", ".join(settings.search_space), concurrent, workers,
                  "GPU" if use_gpu else "CPU", sweep_dir)
@@ -64,7 +69,7 @@ def run(config: ExperimentConfig, resume: bool = False) -> None:
             validation_cache=(decode_cache(validation_table, pipeline, for_training=False)
                               if validation_table is not None else None),
             workers=workers, use_gpu=use_gpu,
-            threads=torch_threads(config.ray, workers * concurrent))
+            threads=torch_threads(trial_ray, workers * concurrent))
         trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan),
                                         {"CPU": TRIAL_DRIVER_CPUS})
         tuner = (tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
@@ -131,16 +136,21 @@ def _with_state_api(ray_config: RayConfig) -> RayConfig:
     return ray_config
 
 
-def _trial_shape(config: ExperimentConfig) -> tuple[int, bool, int]:
-    """Workers per trial, whether they use GPUs, and how many trials run at once."""
-    resources = config.tune.resources_per_trial
-    use_gpu = uses_gpus(config.ray)
-    workers = resources.num_workers or config.ray.num_workers or 1
-    cpus = resources.cpus_per_worker or config.ray.cpus_per_worker
-    gpus = resources.gpus_per_worker if resources.gpus_per_worker is not None else config.ray.gpus_per_worker
-    config.ray.num_workers, config.ray.cpus_per_worker, config.ray.gpus_per_worker = workers, cpus, gpus
-    if config.tune.max_concurrent_trials:
-        return workers, use_gpu, config.tune.max_concurrent_trials
+def _trial_ray(ray_config: RayConfig, resources: TuneTrialResources) -> RayConfig:
+    """The ``ray`` section one trial trains with: ``tune.resources_per_trial`` where set."""
+    return dataclasses.replace(
+        ray_config, num_workers=resources.num_workers or ray_config.num_workers or 1,
+        cpus_per_worker=resources.cpus_per_worker or ray_config.cpus_per_worker,
+        gpus_per_worker=(resources.gpus_per_worker if resources.gpus_per_worker is not None
+                         else ray_config.gpus_per_worker))
+
+
+def _concurrency(max_concurrent_trials: int | None, trial_ray: RayConfig, use_gpu: bool) -> int:
+    """How many trials run at once: ``tune.max_concurrent_trials``, else as many as the
+    cluster's CPUs (and GPUs) hold."""
+    if max_concurrent_trials:
+        return max_concurrent_trials
+    workers, cpus, gpus = trial_ray.num_workers, trial_ray.cpus_per_worker, trial_ray.gpus_per_worker
     available = ray.cluster_resources()
     fits = int(available.get("CPU", 0) // (workers * cpus + TRIAL_DRIVER_CPUS))
     if use_gpu and gpus > 0:
@@ -148,7 +158,7 @@ def _trial_shape(config: ExperimentConfig) -> tuple[int, bool, int]:
     if fits < 1:
         raise ConfigError(f"one trial needs {workers} worker(s) x {cpus:g} CPU(s); the Ray cluster has "
                           f"{available.get('CPU', 0):g}")
-    return workers, use_gpu, fits
+    return fits
 
 
 def _new_tuner(config: ExperimentConfig, trainable: Any, sweep_dir: Path, concurrent: int) -> tune.Tuner:

@@ -24,6 +24,7 @@ from oi_ray.config import config_from_mapping, save_resolved_spec
 from oi_ray.errors import find_user_error
 from oi_ray.fileio import write_atomically
 from oi_ray.plots import write_sweep_plot
+from oi_ray.training.loop import STATUS_FILE
 
 BEST_DIR = "best"
 
@@ -105,9 +106,9 @@ def write_best(best: TrialSummary, base: dict[str, Any], trials_dir: Path, folde
     checkpoint = (trials_dir / best.name / LATEST_NAME).resolve()
     _link_or_copy(checkpoint, staging / checkpoint.name)
     point_latest_to(staging / checkpoint.name)
-    for extra in ("status.json",):
-        if (trials_dir / best.name / extra).exists():
-            shutil.copy2(trials_dir / best.name / extra, staging / extra)
+    status = trials_dir / best.name / STATUS_FILE
+    if status.exists():
+        shutil.copy2(status, staging / STATUS_FILE)
     latest = str(target / LATEST_NAME)
     config = config_from_mapping(base, f"best trial {best.name}", {
         **best.params, "train.results_dir": str(target),
