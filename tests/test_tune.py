@@ -32,7 +32,9 @@ def _base() -> dict:
     ("model.model_type", SearchDimension("grid", values=["Siamese_3", "ResNet"]),
      "the value 'ResNet' is refused"),
     ("model.margn", SearchDimension("uniform", low=1, high=2), "did you mean 'model.margin'?"),
-    ("dataset.image_width", SearchDimension("choice", values=[64]), "every trial shares it with the sweep"),
+    ("dataset.image_width", SearchDimension("choice", values=[64]),
+     "it changes the decoded images, which the trials share; set tune.share_decoded_images=false"),
+    ("dataset.input_map", SearchDimension("choice", values=[{"A": 0}]), "every trial shares it with the sweep"),
     ("ray.num_cpus", SearchDimension("choice", values=[2]), "only model.*, train.* and dataset.* keys"),
     ("train.num_epochs", SearchDimension("randint", low=3, high=3), "randint needs low < high"),
     ("model.margin", SearchDimension("quniform", low=1, high=2), "quniform needs a step q > 0"),
@@ -55,6 +57,12 @@ def test_good_entries_become_ray_tune_domains():
     assert type(domains["model.margin"]).__name__ == "Float" and domains["dataset.fpratio_sampling"] == {
         "grid_search": [0.1, 0.5]}
     assert grid_points(space) == 4
+
+
+def test_image_size_can_be_swept_when_each_trial_decodes_its_own():
+    space = {"dataset.image_width": SearchDimension("grid", values=[32, 48])}
+    assert search_problems(space, _base(), shared_decode=False) == []
+    assert len(search_problems(space, _base(), shared_decode=True)) == 1
 
 
 def test_cli_refuses_a_bad_sweep_in_one_message(capsys, tmp_path):
@@ -129,19 +137,26 @@ def test_random_sweep_with_asha_stops_trials_early_and_delivers_the_best(ray_wit
 
 @pytest.mark.ray
 def test_grid_sweep_runs_every_point_once(ray_with_state_api, sweep_data, tmp_path):
+    """Each trial decodes its own images here, so the image size is one of the grid's keys."""
+    from oi_ray.checkpoint import load_checkpoint
+
     results = tmp_path / "results"
     assert main(["tune", "-e", str(sweep_data), f"results_dir={results}", "train.num_epochs=1",
                  "dataset.batch_size=8", "tune.num_samples=1", "tune.search_alg=grid", "tune.scheduler.type=none",
                  "tune.max_concurrent_trials=2", "tune.resources_per_trial.cpus_per_worker=0.5",
+                 "tune.share_decoded_images=false",
                  "tune.search_space={model.margin: {type: grid, values: [1.0, 2.0]}, "
-                 "dataset.fpratio_sampling: {type: grid, values: [0.2, 0.5]}}"]) == 0
+                 "dataset.image_width: {type: grid, values: [16, 24]}}"]) == 0
     table = pd.read_csv(results / "tune" / "sweep" / "results.csv")
-    points = sorted(zip(table["model.margin"], table["dataset.fpratio_sampling"], strict=True))
-    assert points == [(1.0, 0.2), (1.0, 0.5), (2.0, 0.2), (2.0, 0.5)]
+    points = sorted(zip(table["model.margin"], table["dataset.image_width"], strict=True))
+    assert points == [(1.0, 16), (1.0, 24), (2.0, 16), (2.0, 24)]
     assert (table["status"] == "completed").all()
-    for trial in table["trial"]:  # each trial trained with tune.resources_per_trial
-        spec = load_config(results / "tune" / "sweep" / "trials" / trial / "spec.yaml")
+    for trial, width in zip(table["trial"], table["dataset.image_width"], strict=True):
+        folder = results / "tune" / "sweep" / "trials" / trial
+        spec = load_config(folder / "spec.yaml")  # each trial trained with tune.resources_per_trial
         assert (spec.ray.num_workers, spec.ray.cpus_per_worker) == (1, 0.5)
+        # the model saw the trial's image size: 2 lightings of 16 rows stacked (linear layout)
+        assert tuple(load_checkpoint(folder / "oi_model_latest.pth").input_shape)[1:] == (2 * 16, width)
 
 
 @pytest.mark.ray

@@ -291,6 +291,9 @@ class TuneConfig:
     search_alg: str = "random"  # random (grid entries: every point) | optuna (needs the tune extra)
     max_concurrent_trials: int | None = None  # default: as many as the cluster's CPUs/GPUs hold
     resources_per_trial: TuneTrialResources = field(default_factory=TuneTrialResources)
+    # true: the images are decoded once for all trials; false: each trial decodes its own
+    # (slower, but then the image size and augmentation switch can be swept)
+    share_decoded_images: bool = True
     results_dir: str = "${results_dir}/tune"
     name: str = "sweep"  # the sweep's folder under results_dir; `--resume` continues it
 

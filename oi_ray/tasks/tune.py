@@ -1,7 +1,8 @@
 """``oi-ray tune``: a Ray Tune sweep over spec keys, each trial an ``oi-ray train`` run.
 
 Before Ray starts: the search space is checked entry by entry, and the splits and images as
-``train`` checks them. Then the images are decoded once for the whole sweep, and Ray Tune runs
+``train`` checks them. Then the images are decoded once for the whole sweep (unless
+``tune.share_decoded_images`` is false: then each trial decodes its own), and Ray Tune runs
 the trials (:mod:`oi_ray.tuning.trial`) with the spec's scheduler (ASHA over validation
 epochs) and search algorithm. A trial that fails or diverges is recorded as failed and the
 sweep goes on; the sweep fails only when every trial failed. The console shows one line per
@@ -62,12 +63,13 @@ def run(config: ExperimentConfig, resume: bool = False) -> None:
         log.info("sweep %s: %s over %s; %d trial(s) at a time, %d %s worker(s) each; results in %s",
                  settings.name, _trial_count(config), ", ".join(settings.search_space), concurrent, workers,
                  "GPU" if use_gpu else "CPU", sweep_dir)
+        shared = settings.share_decoded_images
         plan = SweepPlan(
             base=base, trials_dir=str(sweep_dir / TRIALS_DIR),
             train_storage=str(sweep_dir / RAY_DIR / "train"),
-            train_cache=decode_cache(train_table, pipeline, for_training=True),
+            train_cache=decode_cache(train_table, pipeline, for_training=True) if shared else None,
             validation_cache=(decode_cache(validation_table, pipeline, for_training=False)
-                              if validation_table is not None else None),
+                              if shared and validation_table is not None else None),
             workers=workers, use_gpu=use_gpu,
             threads=torch_threads(trial_ray, workers * concurrent))
         trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan),
@@ -100,7 +102,7 @@ def _check_search(config: ExperimentConfig, base: dict[str, Any]) -> None:
     if not settings.search_space:
         raise ConfigError("tune.search_space is empty: give the spec keys to sweep, e.g. "
                           "tune.search_space={model.margin: {type: uniform, low: 0.5, high: 3.0}}")
-    problems = search_problems(settings.search_space, base)
+    problems = search_problems(settings.search_space, base, settings.share_decoded_images)
     if settings.search_alg == "grid":
         problems += [f"tune.search_space.{key}: grid search takes grid entries only, not {entry.type}"
                      for key, entry in settings.search_space.items() if entry.type != "grid"]

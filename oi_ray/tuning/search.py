@@ -1,13 +1,14 @@
 """``tune.search_space``: checked before any trial starts, then turned into Ray Tune domains.
 
-Every entry is keyed by a dotted spec key and says how a trial draws its value. A sweep
-decodes the images once for all trials, so only keys that leave the decoded pixels unchanged
-can be swept: ``model.*``, ``train.*`` (but not where results go, where training resumes
-from, or the GPU count, which ``tune.resources_per_trial`` sets) and ``dataset.*`` except the
-splits, image size, lightings and the augmentation switch (it changes the resampling of the
-decode). Each value a trial could get at the edges of its range (every choice, every grid
-point, low and high) is applied to the spec and validated, so a value the schema would refuse
-fails the sweep before it starts, naming the entry.
+Every entry is keyed by a dotted spec key and says how a trial draws its value:
+``model.*``, ``train.*`` (but not where results go, where training resumes from, or the GPU
+count, which ``tune.resources_per_trial`` sets) and ``dataset.*`` except the splits and
+lightings. A sweep decodes the images once for all trials, so the image size and the
+augmentation switch (it changes the resampling of the decode) can be swept only when each
+trial decodes its own (``tune.share_decoded_images: false``). Each value a trial could get at
+the edges of its range (every choice, every grid point, low and high) is applied to the spec
+and validated, so a value the schema would refuse fails the sweep before it starts, naming
+the entry.
 """
 
 from typing import Any
@@ -24,16 +25,20 @@ FIXED_KEYS = (  # prefixes a trial must share with the sweep
     "train.results_dir", "train.resume_training_checkpoint_path", "train.num_gpus", "train.gpu_ids",
     "train.num_nodes", "dataset.train_dataset", "dataset.validation_dataset", "dataset.test_dataset",
     "dataset.infer_dataset", "dataset.image_ext", "dataset.num_input", "dataset.input_map",
+)
+DECODE_KEYS = (  # prefixes that change the decoded pixels
     "dataset.image_width", "dataset.image_height", "dataset.augmentation_config.augment",
 )
 
 
-def search_problems(search_space: dict[str, SearchDimension], base: dict[str, Any]) -> list[str]:
-    """Every problem of ``search_space`` against the resolved spec ``base`` (empty: fine)."""
+def search_problems(search_space: dict[str, SearchDimension], base: dict[str, Any],
+                    shared_decode: bool = True) -> list[str]:
+    """Every problem of ``search_space`` against the resolved spec ``base`` (empty: fine);
+    ``shared_decode``: the trials share one decode of the images."""
     problems = []
     for key, dimension in search_space.items():
         name = f"tune.search_space.{key}"
-        shape = _shape_problem(key, dimension)
+        shape = _shape_problem(key, dimension, shared_decode)
         if shape:
             problems.append(f"{name}: {shape}")
             continue
@@ -46,12 +51,15 @@ def search_problems(search_space: dict[str, SearchDimension], base: dict[str, An
     return problems
 
 
-def _shape_problem(key: str, dimension: SearchDimension) -> str | None:
+def _shape_problem(key: str, dimension: SearchDimension, shared_decode: bool) -> str | None:
     """What is wrong with the entry itself, or None."""
     if not key.startswith(SWEEPABLE_SECTIONS):
         return f"only model.*, train.* and dataset.* keys can be swept, not {key}"
     if key.startswith(FIXED_KEYS):
-        return "every trial shares it with the sweep (the decoded images, the results folder or the GPUs)"
+        return "every trial shares it with the sweep (the splits, the results folder or the GPUs)"
+    if shared_decode and key.startswith(DECODE_KEYS):
+        return ("it changes the decoded images, which the trials share; set "
+                "tune.share_decoded_images=false to have each trial decode its own")
     kind, low, high = dimension.type, dimension.low, dimension.high
     if kind not in SEARCH_TYPES:
         return f"type {kind!r} is not one of {list(SEARCH_TYPES)}"
