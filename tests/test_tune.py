@@ -160,6 +160,30 @@ def test_grid_sweep_runs_every_point_once(ray_with_state_api, sweep_data, tmp_pa
 
 
 @pytest.mark.ray
+def test_optuna_sweep_draws_within_the_bounds(ray_with_state_api, sweep_data, tmp_path):
+    pytest.importorskip("optuna", reason="the tune extra (optuna) is not installed")
+    results = tmp_path / "results"
+    assert main(["tune", "-e", str(sweep_data), f"results_dir={results}", "train.num_epochs=1",
+                 "dataset.batch_size=8", "tune.num_samples=3", "tune.search_alg=optuna", "tune.scheduler.type=none",
+                 "tune.max_concurrent_trials=2",
+                 "tune.search_space={model.margin: {type: uniform, low: 0.5, high: 3.0}, "
+                 "dataset.fpratio_sampling: {type: choice, values: [0.2, 0.5]}}"]) == 0
+    table = pd.read_csv(results / "tune" / "sweep" / "results.csv")
+    assert len(table) == 3 and (table["status"] == "completed").all()
+    assert table["model.margin"].between(0.5, 3.0).all() and set(table["dataset.fpratio_sampling"]) <= {0.2, 0.5}
+    assert table["model.margin"].nunique() == 3  # drawn by optuna, one value per trial
+
+
+def test_optuna_refuses_grid_entries(capsys, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("dataset:\n  validation_dataset: {csv_path: val.csv}\ntune:\n  search_alg: optuna\n"
+                    "  search_space:\n    model.margin: {type: grid, values: [1.0, 2.0]}\n")
+    assert main(["tune", "-e", str(spec)]) == 1
+    assert "tune.search_space.model.margin: optuna draws every value itself and takes no grid entries" in (
+        capsys.readouterr().err)
+
+
+@pytest.mark.ray
 def test_resume_finishes_an_interrupted_sweep_without_redoing_trials(sweep_data, tmp_path):
     """Ctrl-C (SIGINT to the process group this test started) after the first trial, then --resume."""
     command = [sys.executable, "-m", "oi_ray.cli", "tune", "-e", str(sweep_data), f"results_dir={tmp_path}",

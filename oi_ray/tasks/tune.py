@@ -103,9 +103,12 @@ def _check_search(config: ExperimentConfig, base: dict[str, Any]) -> None:
         raise ConfigError("tune.search_space is empty: give the spec keys to sweep, e.g. "
                           "tune.search_space={model.margin: {type: uniform, low: 0.5, high: 3.0}}")
     problems = search_problems(settings.search_space, base, settings.share_decoded_images)
-    if settings.search_alg == "grid":
-        problems += [f"tune.search_space.{key}: grid search takes grid entries only, not {entry.type}"
-                     for key, entry in settings.search_space.items() if entry.type != "grid"]
+    for key, entry in settings.search_space.items():
+        if settings.search_alg == "grid" and entry.type != "grid":
+            problems.append(f"tune.search_space.{key}: grid search takes grid entries only, not {entry.type}")
+        if settings.search_alg == "optuna" and entry.type == "grid":
+            problems.append(f"tune.search_space.{key}: optuna draws every value itself and takes no grid "
+                            f"entries; use type choice")
     if settings.metric.startswith("val_") and not config.dataset.validation_dataset.csv_path:
         problems.append(f"tune.metric={settings.metric} needs dataset.validation_dataset")
     if problems:
