@@ -2,21 +2,25 @@
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
 import ray.data
+from ray._private.services import canonicalize_bootstrap_address
 
 from oi_ray.config.schema import RayConfig
+from oi_ray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 MIN_LOCAL_CPUS = 4  # logical CPUs, so Ray Data has room next to two training workers
-RAY_ENV_DEFAULTS = {
-    "RAY_AUTH_MODE": "disabled",  # embedded single-user cluster on loopback: no token warning
-    "RAY_DEDUP_LOGS": "1",
-}
+# Only for a Ray that oi-ray starts itself, single-user on loopback: a cluster oi-ray joins keeps
+# its own token authentication (the user's RAY_AUTH_MODE / RAY_AUTH_TOKEN apply).
+EMBEDDED_RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+RAY_ENV_DEFAULTS = {"RAY_DEDUP_LOGS": "1"}
+CONNECT_TIMEOUT_S = 5.0
 
 
 @contextmanager
@@ -31,9 +35,10 @@ def ray_session(config: RayConfig) -> Iterator[None]:
     for name, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if config.address:
-        log.info("connecting to Ray cluster at %s", config.address)
-        ray.init(address=config.address, logging_level=logging.WARNING, log_to_driver=False)
+        _join(config.address)
     else:
+        for name, value in EMBEDDED_RAY_ENV.items():
+            os.environ.setdefault(name, value)
         num_cpus = config.num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
         memory = config.object_store_memory_mb
         ray.init(
@@ -55,6 +60,32 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _join(address: str) -> None:
+    """Connect to the running cluster at ``address``; one clear error when it does not answer."""
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"ray.address={address} is a dashboard / job server address: give it as --address "
+                          f"to submit the task as a Ray job, or set ray.address to the cluster's GCS "
+                          f"address (host:6379), ray://host:10001 or auto")
+    try:
+        target = address.removeprefix("ray://") if address.startswith("ray://") \
+            else canonicalize_bootstrap_address(address)
+    except ConnectionError:  # auto, and no cluster runs here
+        raise ConfigError(f"ray.address={address}: no Ray cluster runs on this machine (start one with "
+                          f"`ray start --head`, or set ray.address: null for a private one)") from None
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError):
+        raise ConfigError(f"ray.address={address}: no Ray cluster answers at {target}") from None
+    log.info("connecting to Ray cluster at %s", target if address == "auto" else address)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except ray.exceptions.AuthenticationError as error:
+        raise ConfigError(f"ray.address={address}: the cluster refused this machine's Ray token: "
+                          f"{error.message}; give its token as RAY_AUTH_TOKEN (or ~/.ray/auth_token) "
+                          f"with RAY_AUTH_MODE=token") from None
 
 
 def _drop_cpu_race_warning(record: logging.LogRecord) -> bool:
