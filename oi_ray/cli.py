@@ -8,6 +8,7 @@
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,10 @@ SPEC_TASKS = {
     "tune": "sweep spec keys (tune.search_space) with Ray Tune; results.csv and the best model",
 }
 
+# tasks that run as a Ray Job on a cluster with --address / --cluster
+JOB_TASKS = ("train", "evaluate", "inference", "export", "gen_trt_engine", "tune")
+JOB_VERBS = ("status", "logs", "stop", "list")
+
 OVERRIDES_HELP = (
     "spec overrides in OmegaConf dotlist form, e.g. train.num_epochs=5 "
     "dataset.batch_size=16 'dataset.input_map={WhiteLight: 0}'"
@@ -43,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _synthesize(args)
         if args.command == "quickstart":
             return _quickstart(args)
+        if args.command == "job":
+            from oi_ray.launch.job_commands import run_job_command
+
+            run_job_command(args.verb, args.job_id, args.address, args.follow)
+            return 0
         return _run_spec_task(args)
     except KeyboardInterrupt:  # Ctrl-C outside training, which says where a rerun resumes
         if args.debug:
@@ -80,6 +90,12 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
         sub.add_argument("--print-config", action="store_true",
                          help="print the fully resolved spec as YAML and exit")
+        if task in JOB_TASKS:
+            sub.add_argument("--address", metavar="URL",
+                             help="submit the task as a Ray Job to this cluster's dashboard / job server, "
+                                  "e.g. http://head:8265 (default RAY_ADDRESS when it is such a URL)")
+            sub.add_argument("--no-wait", action="store_true",
+                             help="with --address: print the job id and return instead of following its logs")
         if task == "serve":
             sub.add_argument("--build", type=Path, metavar="SERVE_CONFIG.yaml",
                              help="write the Ray Serve config (for `serve deploy` or a KubeRay RayService) "
@@ -87,6 +103,14 @@ def _build_parser() -> argparse.ArgumentParser:
         if task == "tune":
             sub.add_argument("--resume", action="store_true",
                              help="continue the interrupted sweep tune.name: finished trials are kept")
+
+    job = commands.add_parser(
+        "job", parents=[common], help="status, logs, stop or list the Ray Jobs oi-ray submitted",
+        description="Manage jobs on a cluster's job server (--address, default RAY_ADDRESS).")
+    job.add_argument("verb", choices=JOB_VERBS)
+    job.add_argument("job_id", nargs="?", help="the submission id (not for list)")
+    job.add_argument("--address", metavar="URL", help="the cluster's dashboard / job server, e.g. http://head:8265")
+    job.add_argument("--follow", action="store_true", help="logs: follow the job until it ends")
 
     synth = commands.add_parser(
         "synthesize", parents=[common],
@@ -144,6 +168,12 @@ def _run_spec_task(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
+    if args.command in JOB_TASKS and _submitted(args):
+        from oi_ray.launch.jobs import job_server, run_as_job
+
+        options = ["--resume"] if getattr(args, "resume", False) else []
+        run_as_job(args.command, config, job_server(args.address), options, wait=not args.no_wait)
+        return 0
     # Imported on demand: `oi-ray --help` stays fast and only the task's dependencies load.
     task = importlib.import_module(f"oi_ray.tasks.{args.command}")
     if args.command == "serve":
@@ -153,6 +183,12 @@ def _run_spec_task(args: argparse.Namespace) -> int:
     else:
         task.run(config)
     return 0
+
+
+def _submitted(args: argparse.Namespace) -> bool:
+    """Whether the task goes to a cluster as a Ray Job: --address, or RAY_ADDRESS holding a job
+    server URL (inside a job Ray sets it to the cluster's own address, which is not one)."""
+    return bool(args.address) or os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://"))
 
 
 def _synthesize(args: argparse.Namespace) -> int:

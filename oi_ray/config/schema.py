@@ -234,6 +234,15 @@ class WandBConfig:
 
 
 @dataclass
+class RuntimeEnvConfig:
+    """Ray runtime environment of a job submitted with ``--cluster`` / ``--address``."""
+
+    pip: list[str] = field(default_factory=list)  # packages the job installs first
+    env_vars: dict[str, str] = field(default_factory=dict)
+    working_dir: str | None = None  # a local folder (uploaded with the job) or a remote zip URI
+
+
+@dataclass
 class RayConfig:
     """oi-ray's own section: where and how the Ray jobs run."""
 
@@ -249,6 +258,10 @@ class RayConfig:
     object_store_memory_mb: int | None = None  # embedded Ray object store; default Ray's
     include_dashboard: bool = False  # embedded Ray: Ray's dashboard and state API on 127.0.0.1:8265
     metrics_export_port: int | None = None  # embedded Ray: Prometheus metrics on this port (default any)
+    # A submitted job's id (default oi-ray-<task>-<time>), which is also its Ray Train run name:
+    # resubmitting a training job with the same id resumes it from its last checkpoint.
+    job_id: str | None = None
+    runtime_env: RuntimeEnvConfig = field(default_factory=RuntimeEnvConfig)
 
 
 @dataclass

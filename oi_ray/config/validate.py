@@ -7,6 +7,7 @@ allowed; all problems are collected so a user fixes them in one go.
 import dataclasses
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ CONCAT_TYPES = ("linear", "grid")
 OPTIMIZERS = ("Adam", "SGD")
 TRT_DATA_TYPES = ("fp32", "fp16", "int8")
 MAX_PORT = 65535
+JOB_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 # What every training epoch reports (training/loop.py), the metrics a sweep can rank trials by
 TUNE_METRICS = ("val_auroc", "val_loss", "val_acc", "val_fpr", "val_defect_recall_fraction_of_defects",
                 "val_false_alarm_fraction_of_pass_pairs",
@@ -286,6 +288,9 @@ def _check_ray(p: _Problems, ray: RayConfig) -> None:
             "expected >= 1")
     p.check(ray.metrics_export_port is None or 1 <= ray.metrics_export_port <= MAX_PORT,
             "ray.metrics_export_port", ray.metrics_export_port, f"expected a port 1..{MAX_PORT}")
+    p.check(ray.job_id is None or re.fullmatch(JOB_ID_PATTERN, ray.job_id) is not None, "ray.job_id",
+            ray.job_id, "expected letters, digits, '.', '_' or '-' (it names a folder), starting with a "
+            "letter or digit")
 
 
 def _check_serve(p: _Problems, serve: ServeConfig) -> None:

@@ -78,7 +78,8 @@ def _fit(config: ExperimentConfig, pipeline: PipelineSpec, train_table: PairTabl
                       if validation_table is not None else None,
                       results_dir, resume_from, torch_threads(config.ray, workers))
     trainer = make_trainer(job, workers, use_gpu, RunConfig(
-        name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
+        # a job's id: resubmitting the job resumes this Ray Train run
+        name=config.ray.job_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=str(Path(config.ray.storage_path).resolve()),
         failure_config=FailureConfig(max_failures=config.ray.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=1)))
