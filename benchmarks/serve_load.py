@@ -56,8 +56,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, nargs=3, default=(200, 400, 800),
                         help="requests at 1, 8 and 32 clients")
     args = parser.parse_args()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="oi-ray-serve-load-"))
-    spec, onnx = _model(workdir.resolve())
+    if args.workdir:
+        _compare(args, args.workdir.resolve())
+        return
+    with tempfile.TemporaryDirectory(prefix="oi-ray-serve-load-") as folder:  # a 600 MB model
+        _compare(args, Path(folder))
+
+
+def _compare(args: argparse.Namespace, workdir: Path) -> None:
+    """In-process, served, in-process again; then the ratios."""
+    spec, onnx = _model(workdir)
     config = load_config(spec, [f"results_dir={workdir / 'results'}"])
     table = load_split(config.dataset, "test_dataset")
     lights = tuple(config.dataset.input_map)

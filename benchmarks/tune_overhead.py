@@ -44,9 +44,19 @@ def main() -> None:
     parser.add_argument("--lights", default="WhiteLight,SolderLight,UVLight,LowAngleLight")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--workdir", type=Path, help="keep the data and every run's results here")
+    parser.add_argument("--workdir", type=Path,
+                        help="keep the data, logs and every run's results here (default: a temporary folder, "
+                             "removed at the end: the checkpoints take tens of GB)")
     args = parser.parse_args()
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="oi-ray-tune-overhead-"))).resolve()
+    if args.workdir:
+        _compare(args, args.workdir.resolve())
+        return
+    with tempfile.TemporaryDirectory(prefix="oi-ray-tune-overhead-") as folder:
+        _compare(args, Path(folder))
+
+
+def _compare(args: argparse.Namespace, workdir: Path) -> None:
+    """Both sides in ``workdir``, then the ratios."""
     lights = tuple(args.lights.split(","))
     spec = synthesize_dataset(workdir / "data", SyntheticSpec(
         num_pairs=args.pairs, lights=lights, width=args.size, height=args.size, seed=0)).spec_path

@@ -12,9 +12,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from oi_ray import __version__
 from oi_ray.errors import TaskInterrupted, find_user_error
+
+if TYPE_CHECKING:
+    from oi_ray.config.schema import ExperimentConfig
 
 SPEC_TASKS = {
     "train": "train a Siamese model on Ray Train (resumes from oi_model_latest.pth)",
@@ -41,7 +45,7 @@ log = logging.getLogger("oi_ray")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``oi-ray`` console script; returns the exit status."""
-    args = _build_parser().parse_args(argv)
+    args = _parse(_build_parser(), argv)
     _configure_logging(args.log_level)
     try:
         if args.command == "synthesize":
@@ -69,6 +73,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return user_error.exit_code
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; spec overrides may come anywhere, also after options (argparse alone
+    takes positionals in one run only)."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [token for token in extra if "=" in token and not token.startswith("-")]
+    unknown = [token for token in extra if token not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oi-ray",
@@ -90,12 +107,19 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
         sub.add_argument("--print-config", action="store_true",
                          help="print the fully resolved spec as YAML and exit")
+        if task in (*JOB_TASKS, "serve"):
+            where = sub.add_mutually_exclusive_group()
+            what = "deploy the service" if task == "serve" else "submit the task as a Ray Job"
+            where.add_argument("--address", metavar="URL",
+                               help=f"{what} to this cluster's dashboard / job server, e.g. http://head:8265 "
+                                    f"(default RAY_ADDRESS when it is such a URL)")
+            where.add_argument("--cluster", type=Path, metavar="CLUSTER.yaml",
+                               help=f"bring up (or find) the cluster of this Ray cluster-launcher YAML and "
+                                    f"{what} to it")
         if task in JOB_TASKS:
-            sub.add_argument("--address", metavar="URL",
-                             help="submit the task as a Ray Job to this cluster's dashboard / job server, "
-                                  "e.g. http://head:8265 (default RAY_ADDRESS when it is such a URL)")
             sub.add_argument("--no-wait", action="store_true",
-                             help="with --address: print the job id and return instead of following its logs")
+                             help="with --address/--cluster: print the job id and return instead of "
+                                  "following its logs")
         if task == "serve":
             sub.add_argument("--build", type=Path, metavar="SERVE_CONFIG.yaml",
                              help="write the Ray Serve config (for `serve deploy` or a KubeRay RayService) "
@@ -168,11 +192,9 @@ def _run_spec_task(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
-    if args.command in JOB_TASKS and _submitted(args):
-        from oi_ray.launch.jobs import job_server, run_as_job
-
-        options = ["--resume"] if getattr(args, "resume", False) else []
-        run_as_job(args.command, config, job_server(args.address), options, wait=not args.no_wait)
+    if args.command in (*JOB_TASKS, "serve") and (args.cluster or _submitted(args)) \
+            and not getattr(args, "build", None):
+        _run_on_cluster(args, config)
         return 0
     # Imported on demand: `oi-ray --help` stays fast and only the task's dependencies load.
     task = importlib.import_module(f"oi_ray.tasks.{args.command}")
@@ -183,6 +205,28 @@ def _run_spec_task(args: argparse.Namespace) -> int:
     else:
         task.run(config)
     return 0
+
+
+def _run_on_cluster(args: argparse.Namespace, config: "ExperimentConfig") -> None:
+    """Submit the task as a Ray Job (or deploy the service) to ``--address`` / ``--cluster``."""
+    from contextlib import nullcontext
+
+    from oi_ray.launch.jobs import job_server, run_as_job
+
+    if args.cluster:
+        from oi_ray.launch.cluster import cluster_job_server
+
+        server = cluster_job_server(args.cluster)
+    else:
+        server = nullcontext(job_server(args.address))
+    with server as address:
+        if args.command == "serve":
+            from oi_ray.launch.serve_deploy import deploy_to_cluster
+
+            deploy_to_cluster(config, address)
+        else:
+            options = ["--resume"] if getattr(args, "resume", False) else []
+            run_as_job(args.command, config, address, options, wait=not args.no_wait)
 
 
 def _submitted(args: argparse.Namespace) -> bool:

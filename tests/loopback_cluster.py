@@ -98,8 +98,10 @@ class LoopbackCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _start(self, name: str, arguments: list[str], prefix: list[str] | None = None) -> None:
+        # every node's dashboard agent needs its own HTTP port on this one machine (Ray's default is fixed)
         command = [*(prefix or []), RAY, "start", "--block", "--node-ip-address=127.0.0.1",
-                   "--disable-usage-stats", f"--object-store-memory={OBJECT_STORE_BYTES}", *arguments]
+                   "--disable-usage-stats", f"--object-store-memory={OBJECT_STORE_BYTES}",
+                   f"--dashboard-agent-listen-port={free_port()}", *arguments]
         with (self.logs / f"{name}.log").open("w") as log:
             self.nodes[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                                 start_new_session=True)

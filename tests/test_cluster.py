@@ -1,12 +1,16 @@
 """Beyond one machine: which Ray a command uses, and tasks submitted as Ray Jobs to a real
 multi-node Ray cluster on this machine (several `ray start` nodes)."""
 
+import contextlib
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -57,8 +61,11 @@ def spec(tmp_path_factory) -> Path:
                                                            image_ext=".png", seed=5)).spec_path
 
 
-def _train_worker_nodes(cluster: LoopbackCluster) -> set[str]:
+def _train_worker_nodes(cluster: LoopbackCluster, alive_only: bool = False) -> set[str]:
+    """The nodes that host (or hosted) Ray Train workers, from the state API."""
     query = "filter_keys=class_name&filter_predicates=%3D&filter_values=RayTrainWorker&detail=true&limit=100"
+    if alive_only:
+        query += "&filter_keys=state&filter_predicates=%3D&filter_values=ALIVE"
     request = urllib.request.Request(f"{cluster.address}/api/v0/actors?{query}", headers=cluster.headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         return {actor["node_id"] for actor in json.load(response)["data"]["result"]["result"]}
@@ -138,3 +145,202 @@ def test_a_job_server_that_does_not_answer_is_one_clear_error(capsys):
     address = f"http://127.0.0.1:{free_port()}"
     assert main(["job", "list", "--address", address]) == 1
     assert capsys.readouterr().err == f"oi-ray job: error: --address {address}: no Ray job server answers there\n"
+
+
+def _can_unshare() -> bool:
+    probe = subprocess.run(["unshare", "-Urm", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+def _node_local(folder: Path) -> list[str]:
+    """A command prefix: run the node in its own mount namespace where ``folder`` is an empty
+    tmpfs, so the node sees its own disk there, as a node without the shared mount would."""
+    mount = f'mount -t tmpfs tmpfs {shlex.quote(str(folder))} && exec "$0" "$@"'
+    return ["unshare", "-Urm", "sh", "-c", mount]
+
+
+@pytest.mark.ray
+def test_a_path_one_node_does_not_see_fails_before_training(cluster, spec, tmp_path, capsys):
+    if not _can_unshare():
+        pytest.skip("needs user and mount namespaces (unshare -Urm) to give one node a disk of its own")
+    local = tmp_path / "node_local"
+    local.mkdir()
+    cluster.add_node("node_c", prefix=_node_local(local))
+    try:
+        assert main(["train", "-e", str(spec), "--address", cluster.address, f"results_dir={local / 'results'}",
+                     "dataset.batch_size=8", "train.num_epochs=1", "ray.job_id=paths"]) == 1
+    finally:
+        cluster.kill_node("node_c")
+    output = capsys.readouterr()
+    logs = output.out + output.err
+    assert "this run spreads over 3 nodes, and each must see these paths:" in logs
+    assert re.search(rf"train.results_dir={local / 'results' / 'train'} is not visible from node \S+ \(id \w+\)", logs)
+    assert f"ray.storage_path={local / 'results' / 'train' / 'ray'} is not visible from node" in logs
+    assert "dataset.train_dataset.images_dir" not in logs  # the images are shared
+    assert "job paths failed" in output.err
+    train = local / "results" / "train"
+    assert not list(train.glob("*.pth")) and not list(train.glob(".oi-ray-shared-check-*"))
+
+
+@pytest.mark.ray
+def test_a_worker_node_that_dies_mid_run_is_replaced_from_the_last_checkpoint(spec, tmp_path, capsys):
+    """Its own cluster of three 1-CPU nodes: two workers, one node killed (SIGKILL) after the
+    second checkpoint; the group restarts on the nodes left and the job finishes."""
+    three = LoopbackCluster(head_cpus=0)
+    epochs = 40  # long enough to be running when the node dies and Ray notices
+    try:
+        for name in ("node_a", "node_b", "node_c"):
+            three.add_node(name)
+        results = tmp_path / "results"
+        assert main(["train", "-e", str(spec), "--address", three.address, f"results_dir={results}", "--no-wait",
+                     "ray.num_workers=2", "ray.max_failures=1", "dataset.batch_size=8", f"train.num_epochs={epochs}",
+                     "ray.job_id=survivor"]) == 0
+        assert capsys.readouterr().out == "survivor\n"
+        deadline = time.monotonic() + 300
+        while not (results / "train" / "model_epoch_001.pth").exists():
+            assert time.monotonic() < deadline, "no second checkpoint"
+            time.sleep(0.5)
+        hosts = _train_worker_nodes(three, alive_only=True)
+        victim = next(node["resources_total"] for node in three.alive_nodes() if node["node_id"] in hosts)
+        three.kill_node(next(name for name in ("node_a", "node_b", "node_c") if name in victim))
+        assert main(["job", "logs", "survivor", "--follow", "--address", three.address]) == 0
+    finally:
+        three.shutdown()
+    logs = capsys.readouterr()
+    restarted = re.search(r"worker group restarted: continuing after epoch (\d+)", logs.out + logs.err)
+    # from the last checkpoint Ray Train had registered (its controller polls every 2 s): epoch 1 or 2
+    assert restarted and int(restarted.group(1)) >= 1
+    logged = [json.loads(line)["epoch"] for line in (results / "train" / "status.json").read_text().splitlines()]
+    assert set(logged) == set(range(1, epochs + 1)) and logged[-1] == epochs
+    assert os.readlink(results / "train" / "oi_model_latest.pth") == f"model_epoch_{epochs - 1:03d}.pth"
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+@pytest.mark.ray
+def test_export_as_a_job_then_serve_address_deploys_beside_other_applications(cluster, spec, tmp_path, capsys):
+    results = tmp_path / "results"
+    common = ["-e", str(spec), "--address", cluster.address, f"results_dir={results}", "dataset.batch_size=8"]
+    assert main(["train", *common, "train.num_epochs=1", "ray.job_id=to-serve"]) == 0
+    assert main(["export", *common, "ray.job_id=to-serve-export"]) == 0
+    onnx = results / "export" / "oi_model.onnx"
+    assert onnx.is_file()
+    port = free_port()
+    serve = ["serve", *common, f"serve.port={port}", "serve.proxy_location=HeadOnly", "serve.num_cpus=0.5"]
+    capsys.readouterr()
+    assert main([*serve, "serve.app_name=first", "serve.route_prefix=/first"]) == 0
+    assert main([*serve, "serve.app_name=second", "serve.route_prefix=/second", "serve.threshold=0.5"]) == 0
+    output = capsys.readouterr()
+    assert f"application 'second' runs on the cluster at http://127.0.0.1:{port}/second/" in output.out
+    assert "deploying application 'second' to" in output.err and "(1 other application(s) kept)" in output.err
+    for prefix, threshold in (("/first", None), ("/second", 0.5)):  # the first one was kept
+        card = _get_json(f"http://127.0.0.1:{port}{prefix}/v1/model")
+        assert card["file"] == str(onnx)
+        assert threshold is None or card["threshold"]["value"] == threshold
+
+
+@pytest.mark.ray
+def test_a_cluster_with_token_authentication_takes_the_users_token(spec, tmp_path, monkeypatch, capsys):
+    from ray._raylet import AuthenticationTokenLoader
+
+    secured = LoopbackCluster(head_cpus=1, token="oi-ray-test-token-0123456789abcdef")
+    try:
+        monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token of this machine's user
+        for variable in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+            monkeypatch.delenv(variable, raising=False)
+        for token, expected in ((None, "Authentication required"), ("wrong-token", "Authentication failed")):
+            if token:
+                monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+            AuthenticationTokenLoader.instance().reset_cache()
+            assert main(["job", "list", "--address", secured.address]) == 1
+            error = capsys.readouterr().err
+            assert error.startswith(f"oi-ray job: error: --address {secured.address}: the cluster refused this "
+                                    f"token") and expected in error and "give the cluster's token as RAY_AUTH_TOKEN" in error
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "oi-ray-test-token-0123456789abcdef")
+        AuthenticationTokenLoader.instance().reset_cache()
+        assert main(["train", "-e", str(spec), "--address", secured.address, f"results_dir={tmp_path / 'results'}",
+                     "dataset.batch_size=8", "train.num_epochs=1", "ray.job_id=secured"]) == 0
+        assert (tmp_path / "results" / "train" / "model_epoch_000.pth").is_file()
+    finally:
+        AuthenticationTokenLoader.instance().reset_cache()
+        secured.shutdown()
+
+
+CLUSTER_YAML = """\
+cluster_name: oi-ray-test
+max_workers: 0
+provider:
+  type: external
+  module: local_node_provider.LocalNodeProvider
+  state_file: {run}/nodes.json
+auth:
+  ssh_user: oi-ray
+available_node_types:
+  head:
+    resources: {{CPU: 1}}
+    node_config: {{}}
+    max_workers: 0
+head_node_type: head
+# (an external provider gets no defaults from Ray: every section is spelt out)
+upscaling_speed: 1.0
+idle_timeout_minutes: 5
+docker: {{}}
+file_mounts: {{}}
+cluster_synced_files: []
+file_mounts_sync_continuously: false
+rsync_exclude: []
+rsync_filter: []
+initialization_commands: []
+setup_commands: []
+head_setup_commands: []
+worker_setup_commands: []
+head_start_ray_commands:
+  - RAY_AUTH_MODE=disabled setsid {ray} start --head --block --port={gcs} --dashboard-host=127.0.0.1
+    --dashboard-port={dashboard} --dashboard-agent-listen-port={agent} --num-cpus=1 --temp-dir={run} --disable-usage-stats
+    --object-store-memory=268435456 > {run}/head.log 2>&1 < /dev/null & echo $! > {run}/head.pid
+  # like `ray start` without --block: return once the head's job server answers
+  - for attempt in $(seq 120); do {python} -c "import socket; socket.create_connection(('127.0.0.1', {dashboard}), 1)"
+    2>/dev/null && break; sleep 1; done
+worker_start_ray_commands: []
+"""
+
+
+@pytest.mark.ray
+def test_cluster_yaml_brings_the_cluster_up_once_and_runs_tasks_on_it(spec, tmp_path):
+    """`--cluster` through Ray's real launcher (autoscaler SDK), with a node provider whose
+    machine is this one (tests/local_node_provider.py): twice, and the head is not restarted."""
+    run = Path(tempfile.mkdtemp(prefix="oic-", dir="/tmp"))  # short: Ray's sockets live below it
+    cluster_yaml = tmp_path / "cluster.yaml"
+    cluster_yaml.write_text(CLUSTER_YAML.format(run=run, ray=Path(sys.executable).with_name("ray"),
+                                                python=sys.executable, gcs=free_port(), dashboard=free_port(),
+                                                agent=free_port()))
+    home = tmp_path / "home"  # the launcher writes ~/ray_bootstrap_config.yaml "on the head"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(Path(__file__).parent),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "oi_ray.cli", "train", "-e", str(spec), "--cluster", str(cluster_yaml),
+               f"results_dir={tmp_path / 'results'}", "dataset.batch_size=8", "ray.job_id=board"]
+    try:
+        first = subprocess.run([*command, "train.num_epochs=1"], env=env, capture_output=True, text=True,
+                               timeout=600)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        assert "bringing up Ray cluster 'oi-ray-test'" in first.stderr
+        assert "job board succeeded" in first.stderr
+        head = int((run / "head.pid").read_text())
+        second = subprocess.run([*command, "train.num_epochs=2"], env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        assert int((run / "head.pid").read_text()) == head  # the running head was kept
+        assert "submitting it as board-2" in second.stderr
+        train = tmp_path / "results" / "train"
+        assert os.readlink(train / "oi_model_latest.pth") == "model_epoch_001.pth"
+    finally:
+        if (run / "head.pid").exists():
+            head = int((run / "head.pid").read_text())
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head, signal.SIGKILL)  # the head's process group, which setsid made for it
+        shutil.rmtree(run, ignore_errors=True)

@@ -205,6 +205,15 @@ def test_print_config_prints_resolved_yaml(capsys):
     assert yaml.safe_load(to_yaml(load_config(TRAIN_SPEC, ["results_dir=/tmp/x"]))) == printed
 
 
+def test_overrides_may_follow_options(capsys):
+    assert main(["train", "-e", str(TRAIN_SPEC), "results_dir=/tmp/x", "--print-config", "model.margin=1.5"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["results_dir"], printed["model"]["margin"]) == ("/tmp/x", 1.5)
+    with pytest.raises(SystemExit):
+        main(["train", "-e", str(TRAIN_SPEC), "--print-config", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
 def test_cli_reports_config_error_in_one_line(capsys):
     status = main(["train", "-e", str(TRAIN_SPEC), "dataset.imagewidth=5"])
     err = capsys.readouterr().err
@@ -213,14 +222,17 @@ def test_cli_reports_config_error_in_one_line(capsys):
     assert "Traceback" not in err
 
 
-def test_unbuilt_cluster_mode_is_not_offered(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "-e", str(TRAIN_SPEC), "--cluster", "cluster.yaml"])
-    assert exit_info.value.code == 2
-    assert "unrecognized arguments: --cluster" in capsys.readouterr().err
+def test_a_bad_cluster_yaml_is_refused_before_anything_starts(capsys, tmp_path):
+    assert main(["train", "-e", str(TRAIN_SPEC), "--cluster", str(tmp_path / "missing.yaml")]) == 1
+    assert f"--cluster {tmp_path / 'missing.yaml'}: cannot read it" in capsys.readouterr().err
+    misspelt = tmp_path / "cluster.yaml"
+    misspelt.write_text("cluster_name: x\nprovider: {type: local, head_ip: 10.0.0.1, worker_ips: []}\n"
+                        "auth: {ssh_user: u}\nhead_start_ray_command: [ray start --head]\n")
+    assert main(["train", "-e", str(TRAIN_SPEC), "--cluster", str(misspelt)]) == 1
+    assert "'head_start_ray_command' was unexpected" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["train", "--help"])
-    assert "--cluster" not in capsys.readouterr().out
+        main(["train", "-e", str(TRAIN_SPEC), "--cluster", str(misspelt), "--address", "http://h:8265"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)

@@ -341,6 +341,7 @@ class ServeConfig:
     app_name: str = "oi-ray"  # Ray Serve application name
     host: str = "127.0.0.1"  # HTTP bind address; 0.0.0.0 exposes the service to the network
     port: int = 8000
+    proxy_location: str = "EveryNode"  # Ray Serve HTTP proxies: EveryNode | HeadOnly | Disabled
     route_prefix: str = "/"  # the API lives under {route_prefix}v1/...
     max_pairs_per_request: int = 64
     max_request_mb: float = 64.0  # larger request bodies are refused (413)

@@ -37,6 +37,7 @@ TUNE_METRICS = ("val_auroc", "val_loss", "val_acc", "val_fpr", "val_defect_recal
                 "val_false_alarm_fraction_of_pass_pairs_at_99_defect_recall", "train_loss")
 TUNE_SCHEDULERS = ("asha", "none")
 TUNE_SEARCH_ALGS = ("random", "grid", "optuna")
+SERVE_PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,7 @@ def _check_ray(p: _Problems, ray: RayConfig) -> None:
 def _check_serve(p: _Problems, serve: ServeConfig) -> None:
     p.check(bool(serve.app_name.strip()), "serve.app_name", serve.app_name, "expected a name")
     p.in_range("serve.port", serve.port, 1, MAX_PORT)
+    p.one_of("serve.proxy_location", serve.proxy_location, SERVE_PROXY_LOCATIONS)
     p.check(serve.route_prefix.startswith("/"), "serve.route_prefix", serve.route_prefix,
             "expected a path starting with '/', e.g. / or /inspection")
     p.at_least("serve.max_pairs_per_request", serve.max_pairs_per_request, 1)

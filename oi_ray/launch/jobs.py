@@ -26,6 +26,8 @@ from oi_ray.errors import ConfigError, OiRayError, TaskInterrupted
 from oi_ray.launch.entry import SPEC_VARIABLE
 
 log = logging.getLogger(__name__)
+AGENT_WAIT_S = 60.0
+NO_AGENT = "No available agent to submit job"  # Ray's job server, before its agent is up
 TOKEN_HELP = ("give the cluster's token as RAY_AUTH_TOKEN, or in the file RAY_AUTH_TOKEN_PATH names "
               "(default ~/.ray/auth_token)")
 
@@ -51,17 +53,21 @@ def connect(address: str) -> JobSubmissionClient:
     """A client of the job server at ``address``, checked to answer and to accept the user's
     Ray token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), which is
     sent whenever there is one: the cluster decides whether it needs it."""
-    loader = AuthenticationTokenLoader.instance()
-    headers = None
-    if loader.has_token(ignore_auth_mode=True):
-        headers = {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True)}"}
     try:
-        return JobSubmissionClient(address, headers=headers)
+        return JobSubmissionClient(address, headers=auth_headers())
     except ConnectionError:
         raise ConfigError(f"--address {address}: no Ray job server answers there") from None
     except AuthenticationError as error:
         raise ConfigError(f"--address {address}: the cluster refused this token ({_first_line(error)}); "
                           f"{TOKEN_HELP}") from None
+
+
+def auth_headers() -> dict[str, str] | None:
+    """The user's Ray token as an HTTP header, when there is one."""
+    loader = AuthenticationTokenLoader.instance()
+    if not loader.has_token(ignore_auth_mode=True):
+        return None
+    return {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True)}"}
 
 
 def submit(client: JobSubmissionClient, task: str, config: ExperimentConfig, options: list[str]) -> str:
@@ -77,8 +83,16 @@ def submit(client: JobSubmissionClient, task: str, config: ExperimentConfig, opt
     if environment.working_dir:
         runtime_env["working_dir"] = environment.working_dir
     entrypoint = " ".join(["python", "-m", "oi_ray.launch.entry", task, *options])
-    client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
-                      metadata={"oi_ray_task": task, "run_name": run_name})
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
+                              metadata={"oi_ray_task": task, "run_name": run_name})
+            break
+        except RuntimeError as error:  # a head that just started has no job agent for some seconds
+            if NO_AGENT not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
     log.info("submitted job %s (oi-ray %s, run %s) to %s", submission_id, task, run_name,
              client.get_address())
     return submission_id
@@ -133,7 +147,8 @@ def follow(client: JobSubmissionClient, submission_id: str, address: str) -> Non
     if info.status == JobStatus.STOPPED:
         raise TaskInterrupted(f"job {submission_id} was stopped")
     exit_code = info.driver_exit_code if info.driver_exit_code not in (None, 0) else 1
-    raise JobFailedError(f"job {submission_id} failed: {info.message}", exit_code)
+    reason = (info.message or "").strip().splitlines()[0] if info.message else "no reason given"
+    raise JobFailedError(f"job {submission_id} failed: {reason.split(', last available logs')[0]}", exit_code)
 
 
 async def _print_logs(client: JobSubmissionClient, submission_id: str) -> None:

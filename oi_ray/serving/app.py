@@ -87,7 +87,7 @@ def serve_config(config: ExperimentConfig) -> dict[str, Any]:
     if config.encryption_key is not None:
         spec["encryption_key"] = config.encryption_key
     return {
-        "proxy_location": "EveryNode",
+        "proxy_location": settings.proxy_location,
         "http_options": {"host": settings.host, "port": settings.port,
                          "request_timeout_s": settings.request_timeout_s},
         "applications": [{

@@ -23,6 +23,7 @@ from oi_ray.data.dataset import DecodedCache, PipelineSpec, decode_cache
 from oi_ray.data.pairs import PairTable, load_split
 from oi_ray.errors import ConfigError, DataError, TaskInterrupted, TrainingDivergedError
 from oi_ray.fileio import remove_partial_files
+from oi_ray.launch.shared_paths import SharedPath, check_shared, worker_nodes
 from oi_ray.runtime import ray_session, torch_threads, uses_gpus
 from oi_ray.training.loop import STATUS_FILE, TrainJob, train_worker
 from oi_ray.training.progress import ProgressFeed
@@ -68,6 +69,8 @@ def _fit(config: ExperimentConfig, pipeline: PipelineSpec, train_table: PairTabl
     check_batches(len(train_table), train_table.csv_path, config.dataset.batch_size, workers)
     if pipeline.augmentation is not None:
         _check_cpus(config, workers)
+    check_shared(shared_training_paths(config, results_dir, train_table),
+                 worker_nodes(config.ray.cpus_per_worker, config.ray.gpus_per_worker if use_gpu else 0))
     log.info("training %s on %d %s worker(s): epochs %d to %d, %d training pairs%s; results in %s",
              config.model.model_type, workers, "GPU" if use_gpu else "CPU", done_epochs + 1,
              train.num_epochs, len(train_table), _validation_note(validation_table), results_dir)
@@ -134,6 +137,15 @@ def early_end_error(reason: tuple, config: ExperimentConfig, results_dir: Path) 
         f"training diverged: the loss became NaN or infinite at epoch {epoch}, step {step} of {steps}; "
         f"nothing of epoch {epoch} was saved, and {rerun_note(config, results_dir)}. Try a lower "
         f"train.optim.lr (now {optim.lr:g}) or set train.clip_grad_norm (e.g. 1.0)")
+
+
+def shared_training_paths(config: ExperimentConfig, results_dir: Path,
+                          train_table: PairTable) -> list[SharedPath]:
+    """What every node that may host a training worker must see: where rank 0 writes, Ray
+    Train's storage, and the images (the first of the training split stands for them)."""
+    return [SharedPath("train.results_dir", str(results_dir), is_folder=True),
+            SharedPath("ray.storage_path", config.ray.storage_path, is_folder=True),
+            SharedPath("dataset.train_dataset.images_dir", train_table.test_paths[0][0], is_folder=False)]
 
 
 def resume_point(config: ExperimentConfig, results_dir: Path) -> tuple[Path | None, int]:
