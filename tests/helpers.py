@@ -1,5 +1,10 @@
-"""Small hand-made TAO-layout datasets for tests that need exact control over files."""
+"""Small hand-made TAO-layout datasets for tests that need exact control over files, and
+running a command until Ctrl-C."""
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +43,23 @@ def write_pair_dataset(
     lines = ["input_path,golden_path,object_name,label", *(",".join(row) for row in rows)]
     csv_path.write_text("\n".join(lines) + "\n")
     return csv_path
+
+
+def ctrl_c_once_logged(command: list[str], log: Path, marker: str, timeout_s: float = 300.0) -> str:
+    """Run ``command`` in a process group of its own (output to ``log``) until ``marker`` shows
+    in its output, send the group SIGINT, as a terminal's Ctrl-C does, and return the output
+    once it exited with 130. The group is killed if anything goes wrong."""
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while marker not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=120) == 130, log.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return log.read_text()

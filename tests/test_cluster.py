@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import ctrl_c_once_logged
 from loopback_cluster import LoopbackCluster, free_port
 
 from oi_ray.cli import main
@@ -104,22 +105,9 @@ def test_ctrl_c_leaves_the_job_running_and_job_commands_reach_it(cluster, spec, 
     command = [sys.executable, "-m", "oi_ray.cli", "train", "-e", str(spec), "--address", cluster.address,
                f"results_dir={tmp_path}", "ray.num_workers=1", "dataset.batch_size=8", "train.num_epochs=500",
                "ray.job_id=long"]
-    log = tmp_path / "follow.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while "epoch 1/500" not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(1)
-        os.killpg(process.pid, signal.SIGINT)
-        assert process.wait(timeout=60) == 130, log.read_text()
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert "job long is left running; follow it with" in log.read_text()
-    assert "job stop long --address" in log.read_text()
+    logs = ctrl_c_once_logged(command, tmp_path / "follow.log", "epoch 1/500", timeout_s=240)
+    assert "job long is left running; follow it with" in logs
+    assert "job stop long --address" in logs
 
     capsys.readouterr()
     assert main(["job", "status", "long", "--address", cluster.address]) == 0
@@ -221,13 +209,20 @@ def _get_json(url: str) -> dict:
 
 
 @pytest.mark.ray
-def test_export_as_a_job_then_serve_address_deploys_beside_other_applications(cluster, spec, tmp_path, capsys):
+def test_export_and_evaluate_as_jobs_then_serve_address_deploys_beside_other_applications(cluster, spec, tmp_path,
+                                                                                         monkeypatch, capsys):
     results = tmp_path / "results"
     common = ["-e", str(spec), "--address", cluster.address, f"results_dir={results}", "dataset.batch_size=8"]
     assert main(["train", *common, "train.num_epochs=1", "ray.job_id=to-serve"]) == 0
     assert main(["export", *common, "ray.job_id=to-serve-export"]) == 0
     onnx = results / "export" / "oi_model.onnx"
     assert onnx.is_file()
+    # RAY_ADDRESS holding the job server's URL submits too (here: evaluate, scoring on the workers)
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    local = [argument for argument in common if argument not in ("--address", cluster.address)]
+    assert main(["evaluate", *local, "ray.job_id=to-serve-evaluate"]) == 0
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert 0.0 <= json.loads((results / "evaluate" / "metrics.json").read_text())["auroc"] <= 1.0
     port = free_port()
     serve = ["serve", *common, f"serve.port={port}", "serve.proxy_location=HeadOnly", "serve.num_cpus=0.5"]
     capsys.readouterr()
@@ -251,14 +246,16 @@ def test_a_cluster_with_token_authentication_takes_the_users_token(spec, tmp_pat
         monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token of this machine's user
         for variable in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
             monkeypatch.delenv(variable, raising=False)
-        for token, expected in ((None, "Authentication required"), ("wrong-token", "Authentication failed")):
+        for token, expected in ((None, "the cluster requires a Ray token and none was found (Authentication "
+                                       "required"),
+                                ("wrong-token", "the cluster refused this Ray token (Authentication failed")):
             if token:
                 monkeypatch.setenv("RAY_AUTH_TOKEN", token)
             AuthenticationTokenLoader.instance().reset_cache()
             assert main(["job", "list", "--address", secured.address]) == 1
             error = capsys.readouterr().err
-            assert error.startswith(f"oi-ray job: error: --address {secured.address}: the cluster refused this "
-                                    f"token") and expected in error and "give the cluster's token as RAY_AUTH_TOKEN" in error
+            assert error.startswith(f"oi-ray job: error: --address {secured.address}: {expected}")
+            assert "give the cluster's token as RAY_AUTH_TOKEN" in error
         monkeypatch.setenv("RAY_AUTH_TOKEN", "oi-ray-test-token-0123456789abcdef")
         AuthenticationTokenLoader.instance().reset_cache()
         assert main(["train", "-e", str(spec), "--address", secured.address, f"results_dir={tmp_path / 'results'}",

@@ -1,7 +1,5 @@
 """``oi-ray tune``: the search space is checked before any trial starts; real sweeps on a local Ray."""
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -9,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import ctrl_c_once_logged
 from omegaconf import OmegaConf
 
 from oi_ray.cli import main
@@ -190,20 +189,8 @@ def test_resume_finishes_an_interrupted_sweep_without_redoing_trials(sweep_data,
                "train.num_epochs=2", "dataset.batch_size=8", "tune.num_samples=3", "tune.max_concurrent_trials=1",
                "tune.scheduler.type=none", "ray.num_cpus=2",
                "tune.search_space={model.margin: {type: uniform, low: 0.5, high: 3.0}}"]
-    log = tmp_path / "first.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while ": completed, val_auroc" not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(1)
-        os.killpg(process.pid, signal.SIGINT)
-        assert process.wait(timeout=120) == 130, log.read_text()
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert "rerun the same command with --resume" in log.read_text()
+    logs = ctrl_c_once_logged(command, tmp_path / "first.log", ": completed, val_auroc")
+    assert "rerun the same command with --resume" in logs
     trials = tmp_path / "tune" / "sweep" / "trials"
     first = {path.parent.name: path.read_text() for path in trials.glob("*/status.json")
              if len(path.read_text().splitlines()) == 2}

@@ -58,8 +58,15 @@ def connect(address: str) -> JobSubmissionClient:
     except ConnectionError:
         raise ConfigError(f"--address {address}: no Ray job server answers there") from None
     except AuthenticationError as error:
-        raise ConfigError(f"--address {address}: the cluster refused this token ({_first_line(error)}); "
-                          f"{TOKEN_HELP}") from None
+        raise ConfigError(f"--address {address}: {token_problem(error)}") from None
+
+
+def token_problem(error: AuthenticationError) -> str:
+    """What to tell a user whose request the cluster's token authentication refused."""
+    said = _first_line(error)
+    if auth_headers() is None:
+        return f"the cluster requires a Ray token and none was found ({said}); {TOKEN_HELP}"
+    return f"the cluster refused this Ray token ({said}); {TOKEN_HELP}"
 
 
 def auth_headers() -> dict[str, str] | None:

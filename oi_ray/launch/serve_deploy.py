@@ -16,7 +16,7 @@ from ray.exceptions import AuthenticationError
 
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.errors import ConfigError, OiRayError
-from oi_ray.launch.jobs import TOKEN_HELP, auth_headers
+from oi_ray.launch.jobs import auth_headers, token_problem
 from oi_ray.serving.app import serve_config
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def _client(address: str) -> ServeSubmissionClient:
     except ConnectionError:
         raise ConfigError(f"--address {address}: no Ray dashboard answers there") from None
     except AuthenticationError as error:
-        raise ConfigError(f"--address {address}: the cluster refused this token; {TOKEN_HELP}") from error
+        raise ConfigError(f"--address {address}: {token_problem(error)}") from None
 
 
 def _applications(client: ServeSubmissionClient) -> dict[str, Any]:

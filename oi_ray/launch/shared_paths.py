@@ -9,6 +9,7 @@ looked up by its size. A path some node does not see fails before any work start
 the spec key, the path and the node.
 """
 
+import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from oi_ray.errors import ConfigError
 
+log = logging.getLogger(__name__)
 MARKER_PREFIX = ".oi-ray-shared-check-"
 CHECK_TIMEOUT_S = 120.0
 
@@ -57,21 +59,32 @@ def check_shared(paths: list[SharedPath], nodes: list[dict]) -> None:
         else:
             expected[shared.key] = (str(path), str(path.stat().st_size))
     try:
-        seen = ray.get([_look.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-            node["NodeID"], soft=False)).remote(expected) for node in nodes], timeout=CHECK_TIMEOUT_S)
+        looks = [_look.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node["NodeID"], soft=False)).remote(expected) for node in nodes]
+        seen = [(node, _missing_on(node, look)) for node, look in zip(nodes, looks, strict=True)]
     finally:
         for marker in markers:
             marker.unlink(missing_ok=True)
     problems = [f"{shared.key}={shared.path} is not visible from node {node['NodeManagerAddress']} "
                 f"(id {node['NodeID'][:12]})"
-                for node, missing in zip(nodes, seen, strict=True)
-                for shared in paths if shared.key in missing]
+                for node, missing in seen for shared in paths if shared.key in missing]
     if problems:
         raise ConfigError(
             f"this run spreads over {len(nodes)} nodes, and each must see these paths:\n"
             + "\n".join(f"  - {problem}" for problem in problems)
             + "\nput them on a filesystem every node mounts at the same path (NFS, Lustre, EFS, Filestore; "
               "ray.storage_path may also be an s3:// or gs:// URI)")
+
+
+def _missing_on(node: dict, look: ray.ObjectRef) -> list[str]:
+    """The keys ``node`` does not see; none when the node left the cluster meanwhile (Ray lists a
+    node that died as alive until its heartbeats are missed)."""
+    try:
+        return ray.get(look, timeout=CHECK_TIMEOUT_S)
+    except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError):
+        log.info("node %s (id %s) left the cluster during the shared-path check", node["NodeManagerAddress"],
+                 node["NodeID"][:12])
+        return []
 
 
 @ray.remote

@@ -12,7 +12,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import ray
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 log = logging.getLogger("oi_ray.tasks.train")
@@ -24,8 +26,10 @@ class ProgressFeed:
     """Two small Ray queues: rank 0 puts events for the driver, the driver puts stop requests."""
 
     def __init__(self) -> None:
-        self._queue = Queue(actor_options={"num_cpus": 0})
-        self._requests = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node: the queues must outlive any worker node that fails mid-run.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        self._requests = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.early_end: tuple | None = None  # driver side: why the workers ended the run early
 
     def step(self, epoch: int, pairs: int, total: int, loss: float) -> None:
