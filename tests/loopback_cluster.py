@@ -2,7 +2,7 @@
 
 Every node is one ``ray start --block`` process that leads its own process group (Ray's
 processes of that node stay in it), so a test stops exactly the nodes it started, by their
-process group ids, never with ``ray stop``. ``kill_node`` is a node failure (SIGKILL).
+process group ids, never by stopping Ray by name. ``kill_node`` is a node failure (SIGKILL).
 """
 
 import json

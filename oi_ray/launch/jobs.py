@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from ray._raylet import AuthenticationTokenLoader
 from ray.exceptions import AuthenticationError
@@ -26,6 +26,7 @@ from oi_ray.errors import ConfigError, OiRayError, TaskInterrupted
 from oi_ray.launch.entry import SPEC_VARIABLE
 
 log = logging.getLogger(__name__)
+Client = TypeVar("Client")
 AGENT_WAIT_S = 60.0
 NO_AGENT = "No available agent to submit job"  # Ray's job server, before its agent is up
 TOKEN_HELP = ("give the cluster's token as RAY_AUTH_TOKEN, or in the file RAY_AUTH_TOKEN_PATH names "
@@ -50,13 +51,18 @@ def job_server(address: str | None) -> str:
 
 
 def connect(address: str) -> JobSubmissionClient:
-    """A client of the job server at ``address``, checked to answer and to accept the user's
-    Ray token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), which is
-    sent whenever there is one: the cluster decides whether it needs it."""
+    """A client of the job server at ``address``, checked to answer and to accept the user's token."""
+    return dashboard_client(JobSubmissionClient, address, "job server")
+
+
+def dashboard_client(client_class: type[Client], address: str, server: str) -> Client:
+    """A Ray dashboard client (jobs, Serve) of ``address``, checked to answer and to accept the
+    user's Ray token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), which
+    is sent whenever there is one: the cluster decides whether it needs it."""
     try:
-        return JobSubmissionClient(address, headers=auth_headers())
+        return client_class(address, headers=auth_headers())
     except ConnectionError:
-        raise ConfigError(f"--address {address}: no Ray job server answers there") from None
+        raise ConfigError(f"--address {address}: no Ray {server} answers there") from None
     except AuthenticationError as error:
         raise ConfigError(f"--address {address}: {token_problem(error)}") from None
 
@@ -120,7 +126,7 @@ def run_as_job(task: str, config: ExperimentConfig, address: str, options: list[
 def _free_submission_id(client: JobSubmissionClient, run_name: str) -> str:
     """``run_name``, or the next ``run_name-N`` when earlier jobs of that run have finished."""
     jobs = {job.submission_id: job for job in client.list_jobs() if job.submission_id}
-    candidate, attempt = run_name, 1
+    candidate, attempt, earlier = run_name, 1, None
     while candidate in jobs:
         earlier = jobs[candidate]
         if not earlier.status.is_terminal():
@@ -129,15 +135,10 @@ def _free_submission_id(client: JobSubmissionClient, run_name: str) -> str:
                               f"`oi-ray job stop {candidate}`")
         attempt += 1
         candidate = f"{run_name}-{attempt}"
-    if attempt > 1:
+    if earlier is not None:
         log.info("run %s ran before as job %s (%s): submitting it as %s, which continues the run",
-                 run_name, jobs[_previous(run_name, attempt)].submission_id,
-                 jobs[_previous(run_name, attempt)].status.value, candidate)
+                 run_name, earlier.submission_id, earlier.status.value, candidate)
     return candidate
-
-
-def _previous(run_name: str, attempt: int) -> str:
-    return run_name if attempt == 2 else f"{run_name}-{attempt - 1}"
 
 
 def follow(client: JobSubmissionClient, submission_id: str, address: str) -> None:

@@ -12,11 +12,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-from ray.exceptions import AuthenticationError
 
 from oi_ray.config.schema import ExperimentConfig
-from oi_ray.errors import ConfigError, OiRayError
-from oi_ray.launch.jobs import auth_headers, token_problem
+from oi_ray.errors import OiRayError
+from oi_ray.launch.jobs import dashboard_client
 from oi_ray.serving.app import serve_config
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ def deploy_to_cluster(config: ExperimentConfig, address: str) -> None:
     if settings.auth_token_env:
         log.info("serve.auth_token_env=%s: the variable must be set on the cluster's nodes",
                  settings.auth_token_env)
-    client = _client(address)
+    client = dashboard_client(ServeSubmissionClient, address, "dashboard")
     ours = serve_config(config)
     name = settings.app_name
     others = [app["deployed_app_config"] for app_name, app in _applications(client).items()
@@ -51,15 +50,6 @@ def deploy_to_cluster(config: ExperimentConfig, address: str) -> None:
           f"  POST {base}/v1/inspect   GET {base}/v1/model   GET {base}/healthz\n"
           f"  it keeps running; redeploy to change it (a new serve.threshold is applied in place)",
           flush=True)
-
-
-def _client(address: str) -> ServeSubmissionClient:
-    try:
-        return ServeSubmissionClient(address, headers=auth_headers())
-    except ConnectionError:
-        raise ConfigError(f"--address {address}: no Ray dashboard answers there") from None
-    except AuthenticationError as error:
-        raise ConfigError(f"--address {address}: {token_problem(error)}") from None
 
 
 def _applications(client: ServeSubmissionClient) -> dict[str, Any]:

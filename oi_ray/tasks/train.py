@@ -145,7 +145,12 @@ def shared_training_paths(config: ExperimentConfig, results_dir: Path,
     Train's storage, and the images (the first of the training split stands for them)."""
     return [SharedPath("train.results_dir", str(results_dir), is_folder=True),
             SharedPath("ray.storage_path", config.ray.storage_path, is_folder=True),
-            SharedPath("dataset.train_dataset.images_dir", train_table.test_paths[0][0], is_folder=False)]
+            shared_images(train_table)]
+
+
+def shared_images(train_table: PairTable) -> SharedPath:
+    """The training images, as every node must see them: the split's first image stands for them."""
+    return SharedPath("dataset.train_dataset.images_dir", train_table.test_paths[0][0], is_folder=False)
 
 
 def resume_point(config: ExperimentConfig, results_dir: Path) -> tuple[Path | None, int]:

@@ -29,7 +29,7 @@ from oi_ray.data.dataset import PipelineSpec, decode_cache
 from oi_ray.errors import BackendUnavailableError, ConfigError, OiRayError, TaskInterrupted
 from oi_ray.launch.shared_paths import SharedPath, check_shared, worker_nodes
 from oi_ray.runtime import ray_session, torch_threads, uses_gpus
-from oi_ray.tasks.train import load_tables
+from oi_ray.tasks.train import load_tables, shared_images
 from oi_ray.tuning.results import choose_best, summarize, write_best, write_results
 from oi_ray.tuning.search import grid_points, param_space, search_problems
 from oi_ray.tuning.trial import SweepPlan, run_trial
@@ -62,9 +62,8 @@ def run(config: ExperimentConfig, resume: bool = False) -> None:
         workers = trial_ray.num_workers
         concurrent = _concurrency(settings.max_concurrent_trials, trial_ray, use_gpu)
         # every trial's workers write below the sweep's folder, wherever Ray places them
-        images = train_table.test_paths[0][0]
         check_shared([SharedPath("tune.results_dir", str(sweep_dir), is_folder=True),
-                      SharedPath("dataset.train_dataset.images_dir", images, is_folder=False)],
+                      shared_images(train_table)],
                      worker_nodes(trial_ray.cpus_per_worker, trial_ray.gpus_per_worker if use_gpu else 0))
         log.info("sweep %s: %s over %s; %d trial(s) at a time, %d %s worker(s) each; results in %s",
                  settings.name, _trial_count(config), ", ".join(settings.search_space), concurrent, workers,
