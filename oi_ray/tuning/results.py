@@ -6,10 +6,12 @@ metric, the epochs it ran, whether the scheduler stopped it early, its status (`
 metric of every trial over epochs. ``best/`` holds the best trial's final checkpoint (TAO
 names: ``model_epoch_NNN.pth`` and ``oi_model_latest.pth``) and a resolved spec whose train,
 evaluate, inference and export sections point at it, so ``oi-ray export -e best/spec.yaml``
-works as it is. The best trial is the one whose *last* metric is best: that is the
-checkpoint ``best/`` delivers.
+works as it is. The best trial is the one whose *last* metric is best: ``best/`` delivers the
+checkpoint of that epoch. (A trial that the scheduler stopped can have finished one more epoch
+before its training ended; that epoch's files stay in the trial's folder, unjudged.)
 """
 
+import json
 import math
 import os
 import shutil
@@ -19,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from oi_ray.checkpoint import LATEST_NAME, point_latest_to
+from oi_ray.checkpoint import LATEST_NAME, epoch_checkpoint_path, point_latest_to
 from oi_ray.config import config_from_mapping, save_resolved_spec
 from oi_ray.errors import find_user_error
 from oi_ray.fileio import write_atomically
@@ -103,12 +105,14 @@ def write_best(best: TrialSummary, base: dict[str, Any], trials_dir: Path, folde
     staging = folder / f".{BEST_DIR}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    checkpoint = (trials_dir / best.name / LATEST_NAME).resolve()
+    trial_dir = trials_dir / best.name
+    checkpoint, epochs = _judged_checkpoint(trial_dir, best.epochs)
     _link_or_copy(checkpoint, staging / checkpoint.name)
     point_latest_to(staging / checkpoint.name)
-    status = trials_dir / best.name / STATUS_FILE
+    status = trial_dir / STATUS_FILE
     if status.exists():
-        shutil.copy2(status, staging / STATUS_FILE)
+        lines = [line for line in status.read_text().splitlines() if json.loads(line)["epoch"] <= epochs]
+        (staging / STATUS_FILE).write_text("".join(f"{line}\n" for line in lines))
     latest = str(target / LATEST_NAME)
     config = config_from_mapping(base, f"best trial {best.name}", {
         **best.params, "train.results_dir": str(target),
@@ -121,6 +125,16 @@ def write_best(best: TrialSummary, base: dict[str, Any], trials_dir: Path, folde
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     return target / "spec.yaml"
+
+
+def _judged_checkpoint(trial_dir: Path, epochs: int) -> tuple[Path, int]:
+    """The newest checkpoint of the trial at or before its last judged epoch, and its epoch."""
+    for epoch in range(epochs, 0, -1):
+        path = epoch_checkpoint_path(trial_dir, epoch)
+        if path.exists():
+            return path, epoch
+    raise FileNotFoundError(f"trial {trial_dir.name} reported {epochs} epoch(s) but has no checkpoint "
+                            f"of them in {trial_dir}")
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:
