@@ -45,12 +45,17 @@ def write_pair_dataset(
     return csv_path
 
 
-def ctrl_c_once_logged(command: list[str], log: Path, marker: str, timeout_s: float = 300.0) -> str:
+def ctrl_c_once_logged(command: list[str], log: Path, marker: str, timeout_s: float = 300.0,
+                       answer: str | None = None) -> str:
     """Run ``command`` in a process group of its own (output to ``log``) until ``marker`` shows
     in its output, send the group SIGINT, as a terminal's Ctrl-C does, and return the output
-    once it exited with 130. The group is killed if anything goes wrong."""
+    once it exited with 130. With ``answer``, its standard input is a terminal (a pseudo-terminal)
+    and ``answer`` is typed there once the command asks its question (a line ending in "] ").
+    The group is killed if anything goes wrong."""
+    terminal, typing = os.openpty() if answer is not None else (None, None)
     with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                                   stdin=typing if typing is not None else subprocess.DEVNULL,
                                    start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s
@@ -58,8 +63,16 @@ def ctrl_c_once_logged(command: list[str], log: Path, marker: str, timeout_s: fl
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(1)
         os.killpg(process.pid, signal.SIGINT)
+        if terminal is not None:
+            while not log.read_text().rstrip(" ").endswith("]"):
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            os.write(terminal, f"{answer}\n".encode())
         assert process.wait(timeout=120) == 130, log.read_text()
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+        for descriptor in (terminal, typing):
+            if descriptor is not None:
+                os.close(descriptor)
     return log.read_text()

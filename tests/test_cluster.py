@@ -15,9 +15,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from helpers import ctrl_c_once_logged
 from loopback_cluster import LoopbackCluster, free_port
+from ray.job_submission import JobSubmissionClient
 
 from oi_ray.cli import main
 from oi_ray.config.schema import RayConfig
@@ -100,6 +102,21 @@ def test_a_training_job_trains_across_nodes_and_a_resubmission_resumes(cluster, 
 
 
 @pytest.mark.ray
+def test_a_sweep_runs_as_a_job(cluster, spec, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(["tune", "-e", str(spec), "--address", cluster.address, f"results_dir={results}",
+                 "train.num_epochs=1", "dataset.batch_size=8", "ray.job_id=sweep", "tune.search_alg=grid",
+                 "tune.scheduler.type=none", "tune.search_space={model.margin: {type: grid, values: [1.0, 2.0]}}"]) == 0
+    output = capsys.readouterr()
+    assert "submitted job sweep (oi-ray tune, run sweep)" in output.err and "job sweep succeeded" in output.err
+    sweep = results / "tune" / "sweep"
+    table = pd.read_csv(sweep / "results.csv")
+    assert sorted(table["model.margin"]) == [1.0, 2.0] and (table["status"] == "completed").all()
+    assert f"best: {table.loc[table['last_val_auroc'].idxmax(), 'trial']} (last val_auroc" in output.out
+    assert (sweep / "best" / "oi_model_latest.pth").resolve().name == "model_epoch_000.pth"
+
+
+@pytest.mark.ray
 def test_ctrl_c_leaves_the_job_running_and_job_commands_reach_it(cluster, spec, tmp_path, capsys):
     """Non-interactive Ctrl-C while following a job, then status / logs / list / stop."""
     command = [sys.executable, "-m", "oi_ray.cli", "train", "-e", str(spec), "--address", cluster.address,
@@ -116,8 +133,14 @@ def test_ctrl_c_leaves_the_job_running_and_job_commands_reach_it(cluster, spec, 
     assert re.search(r"^long\s+RUNNING\s+train", capsys.readouterr().out, re.MULTILINE)
     assert main(["job", "logs", "long", "--address", cluster.address]) == 0
     assert "epoch 1/500" in capsys.readouterr().out
-    assert main(["job", "stop", "long", "--address", cluster.address]) == 0
-    assert capsys.readouterr().out == "long: stop requested\n"
+    # following it again from a terminal: Ctrl-C asks; "n" leaves it running, "y" stops it
+    follow = [sys.executable, "-m", "oi_ray.cli", "job", "logs", "long", "--follow", "--address", cluster.address]
+    logs = ctrl_c_once_logged(follow, tmp_path / "no.log", "epoch 1/500", timeout_s=120, answer="n")
+    assert "stop job long on the cluster? [y/N] " in logs and "job long is left running" in logs
+    assert main(["job", "status", "long", "--address", cluster.address]) == 0
+    assert capsys.readouterr().out.startswith("long: RUNNING")
+    logs = ctrl_c_once_logged(follow, tmp_path / "yes.log", "epoch 1/500", timeout_s=120, answer="y")
+    assert "oi-ray job: job long stopped\n" in logs
     deadline = time.monotonic() + 60
     while True:
         assert main(["job", "status", "long", "--address", cluster.address]) == 0
@@ -125,6 +148,8 @@ def test_ctrl_c_leaves_the_job_running_and_job_commands_reach_it(cluster, spec, 
             break
         assert time.monotonic() < deadline
         time.sleep(1)
+    assert main(["job", "stop", "long", "--address", cluster.address]) == 0
+    assert capsys.readouterr().out == "long: not running (STOPPED)\n"
     assert main(["job", "status", "nosuchjob", "--address", cluster.address]) == 1
     assert "no job 'nosuchjob' on" in capsys.readouterr().err
 
@@ -223,6 +248,18 @@ def test_export_and_evaluate_as_jobs_then_serve_address_deploys_beside_other_app
     assert main(["evaluate", *local, "ray.job_id=to-serve-evaluate"]) == 0
     monkeypatch.delenv("RAY_ADDRESS")
     assert 0.0 <= json.loads((results / "evaluate" / "metrics.json").read_text())["auroc"] <= 1.0
+    # inference as a job with the spec's runtime environment: env vars, and a working dir Ray uploads
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("travels with the job\n")
+    runtime_env = f"ray.runtime_env={{env_vars: {{OI_RAY_LINE: smt-3}}, working_dir: {workdir}}}"
+    assert main(["inference", *common, f"inference.checkpoint={onnx}", "ray.job_id=to-serve-inference",
+                 runtime_env]) == 0
+    scored = (results / "inference" / "inference.csv").read_text().splitlines()
+    assert len(scored) == len((spec.parent / "test.csv").read_text().splitlines())  # a header and every pair
+    recorded = JobSubmissionClient(cluster.address, headers=cluster.headers).get_job_info("to-serve-inference")
+    assert recorded.runtime_env["env_vars"]["OI_RAY_LINE"] == "smt-3"
+    assert recorded.runtime_env["working_dir"].startswith("gcs://_ray_pkg_")  # uploaded by the submission
     port = free_port()
     serve = ["serve", *common, f"serve.port={port}", "serve.proxy_location=HeadOnly", "serve.num_cpus=0.5"]
     capsys.readouterr()
