@@ -106,7 +106,8 @@ def test_a_sweep_runs_as_a_job(cluster, spec, tmp_path, capsys):
     results = tmp_path / "results"
     assert main(["tune", "-e", str(spec), "--address", cluster.address, f"results_dir={results}",
                  "train.num_epochs=1", "dataset.batch_size=8", "ray.job_id=sweep", "tune.search_alg=grid",
-                 "tune.scheduler.type=none", "tune.search_space={model.margin: {type: grid, values: [1.0, 2.0]}}"]) == 0
+                 "tune.num_samples=1", "tune.scheduler.type=none",
+                 "tune.search_space={model.margin: {type: grid, values: [1.0, 2.0]}}"]) == 0
     output = capsys.readouterr()
     assert "submitted job sweep (oi-ray tune, run sweep)" in output.err and "job sweep succeeded" in output.err
     sweep = results / "tune" / "sweep"
