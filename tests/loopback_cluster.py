@@ -50,11 +50,21 @@ class LoopbackCluster:
             self.shutdown()
             raise
 
-    def _start_head(self, head_cpus: int) -> None:
-        self._start("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
-                             f"--temp-dir={self.temp_dir}", f"--num-cpus={head_cpus}"])
-        self._wait(lambda: len(self.alive_nodes()) == 1, "the head node")
+    def _start_head(self, head_cpus: int, attempts: int = 3) -> None:
+        """Start the head; the free ports picked can be taken by another process before Ray binds
+        them, so a head that exits for a port in use is started again on new ports."""
+        for attempt in range(1, attempts + 1):
+            self._start("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                                 f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
+                                 f"--temp-dir={self.temp_dir}", f"--num-cpus={head_cpus}"])
+            try:
+                self._wait(lambda: len(self.alive_nodes()) == 1, "the head node")
+                return
+            except RuntimeError as error:
+                if "address already in use" not in str(error) or attempt == attempts:
+                    raise
+                self._stop("head")
+                self.gcs_port, self.dashboard_port = free_port(), free_port()
 
     @property
     def address(self) -> str:
@@ -86,16 +96,22 @@ class LoopbackCluster:
     def shutdown(self) -> None:
         """Stop every node this cluster started (workers first), then remove its files."""
         for name in [name for name in self.nodes if name != "head"] + ["head"]:
-            process = self.nodes.pop(name, None)
-            if process is None:
-                continue
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=30)
+            self._stop(name)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _stop(self, name: str) -> None:
+        """SIGTERM to the node's process group (SIGKILL if it lingers)."""
+        process = self.nodes.pop(name, None)
+        if process is None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=10)
+        except ProcessLookupError:  # the group is gone already
+            return
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
 
     def _start(self, name: str, arguments: list[str], prefix: list[str] | None = None) -> None:
         # every node's dashboard agent needs its own HTTP port on this one machine (Ray's default is fixed)
