@@ -155,6 +155,19 @@ def test_ctrl_c_leaves_the_job_running_and_job_commands_reach_it(cluster, spec, 
     assert "no job 'nosuchjob' on" in capsys.readouterr().err
 
 
+@pytest.mark.ray
+def test_a_command_on_a_cluster_machine_joins_by_ray_address(cluster, spec, tmp_path):
+    """``ray.address`` = the cluster's GCS address: the command's own process is the driver (no
+    job), as on the head node; its training worker and decoding run on the worker nodes."""
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "oi_ray.cli", "train", "-e", str(spec), f"results_dir={results}",
+               f"ray.address=127.0.0.1:{cluster.gcs_port}", "train.num_epochs=1", "dataset.batch_size=8"]
+    finished = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"connecting to Ray cluster at 127.0.0.1:{cluster.gcs_port}" in finished.stderr
+    assert os.readlink(results / "train" / "oi_model_latest.pth") == "model_epoch_000.pth"
+
+
 def test_a_job_server_that_does_not_answer_is_one_clear_error(capsys):
     address = f"http://127.0.0.1:{free_port()}"
     assert main(["job", "list", "--address", address]) == 1
