@@ -21,7 +21,7 @@ from oi_ray.data.pairs import load_split
 from oi_ray.metrics import auroc
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.loss import contrastive_loss
-from oi_ray.model.siamese import SiameseNet, build_model
+from oi_ray.model.registry import Architecture
 from oi_ray.predictors import TorchPredictor, load_predictor
 from oi_ray.training.loop import make_optimizer
 
@@ -30,7 +30,7 @@ from oi_ray.training.loop import make_optimizer
 class BareRun:
     """A trained model and its training pairs/s per epoch."""
 
-    net: SiameseNet
+    net: torch.nn.Module
     rates: list[float]
     training_pairs: int
 
@@ -54,7 +54,7 @@ def train_bare(config: ExperimentConfig, threads: int, *, oi_ray_draws: bool = F
                                     generator=torch.Generator().manual_seed(config.train.seed))
     pairs = TensorDataset(test, golden, targets)
     loader = DataLoader(pairs, batch_size=dataset.batch_size, drop_last=True, sampler=sampler)
-    net = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
+    net = Architecture.of(config.model, geometry).build()
     optimizer = make_optimizer(net.parameters(), config.train.optim)
     normalize = InputNormalizer(geometry)
     rates = []
@@ -78,7 +78,7 @@ def train_bare(config: ExperimentConfig, threads: int, *, oi_ray_draws: bool = F
     return BareRun(net, rates, len(targets))
 
 
-def split_auroc_of_net(net: SiameseNet, config: ExperimentConfig) -> float:
+def split_auroc_of_net(net: torch.nn.Module, config: ExperimentConfig) -> float:
     """AUROC on the spec's test split of a model in memory (eval mode, batches of 64)."""
     return _test_auroc(TorchPredictor(net, InputGeometry.from_config(config.dataset)), config)
 

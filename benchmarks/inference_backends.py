@@ -18,7 +18,7 @@ import torch
 
 from oi_ray.config import load_config
 from oi_ray.data.assemble import InputGeometry
-from oi_ray.model.siamese import build_model
+from oi_ray.model.registry import Architecture
 from oi_ray.model_card import ModelCard
 from oi_ray.predictors import OnnxPredictor, Predictor, TensorRTPredictor, TorchPredictor
 from oi_ray.tasks.export import export_onnx
@@ -40,8 +40,9 @@ def main() -> None:
                                 f"dataset.image_height={args.size}"])
     geometry = InputGeometry.from_config(config.dataset)
     torch.manual_seed(0)
-    model = build_model("Siamese_3", geometry.input_shape, 5).eval()
-    onnx_bytes = export_onnx(model, geometry.input_shape, 1, dynamic=True, opset=17, constant_folding=True)
+    architecture = Architecture.of(config.model, geometry)  # TAO's default, Siamese_3
+    model = architecture.build().eval()
+    onnx_bytes = export_onnx(model, architecture, 1, dynamic=True, opset=17, constant_folding=True)
     backends: dict[str, Predictor] = {
         "torch eager (CPU)": TorchPredictor(model, geometry),
         "ONNX Runtime (CPU)": OnnxPredictor(onnx_bytes, geometry, threshold=None),

@@ -29,7 +29,7 @@ import torch
 from oi_ray.crypto import plain_source, protected_output
 from oi_ray.errors import DataError
 from oi_ray.fileio import atomic_output
-from oi_ray.model.siamese import SiameseNet, build_model
+from oi_ray.model.registry import Architecture, describe_model
 
 FORMAT = "oi-ray/1"
 TAO_MODEL_PREFIX = "model."
@@ -45,10 +45,17 @@ class Checkpoint:
     optimizer_state: dict[str, Any] | None = None
     config_yaml: str | None = None  # the resolved spec the run used
     threshold: float | None = None  # calibrated decision threshold
+    threshold_rule: str | None = None  # how it was calibrated (train.calibration, in words)
     model_type: str | None = None
     input_shape: tuple[int, int, int] | None = None
     embedding_dim: int | None = None
+    model_options: dict[str, int] = field(default_factory=dict)  # the model type's own (SiameseSpatial)
     extra: dict[str, Any] = field(default_factory=dict)  # metrics and other primitives
+
+    def architecture_text(self) -> str:
+        """What the file says it holds, e.g. ``a Siamese_3 model with input 3x64x32``."""
+        return describe_model(self.model_type or "unknown", tuple(self.input_shape or ()), self.model_options,
+                              as_noun=True)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,9 +65,11 @@ class Checkpoint:
             "optimizer": self.optimizer_state,
             "config": self.config_yaml,
             "threshold": self.threshold,
+            "threshold_rule": self.threshold_rule,
             "model_type": self.model_type,
             "input_shape": list(self.input_shape) if self.input_shape else None,
             "embedding_dim": self.embedding_dim,
+            "model_options": self.model_options,
             "extra": self.extra,
         }
 
@@ -93,41 +102,39 @@ def point_latest_to(checkpoint_path: Path) -> Path:
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, source: str | Path,
-                 model_type: str, input_shape: tuple[int, int, int], *, assign: bool = False) -> None:
-    """Load ``checkpoint``'s weights into ``model`` or say why they do not fit it.
-
-    ``assign=True`` makes the checkpoint's tensors the model's own (no copy; the way to fill a
-    model built on the ``meta`` device)."""
-    _check_fit(model.state_dict(), checkpoint, source, model_type, input_shape)
+                 architecture: Architecture, *, assign: bool = False) -> None:
+    """Load ``checkpoint``'s weights into ``model`` (built as ``architecture``) or say why they do
+    not fit it. ``assign=True`` makes the checkpoint's tensors the model's own (no copy; the way
+    to fill a model built on the ``meta`` device)."""
+    _check_fit(model.state_dict(), checkpoint, source, architecture)
     model.load_state_dict(checkpoint.model_state, assign=assign)
 
 
-def check_fits(checkpoint: Checkpoint, source: str | Path, model_type: str,
-               input_shape: tuple[int, int, int], embedding_dim: int) -> None:
+def check_fits(checkpoint: Checkpoint, source: str | Path, architecture: Architecture) -> None:
     """Say why ``checkpoint``'s weights do not fit the spec's model, if they do not; the model
     is built on the ``meta`` device (shapes only), so nothing is allocated for its weights."""
     with torch.device("meta"):
-        model = build_model(model_type, input_shape, embedding_dim)
-    _check_fit(model.state_dict(), checkpoint, source, model_type, input_shape)
+        model = architecture.build()
+    _check_fit(model.state_dict(), checkpoint, source, architecture)
 
 
-def restore_model(checkpoint: Checkpoint, source: str | Path, model_type: str,
-                  input_shape: tuple[int, int, int], embedding_dim: int) -> SiameseNet:
+def restore_model(checkpoint: Checkpoint, source: str | Path, architecture: Architecture) -> torch.nn.Module:
     """The spec's model holding ``checkpoint``'s weights: built on the ``meta`` device and given
     the loaded tensors themselves, so the weights exist once (memory-mapped from a plain file)."""
     with torch.device("meta"):
-        model = build_model(model_type, input_shape, embedding_dim)
-    load_weights(model, checkpoint, source, model_type, input_shape, assign=True)
+        model = architecture.build()
+    load_weights(model, checkpoint, source, architecture, assign=True)
     return model
 
 
 def _check_fit(expected: dict[str, torch.Tensor], checkpoint: Checkpoint, source: str | Path,
-               model_type: str, input_shape: tuple[int, int, int]) -> None:
-    wanted = f"model.model_type={model_type} with input {'x'.join(map(str, input_shape))}"
-    if checkpoint.model_type is not None and (checkpoint.model_type, checkpoint.input_shape) != (
-            model_type, tuple(input_shape)):
-        held = f"{checkpoint.model_type} model with input {'x'.join(map(str, checkpoint.input_shape or ()))}"
-        raise DataError(f"checkpoint {source} holds a {held}; the spec asks for {wanted}")
+               architecture: Architecture) -> None:
+    wanted = f"model.model_type={architecture.describe()}"
+    if checkpoint.model_type is not None and (
+            checkpoint.model_type, tuple(checkpoint.input_shape or ()), checkpoint.model_options) != (
+            architecture.model_type, tuple(architecture.input_shape), architecture.options):
+        raise DataError(f"checkpoint {source} holds {checkpoint.architecture_text()}; "
+                        f"the spec asks for {wanted}")
     problems = sorted(set(expected) ^ set(checkpoint.model_state))
     problems += [f"{key}: {tuple(value.shape)} in the file, {tuple(expected[key].shape)} expected"
                  for key, value in checkpoint.model_state.items()
@@ -158,9 +165,10 @@ def load_checkpoint(path: str | Path, key: str | None = None) -> Checkpoint:
         return Checkpoint(
             model_state=data["state_dict"], epoch=int(data.get("epoch") or 0),
             optimizer_state=data.get("optimizer"), config_yaml=data.get("config"),
-            threshold=data.get("threshold"), model_type=data.get("model_type"),
+            threshold=data.get("threshold"), threshold_rule=data.get("threshold_rule"),
+            model_type=data.get("model_type"),
             input_shape=tuple(shape) if shape else None, embedding_dim=data.get("embedding_dim"),
-            extra=data.get("extra") or {},
+            model_options=data.get("model_options") or {}, extra=data.get("extra") or {},
         )
     return _from_tao(data)
 

@@ -164,6 +164,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="folder for the data and results (default: ./oi-ray-quickstart)")
     quick.add_argument("--num-pairs", type=int, default=1000, help="synthetic pairs (all splits)")
     quick.add_argument("--epochs", type=int, default=5, help="training epochs")
+    quick.add_argument("--model", default="Siamese_3", choices=("Siamese_3", "SiameseSpatial"),
+                       help="model.model_type: TAO's Siamese_3 (default) or oi-ray's compact SiameseSpatial")
     quick.add_argument("--overwrite", action="store_true", help="reuse a non-empty --output folder")
     return parser
 
@@ -256,7 +258,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     from oi_ray.quickstart import QuickstartSpec, run_quickstart
 
     run_quickstart(QuickstartSpec(output=args.output, num_pairs=args.num_pairs, epochs=args.epochs,
-                                  overwrite=args.overwrite))
+                                  model_type=args.model, overwrite=args.overwrite))
     return 0
 
 

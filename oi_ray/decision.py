@@ -21,6 +21,7 @@ class CarriedThreshold:
 
     value: float | None  # None: the file carries none (model.margin decides)
     source: str  # "the checkpoint <path>" or "the model card <path>"
+    rule: str | None = None  # how it was calibrated, when the file says
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,9 @@ def choose_threshold(override: float | None, override_key: str, carried: Carried
     if override is not None:
         return DecisionThreshold(float(override), override_key)
     if carried.value is not None:
+        rule = f"by {carried.rule}; " if carried.rule else ""
         return DecisionThreshold(float(carried.value),
-                                 f"calibrated on the validation set (stored in {carried.source})")
+                                 f"calibrated on the validation set ({rule}stored in {carried.source})")
     return DecisionThreshold(float(margin),
                              f"model.margin ({carried.source} carries no calibrated threshold)")
 

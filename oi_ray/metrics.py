@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from oi_ray.config.schema import CalibrationRuleConfig
 from oi_ray.decision import flagged
 
 
@@ -91,19 +92,45 @@ def aupr(scores: np.ndarray, targets: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def at_defect_recall(scores: np.ndarray, targets: np.ndarray, recall: float) -> OperatingPoint:
+def at_defect_recall(scores: np.ndarray, targets: np.ndarray, recall: float,
+                     safety_margin: float = 0.0) -> OperatingPoint:
     """The strictest threshold that still catches at least ``recall`` of the defects.
 
     The threshold sits halfway between the weakest defect that must be caught and the next
-    lower score, so ``score > threshold`` reproduces the point on new data with ties.
+    lower score, so ``score > threshold`` reproduces the point on new data with ties; with a
+    ``safety_margin``, at most ``(1 - safety_margin)`` x the weakest caught defect's score, so a
+    new defect scoring a little lower than every validation defect is still caught.
     """
     scores, targets = _checked(scores, targets, need_both=True)
-    defect_scores = np.sort(scores[targets == 1])[::-1]
-    needed = max(1, int(np.ceil(recall * len(defect_scores) - 1e-9)))
-    weakest = defect_scores[needed - 1]
+    weakest = weakest_caught(scores, targets, recall)
     lower = scores[scores < weakest]
     threshold = float((weakest + lower.max()) / 2) if len(lower) else float(np.nextafter(weakest, -np.inf))
+    if safety_margin > 0:
+        threshold = min(threshold, float(weakest * (1 - safety_margin)))
     return _operating_point(scores, targets, threshold)
+
+
+def weakest_caught(scores: np.ndarray, targets: np.ndarray, recall: float) -> float:
+    """The score of the weakest defect among the ``recall`` share of defects scored highest."""
+    defect_scores = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(targets) == 1])[::-1]
+    needed = max(1, int(np.ceil(recall * len(defect_scores) - 1e-9)))
+    return float(defect_scores[needed - 1])
+
+
+def describe_rule(rule: CalibrationRuleConfig) -> str:
+    """The calibration rule in words, as checkpoints and model cards record it."""
+    if rule.rule == "defect_recall":
+        return (f"defect_recall: catches {rule.target_recall:.2%} of the validation defects, at most "
+                f"{1 - rule.safety_margin:.0%} of the weakest caught defect's distance")
+    return "balanced_accuracy: the best (defect recall + 1 - false-alarm rate) / 2 on the validation set"
+
+
+def calibrate(scores: np.ndarray, targets: np.ndarray, rule: CalibrationRuleConfig) -> OperatingPoint:
+    """The decision threshold by ``rule`` (``train.calibration``): the defect-recall operating point
+    or the best balanced accuracy."""
+    if rule.rule == "defect_recall":
+        return at_defect_recall(scores, targets, rule.target_recall, rule.safety_margin)
+    return calibrate_threshold(scores, targets)
 
 
 def calibrate_threshold(scores: np.ndarray, targets: np.ndarray) -> OperatingPoint:

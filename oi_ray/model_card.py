@@ -7,7 +7,7 @@ run with, and against the file.
 """
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,17 @@ from oi_ray.config.schema import ExperimentConfig, ExportConfig
 from oi_ray.data.assemble import InputGeometry
 from oi_ray.errors import DataError
 from oi_ray.fileio import write_atomically
+from oi_ray.model.registry import EMBEDDING_OUTPUTS, Architecture
+from oi_ray.model.spatial import SiameseSpatial
 
 CARD_SUFFIX = ".json"
 INPUT_NAMES = ("input_1", "input_2")  # TAO's ONNX interface: test side, golden side
-OUTPUT_NAMES = ("output_1", "output_2")  # their embeddings
+OUTPUT_MEANINGS = {
+    EMBEDDING_OUTPUTS: "the test and golden embeddings (batch, embedding_dim); the pair's distance is "
+                       "their L2 distance",
+    SiameseSpatial.output_names: "the pair's distance (batch,): the largest per-position distance between "
+                                 "the sides' feature maps; > threshold is a defect",
+}
 
 
 @dataclass(frozen=True)
@@ -44,19 +51,33 @@ class ModelCard:
     # SHA-256 of the model file as written (its encrypted bytes when encrypted), so a truncated
     # or replaced file is caught without loading it; None in cards of older oi-ray versions.
     model_sha256: str | None = None
+    model_options: dict[str, int] = field(default_factory=dict)  # the model type's own (SiameseSpatial)
+    output_names: tuple[str, ...] = EMBEDDING_OUTPUTS  # the graph's outputs
+    outputs_meaning: str = OUTPUT_MEANINGS[EMBEDDING_OUTPUTS]
+    threshold_rule: str | None = None  # how the threshold was calibrated (None: not recorded)
 
     @classmethod
-    def describe(cls, config: ExperimentConfig, threshold: float | None, **provenance: Any) -> "ModelCard":
-        """The card for a model trained with ``config``; ``provenance`` fills the rest."""
+    def describe(cls, config: ExperimentConfig, threshold: float | None, *, threshold_rule: str | None = None,
+                 **provenance: Any) -> "ModelCard":
+        """The card for a model trained with ``config``, deciding with ``threshold`` (calibrated by
+        ``threshold_rule``); ``provenance`` fills the rest."""
         dataset = config.dataset
         geometry = InputGeometry.from_config(dataset)
+        architecture = Architecture.of(config.model, geometry)
         return cls(
             model_type=config.model.model_type, input_shape=geometry.input_shape,
             lights=tuple(dataset.input_map or ()), concat_type=dataset.concat_type, grid_map=geometry.grid,
             image_size=(geometry.height, geometry.width), rgb_mean=geometry.mean, rgb_std=geometry.std,
             embedding_dim=config.model.embedding_vectors, margin=config.model.margin, threshold=threshold,
+            model_options=dict(architecture.options), output_names=architecture.output_names,
+            outputs_meaning=OUTPUT_MEANINGS[architecture.output_names], threshold_rule=threshold_rule,
             **provenance,
         )
+
+    def architecture(self) -> Architecture:
+        """The network this card's model file holds."""
+        return Architecture(self.model_type, self.input_shape, self.geometry().tiles, self.embedding_dim,
+                            dict(self.model_options))
 
     def geometry(self) -> InputGeometry:
         """How one side's lighting images become this model's input."""
@@ -70,8 +91,8 @@ class ModelCard:
         provenance = ("batch_size", "opset_version", "oi_ray_version", "source_checkpoint",
                       "source_checkpoint_sha256")
         expected = ModelCard.describe(config, None, **{name: getattr(self, name) for name in provenance})
-        layout = ("model_type", "input_shape", "lights", "concat_type", "grid_map", "image_size",
-                  "rgb_mean", "rgb_std")
+        layout = ("model_type", "model_options", "input_shape", "lights", "concat_type", "grid_map",
+                  "image_size", "rgb_mean", "rgb_std")
         differences = [f"{name}: model {getattr(self, name)!r}, spec {getattr(expected, name)!r}"
                        for name in layout if getattr(self, name) != getattr(expected, name)]
         if differences:
@@ -101,7 +122,8 @@ def read_card(model_path: Path) -> ModelCard:
     path = card_path(model_path)
     try:
         fields = json.loads(path.read_text())
-        for name in ("input_shape", "lights", "grid_map", "image_size", "rgb_mean", "rgb_std"):
+        for name in ("input_shape", "lights", "grid_map", "image_size", "rgb_mean", "rgb_std",
+                     "output_names"):
             if fields.get(name) is not None:
                 fields[name] = tuple(fields[name])
         return ModelCard(**fields)

@@ -1,10 +1,12 @@
-"""PNG plots of an evaluation: ROC, precision-recall and the distance histogram per class.
+"""PNG plots of an evaluation: ROC, precision-recall, the distance histogram per class, false
+alarms against defect recall near full recall, and a montage of chosen pairs.
 
 Each title names the split and the model file; the ROC and PR curves carry their area, the
 operating point of the decision threshold and the score of a guess (the ROC diagonal; on the
 PR plot, the share of defects).
 """
 
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
@@ -75,6 +77,66 @@ def write_evaluation_plots(distances: np.ndarray, targets: np.ndarray, threshold
     return written
 
 
+def write_false_alarm_curve(distances: np.ndarray, targets: np.ndarray, threshold: float, path: Path, *,
+                            split: str, model_file: Path, recalls: tuple[float, ...]) -> Path:
+    """False-alarm rate (share of PASS pairs flagged) against defect recall, from the lowest of
+    90 % and the decision threshold's recall up to 100 %, with the decision threshold's point and
+    the strictest thresholds reaching ``recalls``; write ``path``."""
+    false_alarm, recall, _ = roc_curve(distances, targets)
+    pairs = confusion_matrix(distances, targets, threshold)
+    point_recall = pairs["caught_defect"] / (pairs["caught_defect"] + pairs["missed_defect"])
+    point_alarms = pairs["false_alarm"] / (pairs["false_alarm"] + pairs["true_pass"])
+    figure, axes = _figure(7, 4.5)
+    # each recall is first reached at the lowest false-alarm rate listed for it
+    axes.plot(recall, false_alarm, drawstyle="steps-post", color=CURVE_COLOUR, label="model")
+    reached: dict[int, list[float]] = {}  # ROC point -> the recall targets it is the first to reach
+    for target in recalls:
+        reached.setdefault(int(np.argmax(recall >= target - 1e-12)), []).append(target)
+    for index, targets_there in reached.items():
+        axes.plot(recall[index], false_alarm[index], "s", markersize=4, color="grey")
+        names = ", ".join(f"{target * 100:g}%" for target in targets_there)
+        axes.annotate(f"{names}: {false_alarm[index]:.2%}", (recall[index], false_alarm[index]),
+                      textcoords="offset points", xytext=(-6, 6), ha="right", fontsize=7)
+    axes.plot(point_recall, point_alarms, "o", color=POINT_COLOUR,
+              label=f"decision threshold {threshold:.3g}: recall {point_recall:.2%}, "
+                    f"false alarms {point_alarms:.2%}")
+    low = min(0.9, point_recall) - 0.005
+    axes.set(xlabel="defect recall (share of defects flagged)",
+             ylabel="false-alarm rate (share of PASS pairs flagged)", xlim=(low, 1.002),
+             ylim=(0, max(0.05, float(false_alarm[recall >= low].max()) * 1.05)),
+             title=f"False alarms near full recall: {split}, {Path(model_file).name}")
+    axes.legend(loc="upper left", fontsize="small")
+    return _save(figure, path)
+
+
+@dataclass(frozen=True)
+class MontagePair:
+    """One pair to show: its caption and both sides' pictures ``(H', W', 3)`` uint8."""
+
+    caption: str
+    test: np.ndarray
+    golden: np.ndarray
+
+
+def write_pair_montage(pairs: list[MontagePair], path: Path, *, title: str) -> Path:
+    """One row per pair: the test side beside its golden side, captioned; write ``path``."""
+    height, width = pairs[0].test.shape[:2]
+    scale = 2.4 / max(height, width)  # inches per pixel: the longer side of a picture is 2.4 in
+    row_height = height * scale + 0.5  # the picture and its caption
+    figure = Figure(figsize=(max(6.0, 2 * width * scale + 1.0), len(pairs) * row_height + 0.4),
+                    layout="constrained")
+    figure.suptitle(title, fontsize=9)
+    for row, pair in zip(figure.subfigures(len(pairs), 1, squeeze=False)[:, 0], pairs, strict=True):
+        row.suptitle(pair.caption, fontsize=8)
+        for axes, picture, side in zip(row.subplots(1, 2), (pair.test, pair.golden), ("test", "golden"),
+                                       strict=True):
+            axes.imshow(picture, interpolation="nearest")
+            axes.set_xticks([])
+            axes.set_yticks([])
+            axes.set_title(side, fontsize=7)
+    return _save(figure, path)
+
+
 def write_sweep_plot(curves: dict[str, list[tuple[int, float]]], metric: str, path: Path, *,
                      best: str | None) -> Path:
     """``metric`` over epochs, one line per trial (the best one drawn thicker); write ``path``."""
@@ -99,7 +161,8 @@ def _figure(width: float, height: float) -> tuple[Figure, Axes]:
 
 def _save(figure: Figure, path: Path) -> Path:
     buffer = BytesIO()
-    figure.tight_layout()
+    if figure.get_layout_engine() is None:
+        figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=100)
     write_atomically(path, buffer.getvalue())
     return path

@@ -7,9 +7,10 @@ predictor (:class:`InputNormalizer`), so every backend sees exactly the same mod
 
 Backends by file: ``.pth`` -> torch, ``.onnx`` -> ONNX Runtime (CUDA provider when it really
 runs, else CPU), ``.engine`` / ``.trt`` -> TensorRT (NVIDIA GPU and the ``gpu`` extra). ONNX and
-TensorRT models output TAO's two embeddings; the distance is the same
-:func:`embedding_distance` the torch model uses. A model that takes only some batch sizes (an
-ONNX export with a fixed batch, a TensorRT profile) gets batches cut and padded to fit by
+TensorRT models output what their model card names: TAO's two embeddings (the distance is the
+same L2 distance the torch model computes) or SiameseSpatial's distance itself. A model that
+takes only some batch sizes (an ONNX export with a fixed batch, a TensorRT profile) gets
+batches cut and padded to fit by
 :class:`BatchLimits`, the same code for every backend, so any batch size scores.
 
 The driver checks a model file without loading it (:func:`carried_threshold`): a ``.pth`` by
@@ -34,8 +35,8 @@ from oi_ray.decision import CarriedThreshold
 from oi_ray.errors import BackendUnavailableError, DataError
 from oi_ray.fileio import sha256_of
 from oi_ray.model.inputs import InputNormalizer
-from oi_ray.model.siamese import SiameseNet, embedding_distance
-from oi_ray.model_card import INPUT_NAMES, OUTPUT_NAMES, ModelCard, card_path, read_card
+from oi_ray.model.registry import EMBEDDING_OUTPUTS, Architecture, distance_from_outputs
+from oi_ray.model_card import INPUT_NAMES, ModelCard, card_path, read_card
 
 log = logging.getLogger(__name__)
 ONNX_SUFFIXES = (".onnx",)
@@ -82,11 +83,11 @@ def _padded(pictures: np.ndarray, size: int) -> np.ndarray:
 
 
 class TorchPredictor:
-    """A :class:`SiameseNet` in eval mode, on ``device``."""
+    """A model (any :class:`Architecture`) in eval mode, on ``device``."""
 
     limits = BatchLimits()
 
-    def __init__(self, model: SiameseNet, geometry: InputGeometry, *, device: torch.device | str = "cpu",
+    def __init__(self, model: torch.nn.Module, geometry: InputGeometry, *, device: torch.device | str = "cpu",
                  threshold: float | None = None, channels_last: bool = False) -> None:
         self.model = model
         self.normalize = InputNormalizer(geometry, device, channels_last=channels_last)
@@ -111,15 +112,15 @@ def load_torch_predictor(path: str | Path, config: ExperimentConfig,
     """A :class:`TorchPredictor` for the ``.pth`` at ``path``, checked against the spec's model.
 
     The weights are the checkpoint's own tensors (memory-mapped from a plain file), not a copy."""
-    model = config.model
-    return _torch_predictor(Path(path), config.encryption_key, model.model_type,
-                            InputGeometry.from_config(config.dataset), model.embedding_vectors, device)
+    geometry = InputGeometry.from_config(config.dataset)
+    architecture = Architecture.of(config.model, geometry)
+    return _torch_predictor(Path(path), config.encryption_key, architecture, geometry, device)
 
 
-def _torch_predictor(path: Path, key: str | None, model_type: str, geometry: InputGeometry,
-                     embedding_dim: int, device: torch.device | str) -> TorchPredictor:
+def _torch_predictor(path: Path, key: str | None, architecture: Architecture, geometry: InputGeometry,
+                     device: torch.device | str) -> TorchPredictor:
     checkpoint = load_checkpoint(path, key)
-    model = restore_model(checkpoint, path, model_type, geometry.input_shape, embedding_dim)
+    model = restore_model(checkpoint, path, architecture)
     return TorchPredictor(model.to(device), geometry, device=device, threshold=checkpoint.threshold)
 
 
@@ -127,7 +128,8 @@ class OnnxPredictor:
     """An exported oi-ray / TAO ONNX model on ONNX Runtime, from its path or its bytes."""
 
     def __init__(self, model: bytes | str | Path, geometry: InputGeometry, *, threshold: float | None,
-                 use_gpu: bool = False, source: str | Path = "model", threads: int | None = None) -> None:
+                 use_gpu: bool = False, source: str | Path = "model", threads: int | None = None,
+                 output_names: tuple[str, ...] = EMBEDDING_OUTPUTS) -> None:
         import onnxruntime as ort
 
         wanted = ["CPUExecutionProvider"]
@@ -155,21 +157,22 @@ class OnnxPredictor:
         self.limits = BatchLimits(batch, batch) if isinstance(batch, int) and batch > 0 else BatchLimits()
         self.normalize = InputNormalizer(geometry)
         self.threshold = threshold
+        self.output_names = output_names
 
     def distances(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
         return self.limits.score(self._run, test, golden)
 
     def _run(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
-        first, second = self.session.run(list(OUTPUT_NAMES), dict(zip(
+        outputs = self.session.run(list(self.output_names), dict(zip(
             INPUT_NAMES, (self.normalize(test).numpy(), self.normalize(golden).numpy()), strict=True)))
-        return embedding_distance(torch.from_numpy(first), torch.from_numpy(second)).numpy()
+        return distance_from_outputs(outputs)
 
 
 class TensorRTPredictor:
     """A serialized TensorRT engine built by ``oi-ray gen_trt_engine`` (CUDA only)."""
 
     def __init__(self, engine_bytes: bytes, geometry: InputGeometry, *, threshold: float | None,
-                 source: str | Path = "engine") -> None:
+                 source: str | Path = "engine", output_names: tuple[str, ...] = EMBEDDING_OUTPUTS) -> None:
         trt = import_tensorrt()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(engine_bytes)
@@ -178,7 +181,8 @@ class TensorRTPredictor:
         self.context = self.engine.create_execution_context()
         self.normalize = InputNormalizer(geometry, "cuda")
         self.threshold = threshold
-        self.embedding_dim = self.engine.get_tensor_shape(OUTPUT_NAMES[0])[-1]
+        # per pair: () for a distance, (embedding_dim,) for an embedding
+        self.output_shapes = {name: tuple(self.engine.get_tensor_shape(name))[1:] for name in output_names}
         self.limits = _engine_batch_limits(self.engine, INPUT_NAMES[0])
 
     def distances(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
@@ -187,7 +191,8 @@ class TensorRTPredictor:
     def _run(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
         inputs = dict(zip(INPUT_NAMES, (self.normalize(test), self.normalize(golden)), strict=True))
         batch = len(test)
-        outputs = {name: torch.empty(batch, self.embedding_dim, device="cuda") for name in OUTPUT_NAMES}
+        outputs = {name: torch.empty(batch, *shape, device="cuda")
+                   for name, shape in self.output_shapes.items()}
         for name, tensor in inputs.items():
             self.context.set_input_shape(name, tuple(tensor.shape))
         for name, tensor in {**inputs, **outputs}.items():
@@ -196,7 +201,7 @@ class TensorRTPredictor:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         stream.synchronize()
-        return embedding_distance(*outputs.values()).float().cpu().numpy()
+        return distance_from_outputs(list(outputs.values()))
 
 
 def _engine_batch_limits(engine, input_name: str) -> BatchLimits:
@@ -230,14 +235,12 @@ def carried_threshold(path: str | Path, config: ExperimentConfig) -> CarriedThre
     decrypted in a streaming pass that keeps nothing, which proves the key."""
     path = Path(path)
     if path.suffix == ".pth":
-        geometry = InputGeometry.from_config(config.dataset)
         checkpoint = load_checkpoint(path, config.encryption_key)
-        check_fits(checkpoint, path, config.model.model_type, geometry.input_shape,
-                   config.model.embedding_vectors)
-        return CarriedThreshold(checkpoint.threshold, f"the checkpoint {path}")
+        check_fits(checkpoint, path, Architecture.of_spec(config))
+        return CarriedThreshold(checkpoint.threshold, f"the checkpoint {path}", checkpoint.threshold_rule)
     card = _checked_card(path, config)
     check_model_file(path, card, config.encryption_key)
-    return CarriedThreshold(card.threshold, f"the model card {card_path(path)}")
+    return CarriedThreshold(card.threshold, f"the model card {card_path(path)}", card.threshold_rule)
 
 
 def check_model_file(path: Path, card: ModelCard, key: str | None) -> None:
@@ -278,13 +281,13 @@ def predictor_for_card(path: Path, card: ModelCard, key: str | None, use_gpu: bo
     intra-op threads (default: one per core)."""
     geometry = card.geometry()
     if path.suffix == ".pth":
-        return _torch_predictor(path, key, card.model_type, geometry, card.embedding_dim,
-                                "cuda" if use_gpu else "cpu")
+        return _torch_predictor(path, key, card.architecture(), geometry, "cuda" if use_gpu else "cpu")
     if path.suffix in ONNX_SUFFIXES:
         model = read_plain(path, key) if is_encrypted_file(path) else path  # ONNX Runtime reads a path itself
         return OnnxPredictor(model, geometry, threshold=card.threshold, use_gpu=use_gpu, source=path,
-                             threads=threads)
-    return TensorRTPredictor(read_plain(path, key), geometry, threshold=card.threshold, source=path)
+                             threads=threads, output_names=card.output_names)
+    return TensorRTPredictor(read_plain(path, key), geometry, threshold=card.threshold, source=path,
+                             output_names=card.output_names)
 
 
 def is_tensorrt_file(path: str | Path) -> bool:

@@ -10,9 +10,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from oi_ray.model.registry import Architecture
+
 LIGHTS = ("LowAngleLight", "SolderLight")
 # TAO's published example specs, verbatim (TAO's documented fields and values, placeholder paths).
 TAO_SPECS = Path(__file__).resolve().parent / "tao_specs"
+
+
+def tao_architecture(model_type: str, input_shape: tuple[int, int, int],
+                     embedding_dim: int = 5) -> Architecture:
+    """One of TAO's models (their layers do not depend on the lighting tiles)."""
+    return Architecture(model_type, input_shape, (1, 1), embedding_dim)
 
 
 def write_pair_dataset(

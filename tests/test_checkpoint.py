@@ -10,11 +10,11 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from helpers import tao_architecture
 
 from oi_ray.checkpoint import Checkpoint, check_fits, load_checkpoint, restore_model, save_checkpoint
 from oi_ray.crypto import MAGIC, SCRYPT_COST
 from oi_ray.errors import DataError
-from oi_ray.model.siamese import build_model
 
 
 class _Exploit:
@@ -35,7 +35,7 @@ class HyperParameters:
 
 
 def test_round_trip_keeps_everything(tmp_path):
-    model = build_model("Siamese_3", (3, 16, 8), 5)
+    model = tao_architecture("Siamese_3", (3, 16, 8), 5).build()
     optimizer = torch.optim.Adam(model.parameters())
     model.distance(torch.randn(2, 3, 16, 8), torch.randn(2, 3, 16, 8)).sum().backward()
     optimizer.step()
@@ -57,7 +57,7 @@ def test_round_trip_keeps_everything(tmp_path):
 
 
 def test_tao_lightning_checkpoint_loads_weights_without_running_code(tmp_path):
-    model = build_model("Siamese_3", (3, 16, 8), 5)
+    model = tao_architecture("Siamese_3", (3, 16, 8), 5).build()
     marker = tmp_path / "pwned"
     tao = {
         "epoch": 4,
@@ -72,7 +72,7 @@ def test_tao_lightning_checkpoint_loads_weights_without_running_code(tmp_path):
     loaded = load_checkpoint(path)
     assert not marker.exists(), "the pickled os.system call must not run"
     assert loaded.epoch == 5 and loaded.threshold is None, "Lightning's epoch 4 is the fifth epoch done"
-    fresh = build_model("Siamese_3", (3, 16, 8), 5)
+    fresh = tao_architecture("Siamese_3", (3, 16, 8), 5).build()
     fresh.load_state_dict(loaded.model_state)
     assert torch.equal(fresh.fc1[0].weight, model.fc1[0].weight)
 
@@ -102,7 +102,7 @@ def _mapping_of(tensor: torch.Tensor) -> str | None:
 
 
 def _saved_model(folder: Path, key: str | None = None) -> tuple[torch.nn.Module, Path]:
-    model = build_model("Siamese_1", (3, 16, 8), 5)
+    model = tao_architecture("Siamese_1", (3, 16, 8), 5).build()
     path = folder / "model.pth"
     save_checkpoint(Checkpoint(model.state_dict(), epoch=2, model_type="Siamese_1", input_shape=(3, 16, 8),
                                embedding_dim=5), path, key)
@@ -112,7 +112,7 @@ def _saved_model(folder: Path, key: str | None = None) -> tuple[torch.nn.Module,
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
 def test_plain_checkpoints_are_mapped_and_encrypted_ones_decrypted_once_into_memory(tmp_path):
     model, path = _saved_model(tmp_path)
-    restored = restore_model(load_checkpoint(path), path, "Siamese_1", (3, 16, 8), 5)
+    restored = restore_model(load_checkpoint(path), path, tao_architecture("Siamese_1", (3, 16, 8), 5))
     weight = restored.fc1[0].weight
     assert _mapping_of(weight) == str(path), "the weights are the file's pages, not a copy"
     assert weight.device.type == "cpu" and weight.requires_grad and isinstance(weight, torch.nn.Parameter)
@@ -148,7 +148,8 @@ def test_encrypted_format_is_one_shot_aes_gcm(tmp_path):
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
     _, path = _saved_model(tmp_path, key="k")
     before = path.read_bytes()
-    broken = Checkpoint(build_model("Siamese_1", (3, 16, 8), 5).state_dict(), extra={"bad": lambda: None})
+    broken = Checkpoint(tao_architecture("Siamese_1", (3, 16, 8), 5).build().state_dict(),
+                        extra={"bad": lambda: None})
     with pytest.raises(Exception, match="lambda"):  # pickling fails after the weights were streamed out
         save_checkpoint(broken, path, "k")
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pth"]
@@ -157,11 +158,11 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
 def test_shapes_are_checked_against_a_model_that_is_never_allocated(tmp_path):
     _, path = _saved_model(tmp_path)
     checkpoint = load_checkpoint(path)
-    check_fits(checkpoint, path, "Siamese_1", (3, 16, 8), 5)
+    check_fits(checkpoint, path, tao_architecture("Siamese_1", (3, 16, 8), 5))
     with pytest.raises(DataError, match=r"holds a Siamese_1 model with input 3x16x8; the spec asks for "
                                         r"model.model_type=Siamese_1 with input 3x32x8"):
-        check_fits(checkpoint, path, "Siamese_1", (3, 32, 8), 5)
+        check_fits(checkpoint, path, tao_architecture("Siamese_1", (3, 32, 8), 5))
     checkpoint.model_type = None  # a TAO checkpoint: only the tensors tell
     with pytest.raises(DataError, match=r"does not fit model.model_type=Siamese_1 with input 3x16x8: "
                                         r"fc1.4.weight: \(5, 500\) in the file, \(7, 500\) expected, fc1.4.bias"):
-        check_fits(checkpoint, path, "Siamese_1", (3, 16, 8), 7)
+        check_fits(checkpoint, path, tao_architecture("Siamese_1", (3, 16, 8), 7))

@@ -10,11 +10,14 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from oi_ray.cli import main
 from oi_ray.config import load_config
+from oi_ray.config.schema import CalibrationRuleConfig
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
-from oi_ray.metrics import tao_metrics
+from oi_ray.metrics import describe_rule, tao_metrics
 
 pytestmark = pytest.mark.ray
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+DEFAULT_RULE = describe_rule(CalibrationRuleConfig())  # train.calibration by default, in words
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,8 @@ def test_evaluate_reports_tao_and_calibrated_metrics(trained, capsys):
     report = json.loads((results / "evaluate/metrics.json").read_text())
     assert report["split"] == "test_dataset" and report["pairs"] == len(pd.read_csv(spec.parent / "test.csv"))
     assert report["threshold"]["source"] == (
-        f"calibrated on the validation set (stored in the checkpoint {results / 'train/oi_model_latest.pth'})")
+        f"calibrated on the validation set (by {DEFAULT_RULE}; stored in the checkpoint "
+        f"{results / 'train/oi_model_latest.pth'})")
     assert set(report["tao_metrics_at_margin"]) == {
         "margin", "total_accuracy_percent", "defect_accuracy_percent_of_defects",
         "false_alarm_percent_of_all_pairs", "false_negative_percent_of_all_pairs"}
@@ -70,9 +74,12 @@ def test_evaluate_reports_tao_and_calibrated_metrics(trained, capsys):
     pairs = report["confusion_at_threshold"]
     assert sum(pairs.values()) == report["pairs"]
     assert pairs["caught_defect_pairs"] + pairs["missed_defect_pairs"] == report["defects"]
-    for name in ("roc.png", "pr.png", "distance_histogram.png"):
+    for name in ("roc.png", "pr.png", "distance_histogram.png", "false_alarms_vs_recall.png", "pairs.png"):
         assert (results / "evaluate" / name).read_bytes()[:8] == PNG_MAGIC
     assert f"Tot Comp {report['pairs']} Total Accuracy" in out and "for Margin 2.0" in out
+    for recall in ("99", "99_5", "99_9", "100"):
+        assert f"at {recall.replace('_', '.')}% defect recall: false alarms" in out
+        assert 0 <= report[f"at_{recall}_defect_recall"]["false_alarm_fraction_of_pass_pairs"] <= 1
     assert "false alarms, % of all pairs" in out and "of PASS pairs (threshold" in out
 
     # The same numbers from inference's scores, computed independently here.
@@ -100,6 +107,18 @@ def test_evaluate_reports_tao_and_calibrated_metrics(trained, capsys):
     assert point["defect_recall_fraction_of_defects"] == pytest.approx(np.mean(flagged_there[defects]))
     tao = tao_metrics(distances, targets, 2.0)
     assert report["tao_metrics_at_margin"]["total_accuracy_percent"] == pytest.approx(tao["total_accuracy"])
+    # the weakest defects and the top false alarms: the lowest-scored defects and highest-scored PASS
+    # pairs, with their CSV rows (1-based data rows, as inference.csv lists them)
+    for key, chosen in (("weakest_defects", scored[defects].nsmallest(10, "siamese_score")),
+                        ("top_false_alarms", scored[passes].nlargest(10, "siamese_score"))):
+        listed = report[key]
+        assert [pair["distance"] for pair in listed] == pytest.approx(chosen["siamese_score"].tolist(), rel=1e-5)
+        assert [(pair["input_path"], pair["object_name"], pair["label"]) for pair in listed] == list(
+            zip(chosen["input_path"], chosen["object_name"], chosen["label"], strict=True))
+        assert all(pair["line"] == pair["row"] + 1 for pair in listed)
+        assert [pair["flagged"] for pair in listed] == [d > report["threshold"]["value"] for d in chosen["siamese_score"]]
+    weakest = report["weakest_defects"][0]
+    assert f"row {weakest['row']} (line {weakest['line']}) {weakest['label']} {weakest['object_name']}" in out
 
 
 def test_evaluate_falls_back_to_validation_and_honours_threshold(trained, capsys):
@@ -151,4 +170,4 @@ def test_exported_model_threshold_source_names_its_model_card(trained):
                 f"evaluate.results_dir={results / 'evaluate_onnx'}") == 0
     report = json.loads((results / "evaluate_onnx/metrics.json").read_text())
     assert report["threshold"]["source"] == (
-        f"calibrated on the validation set (stored in the model card {onnx_file}.json)")
+        f"calibrated on the validation set (by {DEFAULT_RULE}; stored in the model card {onnx_file}.json)")

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
+from helpers import tao_architecture
 
 from oi_ray.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from oi_ray.cli import main
@@ -20,7 +21,6 @@ from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.errors import DataError
-from oi_ray.model.siamese import build_model
 from oi_ray.model_card import ModelCard, card_path, read_card
 from oi_ray.predictors import BatchLimits, carried_threshold, load_predictor
 
@@ -37,7 +37,7 @@ def spec(tmp_path_factory) -> Path:
 
 def _checkpoint(folder: Path, key: str | None = None) -> Path:
     torch.manual_seed(0)
-    model = build_model("Siamese_3", INPUT_SHAPE, 5)
+    model = tao_architecture("Siamese_3", INPUT_SHAPE, 5).build()
     path = folder / "model.pth"
     save_checkpoint(Checkpoint(model.state_dict(), epoch=3, threshold=0.25, model_type="Siamese_3",
                                input_shape=INPUT_SHAPE, embedding_dim=5), path, key)

@@ -5,6 +5,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from oi_ray import metrics
+from oi_ray.config.schema import CalibrationRuleConfig
 
 
 def _data(seed=0, n=400, ties=False):
@@ -59,6 +60,24 @@ def test_operating_point_at_full_and_99_percent_recall():
     assert metrics.at_defect_recall(scores, targets, 0.99) == point, "3 defects: 99 % needs all 3"
     two_thirds = metrics.at_defect_recall(scores, targets, 0.6)
     assert two_thirds.defect_recall == pytest.approx(2 / 3) and two_thirds.threshold == pytest.approx(0.55)
+
+
+def test_defect_recall_rule_keeps_a_safety_margin_below_the_weakest_defect():
+    # 200 defects: at 100 % recall the weakest (0.50) decides, at 99 % the two weakest may be missed
+    defects = np.r_[0.50, 0.52, np.linspace(0.6, 2.0, 198)]
+    passes = np.r_[0.10, 0.40, 0.46, 0.49, 0.51, np.linspace(0.0, 0.3, 195)]
+    scores, targets = np.r_[passes, defects], np.r_[np.zeros(200), np.ones(200)]
+    full = metrics.calibrate(scores, targets, CalibrationRuleConfig("defect_recall", 1.0, 0.05))
+    assert full.threshold == pytest.approx(0.475)  # min(halfway to 0.49 = 0.495, 0.95 x 0.50)
+    assert (full.defect_recall, full.false_alarm_rate) == (1.0, pytest.approx(2 / 200))  # 0.49, 0.51
+    no_margin = metrics.calibrate(scores, targets, CalibrationRuleConfig("defect_recall", 1.0, 0.0))
+    assert no_margin.threshold == pytest.approx(0.495) and no_margin.false_alarm_rate == pytest.approx(1 / 200)
+    at_99 = metrics.calibrate(scores, targets, CalibrationRuleConfig("defect_recall", 0.99, 0.05))
+    # weakest caught 0.60: min(halfway to the next score 0.52 = 0.56, 0.95 x 0.60 = 0.57)
+    assert at_99.threshold == pytest.approx(0.56) and at_99.defect_recall == pytest.approx(198 / 200)
+    assert at_99.false_alarm_rate == 0.0
+    balanced = metrics.calibrate(scores, targets, CalibrationRuleConfig("balanced_accuracy"))
+    assert balanced == metrics.calibrate_threshold(scores, targets)
 
 
 def test_calibration_maximises_balanced_accuracy():

@@ -1,23 +1,25 @@
-"""Siamese models (TAO layouts) and the contrastive loss."""
+"""TAO's Siamese models (their layouts) and the contrastive loss."""
 
 import pytest
 import torch
+from helpers import tao_architecture
 
 from oi_ray.config.validate import MODEL_TYPES
 from oi_ray.model.loss import contrastive_loss
-from oi_ray.model.siamese import MODELS, build_model, embedding_distance
+from oi_ray.model.registry import SPATIAL
+from oi_ray.model.siamese import SIAMESE_MODELS, embedding_distance
 
 INPUT = (3, 24, 8)  # e.g. 3 lightings of 8x8, linear
 
 
 def test_registry_covers_every_accepted_model_type():
-    assert set(MODELS) == set(MODEL_TYPES)
+    assert {*SIAMESE_MODELS, SPATIAL} == set(MODEL_TYPES)
 
 
-@pytest.mark.parametrize("model_type", sorted(MODELS))
+@pytest.mark.parametrize("model_type", sorted(SIAMESE_MODELS))
 def test_forward_backward_shapes(model_type):
     torch.manual_seed(0)
-    model = build_model(model_type, INPUT, embedding_dim=5)
+    model = tao_architecture(model_type, INPUT, embedding_dim=5).build()
     test, golden = torch.randn(4, *INPUT), torch.randn(4, *INPUT)
     first, second = model(test, golden)
     assert first.shape == second.shape == (4, 5)
@@ -28,19 +30,19 @@ def test_forward_backward_shapes(model_type):
 
 
 def test_branches_share_weights():
-    model = build_model("Siamese_3", INPUT, 5).eval()
+    model = tao_architecture("Siamese_3", INPUT, 5).build().eval()
     images = torch.randn(2, *INPUT)
     assert torch.allclose(model.distance(images, images), torch.zeros(2), atol=1e-5)
 
 
 def test_state_dict_layout_matches_tao():
-    siamese_3 = build_model("Siamese_3", INPUT, 5).state_dict()
+    siamese_3 = tao_architecture("Siamese_3", INPUT, 5).build().state_dict()
     assert siamese_3["fc1.0.weight"].shape == (512, 8 * 24 * 8), "first Linear sees 8 channels x H' x W'"
     assert {"cnn1.1.weight", "cnn1.5.weight", "cnn1.9.weight", "cnn1.3.running_mean",
             "cnn1.7.running_mean", "cnn1.11.running_mean", "fc1.2.running_var", "fc1.5.running_var",
             "fc1.3.weight", "fc1.6.weight"} <= set(siamese_3)
     assert siamese_3["fc1.6.weight"].shape == (5, 512)
-    siamese_1 = build_model("Siamese_1", INPUT, 7).state_dict()
+    siamese_1 = tao_architecture("Siamese_1", INPUT, 7).build().state_dict()
     assert [k for k in siamese_1 if k.startswith("fc1")] == [
         "fc1.0.weight", "fc1.0.bias", "fc1.2.weight", "fc1.2.bias", "fc1.4.weight", "fc1.4.bias"]
     assert siamese_1["fc1.0.weight"].shape == (500, 8 * 24 * 8)

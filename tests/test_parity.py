@@ -21,7 +21,7 @@ from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.loss import contrastive_loss
-from oi_ray.model.siamese import build_model
+from oi_ray.model.registry import Architecture
 from oi_ray.predictors import BatchLimits, load_predictor
 
 HAS_GPU = torch.cuda.is_available()
@@ -53,7 +53,7 @@ def _train(config: ExperimentConfig, path: Path) -> None:
     golden = normalize(read_pictures(table.golden_paths, geometry))
     targets = torch.from_numpy(table.targets.astype(np.float32))
     torch.manual_seed(0)
-    model = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
+    model = Architecture.of(config.model, geometry).build()
     initial = {key: value.clone() for key, value in model.state_dict().items()}
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(STEPS):

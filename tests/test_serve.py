@@ -30,8 +30,10 @@ from ray.serve.schema import ServeDeploySchema
 
 from oi_ray.cli import main
 from oi_ray.config import load_config
+from oi_ray.config.schema import CalibrationRuleConfig
 from oi_ray.data.pairs import PairTable, load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
+from oi_ray.metrics import describe_rule
 from oi_ray.serving.app import IMPORT_PATH, build_app, deploy, serve_config
 from oi_ray.serving.service import DEPLOYMENT_NAME
 
@@ -41,6 +43,8 @@ TOKEN_ENV = "OI_RAY_TEST_SERVE_TOKEN"
 TOKEN = "loopback-test-token"
 HTTP_TIMEOUT_S = 30
 MAX_PAIRS = 8
+
+DEFAULT_RULE = describe_rule(CalibrationRuleConfig())  # train.calibration by default, in words
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -370,8 +374,8 @@ def test_a_checkpoint_is_served_with_torch(service):
         assert card["backend"] == "torch" and card["card"]["opset_version"] is None
         # the link is resolved: the service keeps the file it loaded while training moves the link on
         assert card["file"] == str(checkpoint.resolve()) and card["model"].startswith("model_epoch_000.pth@")
-        assert card["threshold"]["source"] == ("calibrated on the validation set (stored in the checkpoint "
-                                               f"{checkpoint.resolve()})")
+        assert card["threshold"]["source"] == (f"calibrated on the validation set (by {DEFAULT_RULE}; "
+                                               f"stored in the checkpoint {checkpoint.resolve()})")
         _assert_scores_like_onnx_offline(service, "/torch")
     finally:
         serve.delete("torch")

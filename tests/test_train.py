@@ -14,7 +14,7 @@ from oi_ray.config import load_config
 from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
-from oi_ray.metrics import auroc, calibrate_threshold
+from oi_ray.metrics import auroc, calibrate
 from oi_ray.predictors import load_predictor
 
 pytestmark = pytest.mark.ray
@@ -64,7 +64,10 @@ def test_train_writes_tao_checkpoints_then_resumes_and_stops(spec, tmp_path, cap
     distances = load_predictor(train_dir / "oi_model_latest.pth", config).distances(
         read_pictures(table.test_paths, geometry), read_pictures(table.golden_paths, geometry))
     assert epochs[1]["val_auroc"] == pytest.approx(auroc(distances, table.targets), abs=1e-6)
-    assert saved.threshold == pytest.approx(calibrate_threshold(distances, table.targets).threshold, rel=1e-5)
+    # the default rule: every validation defect is caught, with the safety margin below the weakest
+    assert saved.threshold == pytest.approx(calibrate(distances, table.targets, config.train.calibration).threshold,
+                                            rel=1e-5)
+    assert saved.threshold <= 0.95 * distances[table.targets == 1].min()
 
     assert _train(spec, results, "train.num_epochs=3") == 0  # a rerun continues: epoch 3 only
     assert [line["epoch"] for line in _status(results)] == [1, 2, 3]

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from helpers import tao_architecture
 
 from oi_ray.checkpoint import Checkpoint, epoch_checkpoint_path, load_weights, point_latest_to
 from oi_ray.config.schema import OptimConfig
@@ -11,7 +12,6 @@ from oi_ray.data.assemble import InputGeometry
 from oi_ray.errors import DataError
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.loss import contrastive_loss
-from oi_ray.model.siamese import build_model
 from oi_ray.training.loop import PairDistance, _Precision, make_optimizer
 
 SHAPE = (3, 16, 8)
@@ -28,7 +28,7 @@ def test_optimizer_follows_tao_rule():
 
 def test_pair_distance_module_is_the_models_distance():
     torch.manual_seed(0)
-    net = build_model("Siamese_1", SHAPE, 5).eval()
+    net = tao_architecture("Siamese_1", SHAPE, 5).build().eval()
     test, golden = torch.randn(4, *SHAPE), torch.randn(4, *SHAPE)
     torch.testing.assert_close(PairDistance(net)(test, golden), net.distance(test, golden))
 
@@ -37,7 +37,7 @@ def test_pair_distance_module_is_the_models_distance():
 @pytest.mark.parametrize("clip", [0.0, 0.1])
 def test_training_steps_lower_the_loss(mixed, clip):
     torch.manual_seed(0)
-    net = build_model("Siamese_3", SHAPE, 5)
+    net = tao_architecture("Siamese_3", SHAPE, 5).build()
     optimizer = make_optimizer(net.parameters(), OptimConfig(lr=1e-3))
     precision = _Precision(torch.device("cpu"), mixed)
     test, golden = torch.randn(16, *SHAPE), torch.randn(16, *SHAPE)
@@ -77,20 +77,21 @@ def test_latest_link_is_replaced_atomically(tmp_path):
 
 
 def test_weights_that_do_not_fit_are_named(tmp_path):
-    small = build_model("Siamese_1", SHAPE, 5)
-    bigger_input = build_model("Siamese_1", (3, 32, 8), 5)
+    small = tao_architecture("Siamese_1", SHAPE, 5).build()
+    bigger_input = tao_architecture("Siamese_1", (3, 32, 8), 5).build()
     with pytest.raises(DataError, match=r"does not fit model.model_type=Siamese_1 with input 3x32x8: "
                                         r"fc1.0.weight: \(500, 1024\) in the file, \(500, 2048\) expected"):
-        load_weights(bigger_input, Checkpoint(small.state_dict()), "old.pth", "Siamese_1", (3, 32, 8))
+        load_weights(bigger_input, Checkpoint(small.state_dict()), "old.pth",
+                     tao_architecture("Siamese_1", (3, 32, 8)))
     with pytest.raises(DataError, match=r"does not fit .*fc1.2.running_mean.* \(\+\d+ more\)"):
-        load_weights(build_model("Siamese_3", SHAPE, 5), Checkpoint(small.state_dict()), "x.pth",
-                     "Siamese_3", SHAPE)
+        load_weights(tao_architecture("Siamese_3", SHAPE, 5).build(), Checkpoint(small.state_dict()),
+                     "x.pth", tao_architecture("Siamese_3", SHAPE))
 
 
 def test_resumed_optimizer_keeps_its_moments_and_takes_the_specs_lr():
     from oi_ray.training.loop import _load_optimizer_state
 
-    net = build_model("Siamese_1", SHAPE, 5)
+    net = tao_architecture("Siamese_1", SHAPE, 5).build()
     first = make_optimizer(net.parameters(), OptimConfig(type="Adam", lr=1e-3))
     net.distance(torch.randn(2, *SHAPE), torch.randn(2, *SHAPE)).sum().backward()
     first.step()

@@ -11,12 +11,23 @@ from typing import Any
 
 
 @dataclass
+class SpatialModelConfig:
+    """oi-ray's SiameseSpatial model (``model_type: SiameseSpatial``); TAO's models ignore it."""
+
+    stride: int = 2  # the trunk's total downsampling: 2, or 4 for speed (coarser: thin defects fade)
+    neighbourhood: int = 3  # odd window of golden features a test feature may match (1: no shift tolerance)
+    width: int = 32  # the trunk's channels
+
+
+@dataclass
 class ModelConfig:
-    model_type: str = "Siamese_3"  # Siamese_3 | Siamese_1 | Siamese (alias of Siamese_1)
+    # Siamese_3 | Siamese_1 | Siamese (alias of Siamese_1) | SiameseSpatial (oi-ray's, see README)
+    model_type: str = "Siamese_3"
     model_backbone: str = "custom"  # the only backbone TAO defines for optical inspection
-    embedding_vectors: int = 5  # embedding size of each branch
+    embedding_vectors: int = 5  # embedding size of each branch (TAO's models)
     margin: float = 2.0  # contrastive-loss margin; also TAO's decision threshold
     imagenet_pretrained: bool = False  # inert (warns): the custom backbone has no ImageNet weights
+    spatial: SpatialModelConfig = field(default_factory=SpatialModelConfig)  # oi-ray extension
 
 
 @dataclass
@@ -107,6 +118,17 @@ class TensorBoardLogger:
 
 
 @dataclass
+class CalibrationRuleConfig:
+    """How training places the decision threshold on the validation set (oi-ray extension)."""
+
+    # defect_recall: the strictest threshold that still catches target_recall of the validation
+    # defects, lowered by safety_margin; balanced_accuracy: the best (recall + 1 - false alarms) / 2
+    rule: str = "defect_recall"
+    target_recall: float = 1.0  # share of validation defects the threshold must catch
+    safety_margin: float = 0.05  # the threshold sits this share below the weakest caught defect's score
+
+
+@dataclass
 class TrainConfig:
     num_gpus: int = 1  # GPU workers when GPUs exist (reconciled with gpu_ids as TAO does)
     gpu_ids: list[int] = field(default_factory=lambda: [0])  # on Ray only their number counts
@@ -126,6 +148,7 @@ class TrainConfig:
     # oi-ray extensions (not in TAO's schema)
     mixed_precision: bool = False  # torch autocast: bf16 on CPU, fp16 (with grad scaling) on GPU
     channels_last: bool = False  # NHWC memory layout for the convolutional trunk
+    calibration: CalibrationRuleConfig = field(default_factory=CalibrationRuleConfig)
 
 
 @dataclass

@@ -25,7 +25,8 @@ from oi_ray.config.schema import (
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPES = ("Siamese_3", "Siamese_1", "Siamese")
+MODEL_TYPES = ("Siamese_3", "Siamese_1", "Siamese", "SiameseSpatial")
+CALIBRATION_RULES = ("defect_recall", "balanced_accuracy")
 CONCAT_TYPES = ("linear", "grid")
 OPTIMIZERS = ("Adam", "SGD")
 TRT_DATA_TYPES = ("fp32", "fp16", "int8")
@@ -186,6 +187,11 @@ def _check_model(p: _Problems, model: ModelConfig) -> None:
     p.one_of("model.model_backbone", model.model_backbone, ("custom",))
     p.at_least("model.embedding_vectors", model.embedding_vectors, 1)
     p.check(model.margin > 0, "model.margin", model.margin, "expected > 0")
+    spatial = model.spatial
+    p.check(spatial.stride in (2, 4), "model.spatial.stride", spatial.stride, "expected 2 or 4")
+    p.check(spatial.neighbourhood >= 1 and spatial.neighbourhood % 2 == 1, "model.spatial.neighbourhood",
+            spatial.neighbourhood, "expected an odd number >= 1 (1: no shift tolerance)")
+    p.at_least("model.spatial.width", spatial.width, 2)
 
 
 def _check_dataset(p: _Problems, dataset: DatasetConfig) -> None:
@@ -253,6 +259,12 @@ def _check_train(p: _Problems, train: TrainConfig) -> None:
     p.at_least("train.optim.weight_decay", train.optim.weight_decay, 0)
     p.one_of("train.loss", train.loss, ("contrastive",))
     p.at_least("train.clip_grad_norm", train.clip_grad_norm, 0)
+    calibration = train.calibration
+    p.one_of("train.calibration.rule", calibration.rule, CALIBRATION_RULES)
+    p.check(0 < calibration.target_recall <= 1, "train.calibration.target_recall", calibration.target_recall,
+            "expected 0 < value <= 1 (a share of the validation defects)")
+    p.check(0 <= calibration.safety_margin < 1, "train.calibration.safety_margin", calibration.safety_margin,
+            "expected 0 <= value < 1 (a share of the weakest defect's score)")
 
 
 def _check_export(p: _Problems, export: ExportConfig) -> None:

@@ -55,9 +55,15 @@ class InputGeometry:
         )
 
     @property
+    def tiles(self) -> tuple[int, int]:
+        """``(rows, columns)`` of lighting images in the assembled input."""
+        columns, rows = self.grid or (1, self.num_lights)
+        return rows, columns
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
         """The assembled model input ``(3, H', W')``."""
-        columns, rows = self.grid or (1, self.num_lights)
+        rows, columns = self.tiles
         return 3, rows * self.height, columns * self.width
 
 

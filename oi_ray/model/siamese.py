@@ -1,4 +1,4 @@
-"""TAO's Siamese optical-inspection networks as plain ``nn.Module`` s, and a registry.
+"""TAO's Siamese optical-inspection networks as plain ``nn.Module`` s.
 
 Both branches share one network; ``forward(test, golden)`` returns the two embeddings and
 ``distance(test, golden)`` the per-pair score (Euclidean distance of the embeddings). Module
@@ -69,15 +69,8 @@ def siamese_1(num_features: int, embedding_dim: int) -> SiameseNet:
     ))
 
 
-MODELS: dict[str, Callable[[int, int], SiameseNet]] = {
+SIAMESE_MODELS: dict[str, Callable[[int, int], SiameseNet]] = {
     "Siamese_3": siamese_3,
     "Siamese_1": siamese_1,
     "Siamese": siamese_1,  # TAO builds Siamese_1 for any model_type but Siamese_3
 }
-
-
-def build_model(model_type: str, input_shape: tuple[int, int, int], embedding_dim: int) -> SiameseNet:
-    """Build ``model_type`` for assembled inputs of ``input_shape`` ``(3, H', W')``."""
-    _, height, width = input_shape
-    trunk_channels = 8
-    return MODELS[model_type](trunk_channels * height * width, embedding_dim)

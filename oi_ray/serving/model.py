@@ -12,10 +12,10 @@ from pathlib import Path
 from oi_ray import __version__
 from oi_ray.checkpoint import check_fits, load_checkpoint
 from oi_ray.config.schema import ExperimentConfig
-from oi_ray.data.assemble import InputGeometry
 from oi_ray.decision import CarriedThreshold
 from oi_ray.errors import BackendUnavailableError, DataError
 from oi_ray.fileio import sha256_of
+from oi_ray.model.registry import Architecture
 from oi_ray.model_card import ModelCard, card_path, export_destination, read_card
 from oi_ray.predictors import (
     ONNX_SUFFIXES,
@@ -77,13 +77,13 @@ def resolve_served_model(config: ExperimentConfig) -> ServedModel:
     if path.suffix != ".pth":
         card = read_card(path)
         check_model_file(path, card, key)
-        carried = CarriedThreshold(card.threshold, f"the model card {card_path(path)}")
+        carried = CarriedThreshold(card.threshold, f"the model card {card_path(path)}", card.threshold_rule)
         return ServedModel(path, card, carried, key)
     checkpoint = load_checkpoint(path, key)
-    geometry = InputGeometry.from_config(config.dataset)
-    check_fits(checkpoint, path, config.model.model_type, geometry.input_shape,
-               config.model.embedding_vectors)
-    card = ModelCard.describe(config, checkpoint.threshold, batch_size=-1, opset_version=None,
+    check_fits(checkpoint, path, Architecture.of_spec(config))
+    card = ModelCard.describe(config, checkpoint.threshold, threshold_rule=checkpoint.threshold_rule,
+                              batch_size=-1, opset_version=None,
                               oi_ray_version=__version__, source_checkpoint=str(path),
                               source_checkpoint_sha256=sha256_of(path))
-    return ServedModel(path, card, CarriedThreshold(checkpoint.threshold, f"the checkpoint {path}"), key)
+    carried = CarriedThreshold(checkpoint.threshold, f"the checkpoint {path}", checkpoint.threshold_rule)
+    return ServedModel(path, card, carried, key)

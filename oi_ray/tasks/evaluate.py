@@ -2,10 +2,17 @@
 
 TAO's four metrics are reported at ``model.margin`` exactly as TAO computes them, and again
 at the decision threshold (``evaluate.threshold``, else the model's calibrated one), next to
-threshold-free AUROC/AUPR and the false-alarm rate at 99 % and 100 % defect recall. Every
-name in metrics.json says its unit: TAO's metrics are percentages (``*_percent_of_all_pairs``:
-TAO divides false alarms and missed defects by all pairs), oi-ray's rates are fractions of
-the pairs they are a share of (``false_alarm_fraction_of_pass_pairs``), counts are ``*_pairs``.
+threshold-free AUROC/AUPR and the false-alarm rate at 99 %, 99.5 %, 99.9 % and 100 % defect
+recall with their thresholds. Every name in metrics.json says its unit: TAO's metrics are
+percentages (``*_percent_of_all_pairs``: TAO divides false alarms and missed defects by all
+pairs), oi-ray's rates are fractions of the pairs they are a share of
+(``false_alarm_fraction_of_pass_pairs``), counts are ``*_pairs``.
+
+What an engineer looks at next is listed and drawn: the weakest defects (the defect pairs that
+scored lowest) and the top false alarms (the PASS pairs that scored highest), with their CSV
+rows, in metrics.json and side by side with their golden shots in ``pairs.png``; and the
+false-alarm rate against defect recall near full recall, with the decision threshold's point,
+in ``false_alarms_vs_recall.png``.
 """
 
 import json
@@ -17,15 +24,19 @@ import numpy as np
 
 from oi_ray.config import save_resolved_spec
 from oi_ray.config.schema import ExperimentConfig
+from oi_ray.data.assemble import InputGeometry, read_pictures
+from oi_ray.data.pairs import LABEL_COLUMN
 from oi_ray.errors import DataError
 from oi_ray.fileio import write_atomically
 from oi_ray.metrics import OperatingPoint, at_defect_recall, aupr, auroc, confusion_matrix, tao_metrics
-from oi_ray.plots import write_evaluation_plots
+from oi_ray.plots import MontagePair, write_evaluation_plots, write_false_alarm_curve, write_pair_montage
 from oi_ray.tasks.scoring_setup import ScoringRun, score_split
 
 log = logging.getLogger(__name__)
 SPLITS = ("test_dataset", "validation_dataset")
-RECALL_TARGETS = (0.99, 1.0)
+RECALL_TARGETS = (0.99, 0.995, 0.999, 1.0)
+LISTED_PAIRS = 10  # weakest defects and top false alarms in metrics.json
+SHOWN_PAIRS = 4  # of each in pairs.png
 # tao_metrics() field -> metrics.json name (TAO's meaning, unit and denominator spelled out)
 TAO_FIELDS = {
     "total_accuracy": "total_accuracy_percent",
@@ -56,6 +67,10 @@ def run(config: ExperimentConfig) -> None:
     write_atomically(results_dir / "metrics.json", (json.dumps(report, indent=2) + "\n").encode())
     plots = write_evaluation_plots(distances, targets, scored.threshold, config.model.margin, results_dir,
                                    split=scored.split, model_file=scored.model_file)
+    plots.append(write_false_alarm_curve(distances, targets, scored.threshold,
+                                         results_dir / "false_alarms_vs_recall.png", split=scored.split,
+                                         model_file=scored.model_file, recalls=RECALL_TARGETS))
+    plots.append(_write_montage(config, scored, report, results_dir / "pairs.png"))
     spec = save_resolved_spec(config, results_dir)
     print(render_report(report))
     log.info("wrote %s, %s and %s", results_dir / "metrics.json",
@@ -83,6 +98,8 @@ def build_report(config: ExperimentConfig, scored: ScoringRun) -> dict[str, Any]
         "baseline_pixel_difference_auroc": auroc(scored.scores.pixel_differences, targets),
         **{_recall_key(recall): _point(at_defect_recall(distances, targets, recall))
            for recall in RECALL_TARGETS},
+        "weakest_defects": _listed(scored, np.flatnonzero(targets == 1), lowest=True),
+        "top_false_alarms": _listed(scored, np.flatnonzero(targets == 0), lowest=False),
     }
 
 
@@ -112,13 +129,19 @@ def render_report(report: dict[str, Any]) -> str:
     ]
     for recall in RECALL_TARGETS:
         point = report[_recall_key(recall)]
-        lines.append(f"at {recall:.0%} defect recall: false alarms "
+        lines.append(f"at {recall * 100:g}% defect recall: false alarms "
                      f"{point['false_alarm_fraction_of_pass_pairs']:.2%} of PASS pairs "
                      f"(threshold {point['threshold']:.4g})")
     pairs = report["confusion_at_threshold"]
     lines.append(f"pairs at threshold: {pairs['pass_ok_pairs']} PASS ok, {pairs['false_alarm_pairs']} "
                  f"false alarms, {pairs['caught_defect_pairs']} defects caught, "
                  f"{pairs['missed_defect_pairs']} missed")
+    for key, name, verdict in (("weakest_defects", "weakest defects (lowest distance first", "missed"),
+                               ("top_false_alarms", "top false alarms (highest distance first", "flagged")):
+        lines.append(f"{name}; * = {verdict} at the threshold):")
+        lines += [f"  {'*' if pair['flagged'] == (verdict == 'flagged') else ' '} {pair['distance']:<10.4g} "
+                  f"row {pair['row']} (line {pair['line']}) {pair['label']} {pair['object_name']}: "
+                  f"{pair['input_path']}" for pair in report[key][:SHOWN_PAIRS]]
     return "\n".join(lines)
 
 
@@ -127,7 +150,38 @@ def _tao(distances: np.ndarray, targets: np.ndarray, threshold: float) -> dict[s
 
 
 def _recall_key(recall: float) -> str:
-    return f"at_{round(recall * 100)}_defect_recall"
+    """``at_99_defect_recall``, ``at_99_5_defect_recall``, ``at_100_defect_recall``."""
+    return f"at_{recall * 100:g}_defect_recall".replace(".", "_")
+
+
+def _listed(scored: ScoringRun, indices: np.ndarray, *, lowest: bool) -> list[dict[str, Any]]:
+    """The ``LISTED_PAIRS`` pairs among ``indices`` with the lowest (or highest) distance, with their
+    CSV row (1-based, as error messages count), line, paths, label and whether they are flagged."""
+    distances, rows = scored.scores.distances, scored.table.rows
+    ranked = indices[np.argsort(distances[indices], kind="stable")]
+    chosen = ranked[:LISTED_PAIRS] if lowest else ranked[::-1][:LISTED_PAIRS]
+    return [{"row": int(index) + 1, "line": int(index) + 2,
+             **{column: rows.iloc[index][column] for column in ("input_path", "golden_path", "object_name")},
+             "label": rows.iloc[index][LABEL_COLUMN], "distance": float(distances[index]),
+             "flagged": bool(distances[index] > scored.threshold)} for index in chosen]
+
+
+def _write_montage(config: ExperimentConfig, scored: ScoringRun, report: dict[str, Any], path: Path) -> Path:
+    """``pairs.png``: the top false alarms and the weakest defects, test beside golden."""
+    geometry = InputGeometry.from_config(config.dataset)
+    shown = [("false alarm" if pair["flagged"] else "PASS", pair)
+             for pair in report["top_false_alarms"][:SHOWN_PAIRS]]
+    shown += [("missed defect" if not pair["flagged"] else "weak defect", pair)
+              for pair in report["weakest_defects"][:SHOWN_PAIRS]]
+    indices = [pair["row"] - 1 for _, pair in shown]
+    tests = read_pictures([scored.table.test_paths[index] for index in indices], geometry)
+    goldens = read_pictures([scored.table.golden_paths[index] for index in indices], geometry)
+    pairs = [MontagePair(f"{kind}, row {pair['row']} {pair['label']} {pair['object_name']}, "
+                         f"distance {pair['distance']:.4g}", test, golden)
+             for (kind, pair), test, golden in zip(shown, tests, goldens, strict=True)]
+    title = (f"top false alarms and weakest defects: {scored.split}, {scored.model_file.name}, "
+             f"threshold {scored.threshold:.4g}")
+    return write_pair_montage(pairs, path, title=title)
 
 
 def _point(point: OperatingPoint) -> dict[str, float]:

@@ -1,12 +1,13 @@
 """``oi-ray export``: a checkpoint -> ONNX with TAO's interface, verified, plus its model card.
 
-Inputs ``input_1`` (test side) and ``input_2`` (golden side), outputs ``output_1`` and
-``output_2`` (their embeddings), NCHW float32 of the assembled input size, batch axis named
-``batch`` (TAO's ``batch_size: -1``) or a fixed batch. Before the file takes its name,
+Inputs ``input_1`` (test side) and ``input_2`` (golden side), NCHW float32 of the assembled
+input size; outputs ``output_1`` and ``output_2`` (their embeddings) for TAO's models, or
+``distance`` (the pair's distance) for SiameseSpatial, as the model card says; batch axis
+named ``batch`` (TAO's ``batch_size: -1``) or a fixed batch. Before the file takes its name,
 ``onnx.checker`` and an ONNX Runtime vs torch comparison must pass, or the command fails. The
 comparison runs on the first pairs of the spec's dataset (real inputs keep the embeddings at
 their trained scale), or on random pictures when the spec names no dataset; the tolerance is
-1e-4 x max(1, largest |embedding|).
+1e-4 x max(1, largest |output|).
 
 Memory: the checkpoint is memory-mapped and its tensors become the model's weights (model built
 on the ``meta`` device); the exporter writes into the atomic write's temp file, which the
@@ -36,13 +37,13 @@ from oi_ray.data.pairs import first_configured_split, load_split
 from oi_ray.errors import ConfigError, DataError
 from oi_ray.fileio import atomic_output, sha256_of
 from oi_ray.model.inputs import InputNormalizer
-from oi_ray.model.siamese import SiameseNet
-from oi_ray.model_card import INPUT_NAMES, OUTPUT_NAMES, ModelCard, export_destination
+from oi_ray.model.registry import Architecture
+from oi_ray.model_card import INPUT_NAMES, ModelCard, export_destination
 
 log = logging.getLogger(__name__)
 DYNAMIC_BATCH = "batch"
 VERIFY_BATCH = 4
-TOLERANCE = 1e-4  # max |ORT - torch| on the embeddings
+TOLERANCE = 1e-4  # max |ORT - torch| on the outputs
 VERIFICATION_SPLITS = ("validation_dataset", "test_dataset", "train_dataset", "infer_dataset")
 
 
@@ -57,8 +58,8 @@ def run(config: ExperimentConfig) -> None:
 
     source = Path(export.checkpoint)
     checkpoint = load_checkpoint(source, config.encryption_key)
-    model = restore_model(checkpoint, source, config.model.model_type, geometry.input_shape,
-                          config.model.embedding_vectors).eval()
+    architecture = Architecture.of(config.model, geometry)
+    model = restore_model(checkpoint, source, architecture).eval()
 
     dynamic = export.batch_size == -1
     batch = export.batch_size if export.batch_size > 0 else 1
@@ -67,12 +68,12 @@ def run(config: ExperimentConfig) -> None:
     if onnx_path.exists():
         log.info("replacing %s", onnx_path)
     with atomic_output(onnx_path) as out:
-        difference = _write_verified(model, geometry.input_shape, export, test, golden, out,
-                                     config.encryption_key)
+        difference = _write_verified(model, architecture, export, test, golden, out, config.encryption_key)
     card = ModelCard.describe(
-        config, checkpoint.threshold, batch_size=export.batch_size, opset_version=export.opset_version,
-        oi_ray_version=__version__, source_checkpoint=str(source.resolve()),
-        source_checkpoint_sha256=sha256_of(source), model_sha256=sha256_of(onnx_path),
+        config, checkpoint.threshold, threshold_rule=checkpoint.threshold_rule, batch_size=export.batch_size,
+        opset_version=export.opset_version, oi_ray_version=__version__,
+        source_checkpoint=str(source.resolve()), source_checkpoint_sha256=sha256_of(source),
+        model_sha256=sha256_of(onnx_path),
     ).write(onnx_path)
     spec = save_resolved_spec(config, export.results_dir)
     threshold = "none (model.margin decides)" if checkpoint.threshold is None \
@@ -87,7 +88,7 @@ def run(config: ExperimentConfig) -> None:
                                           f"evaluate.results_dir={onnx_path.parent / 'evaluate'}"))
 
 
-def _write_verified(model: SiameseNet, input_shape: tuple[int, int, int], export: ExportConfig,
+def _write_verified(model: torch.nn.Module, architecture: Architecture, export: ExportConfig,
                     test: torch.Tensor, golden: torch.Tensor, out: BinaryIO, key: str | None) -> float:
     """Export ``model`` into ``out`` (an atomic write's open temp file) and verify what was
     written; return ONNX Runtime's largest difference from torch."""
@@ -95,41 +96,43 @@ def _write_verified(model: SiameseNet, input_shape: tuple[int, int, int], export
     options = {"dynamic": export.batch_size == -1, "opset": export.opset_version,
                "constant_folding": export.do_constant_folding, "verbose": export.verbose}
     if not key:
-        write_onnx(model, input_shape, batch, out, **options)
+        write_onnx(model, architecture, batch, out, **options)
         out.flush()
-        return verify_onnx(out.name, model, test, golden)
-    onnx_bytes = export_onnx(model, input_shape, batch, **options)
-    difference = verify_onnx(onnx_bytes, model, test, golden)
+        return verify_onnx(out.name, model, architecture, test, golden)
+    onnx_bytes = export_onnx(model, architecture, batch, **options)
+    difference = verify_onnx(onnx_bytes, model, architecture, test, golden)
     with protected_output(out, key) as sink:
         sink.write(onnx_bytes)
     return difference
 
 
-def write_onnx(model: SiameseNet, input_shape: tuple[int, int, int], batch: int, out: BinaryIO | str, *,
+def write_onnx(model: torch.nn.Module, architecture: Architecture, batch: int, out: BinaryIO | str, *,
                dynamic: bool, opset: int, constant_folding: bool, verbose: bool = False) -> None:
-    """Write ``model`` as ONNX with TAO's input/output names into ``out`` (a file or path)."""
-    example = torch.zeros(batch, *input_shape)
-    axes = {name: {0: DYNAMIC_BATCH} for name in (*INPUT_NAMES, *OUTPUT_NAMES)} if dynamic else None
+    """Write ``model`` (built as ``architecture``) as ONNX with TAO's input names and the
+    architecture's output names into ``out`` (a file or path)."""
+    example = torch.zeros(batch, *architecture.input_shape)
+    output_names = architecture.output_names
+    axes = {name: {0: DYNAMIC_BATCH} for name in (*INPUT_NAMES, *output_names)} if dynamic else None
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation and folding notices
         warnings.simplefilter("ignore")
         # dynamo=False: torch's TorchScript-based exporter needs no onnxscript and exports
         # these plain conv/linear layers exactly.
         torch.onnx.export(model, (example, example), out, input_names=list(INPUT_NAMES),
-                          output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=opset,
+                          output_names=list(output_names), dynamic_axes=axes, opset_version=opset,
                           do_constant_folding=constant_folding, verbose=verbose, dynamo=False)
 
 
-def export_onnx(model: SiameseNet, input_shape: tuple[int, int, int], batch: int, *, dynamic: bool,
+def export_onnx(model: torch.nn.Module, architecture: Architecture, batch: int, *, dynamic: bool,
                 opset: int, constant_folding: bool, verbose: bool = False) -> bytes:
-    """The ONNX bytes of ``model`` with TAO's input/output names (:func:`write_onnx` in memory)."""
+    """The ONNX bytes of ``model`` (:func:`write_onnx` in memory)."""
     buffer = io.BytesIO()
-    write_onnx(model, input_shape, batch, buffer, dynamic=dynamic, opset=opset,
+    write_onnx(model, architecture, batch, buffer, dynamic=dynamic, opset=opset,
                constant_folding=constant_folding, verbose=verbose)
     return buffer.getvalue()
 
 
-def verify_onnx(onnx_model: str | bytes, model: SiameseNet, test: torch.Tensor,
-                golden: torch.Tensor) -> float:
+def verify_onnx(onnx_model: str | bytes, model: torch.nn.Module, architecture: Architecture,
+                test: torch.Tensor, golden: torch.Tensor) -> float:
     """Check the graph and compare ONNX Runtime with torch on one batch; return the max error.
 
     ``onnx_model`` is a path (both read the file themselves) or the model's bytes."""
@@ -138,15 +141,18 @@ def verify_onnx(onnx_model: str | bytes, model: SiameseNet, test: torch.Tensor,
     except onnx.checker.ValidationError as error:
         raise DataError(f"the exported model fails onnx.checker: {error}") from None
     with torch.inference_mode():
-        expected = [output.numpy() for output in model(test, golden)]
+        outputs = model(test, golden)
+    expected = [output.numpy() for output in (outputs if isinstance(outputs, tuple) else (outputs,))]
     session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
-    actual = session.run(list(OUTPUT_NAMES), {INPUT_NAMES[0]: test.numpy(), INPUT_NAMES[1]: golden.numpy()})
+    actual = session.run(list(architecture.output_names),
+                         {INPUT_NAMES[0]: test.numpy(), INPUT_NAMES[1]: golden.numpy()})
     del session  # ONNX Runtime's copy of the weights
     difference = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected, strict=True))
     allowed = TOLERANCE * max(1.0, *(float(np.abs(e).max()) for e in expected))
     if not difference <= allowed:
-        raise DataError(f"the exported model disagrees with torch: max |difference| {difference:.2e} on the "
-                        f"embeddings (allowed {allowed:.1e}); nothing was written")
+        raise DataError(f"the exported model disagrees with torch: max |difference| {difference:.2e} "
+                        f"on {', '.join(architecture.output_names)} (allowed {allowed:.1e}); "
+                        f"nothing was written")
     return difference
 
 

@@ -24,6 +24,7 @@ from oi_ray.data.pairs import PairTable, load_split
 from oi_ray.errors import ConfigError, DataError, TaskInterrupted, TrainingDivergedError
 from oi_ray.fileio import remove_partial_files
 from oi_ray.launch.shared_paths import SharedPath, check_shared, worker_nodes
+from oi_ray.model.registry import Architecture
 from oi_ray.runtime import ray_session, torch_threads, uses_gpus
 from oi_ray.training.loop import STATUS_FILE, TrainJob, train_worker
 from oi_ray.training.progress import ProgressFeed
@@ -162,9 +163,7 @@ def resume_point(config: ExperimentConfig, results_dir: Path) -> tuple[Path | No
     if not path.is_file():
         raise ConfigError(f"train.resume_training_checkpoint_path={explicit!r}: no such file")
     checkpoint = load_checkpoint(path, config.encryption_key)  # memory-mapped: no weights read
-    geometry = PipelineSpec.from_config(config.dataset).geometry
-    check_fits(checkpoint, path, config.model.model_type, geometry.input_shape,
-               config.model.embedding_vectors)
+    check_fits(checkpoint, path, Architecture.of_spec(config))
     return path, checkpoint.epoch
 
 

@@ -40,10 +40,10 @@ from oi_ray.config import to_yaml
 from oi_ray.config.schema import ExperimentConfig, OptimConfig
 from oi_ray.data.dataset import DecodedCache, PipelineSpec
 from oi_ray.data.epochs import CacheReader, batches_of, epoch_plan, training_batches
-from oi_ray.metrics import at_defect_recall, auroc, calibrate_threshold, tao_metrics
+from oi_ray.metrics import at_defect_recall, auroc, calibrate, describe_rule, tao_metrics
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.loss import contrastive_loss
-from oi_ray.model.siamese import SiameseNet, build_model
+from oi_ray.model.registry import Architecture
 from oi_ray.predictors import TorchPredictor
 from oi_ray.scoring import score_batches
 from oi_ray.training.progress import ProgressFeed
@@ -73,7 +73,7 @@ class TrainJob:
 class PairDistance(torch.nn.Module):
     """``forward`` = the model's pair distance, so DDP's hooks see the whole computation."""
 
-    def __init__(self, net: SiameseNet) -> None:
+    def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
         self.net = net
 
@@ -94,8 +94,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    geometry = job.pipeline.geometry
-    net = build_model(config.model.model_type, geometry.input_shape, config.model.embedding_vectors)
+    architecture = Architecture.of(config.model, job.pipeline.geometry)
+    net = architecture.build()
     state = _restore(net, job)
     if rank == 0 and ray.train.get_checkpoint() is not None:
         job.progress.note(f"worker group restarted: continuing after epoch {state.epoch} "
@@ -110,8 +110,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     runner = _EpochRunner(
         model=ray.train.torch.prepare_model(PairDistance(net), move_to_device=False), net=net,
         optimizer=optimizer, precision=_Precision(device, train.mixed_precision),
-        normalize=InputNormalizer(geometry, device, channels_last=train.channels_last), config=config,
-        progress=job.progress if rank == 0 else None, world=world,
+        normalize=InputNormalizer(job.pipeline.geometry, device, channels_last=train.channels_last),
+        config=config, progress=job.progress if rank == 0 else None, world=world,
     )
     reader = CacheReader(job.train_cache)
     board = _TensorBoard(job.results_dir, train.tensorboard.infrequent_logging_frequency) \
@@ -146,8 +146,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0 and (epoch % train.checkpoint_interval == 0 or last_epoch):
             saved = Checkpoint(
                 model_state=net.state_dict(), epoch=epoch, optimizer_state=optimizer.state_dict(),
-                config_yaml=to_yaml(config), threshold=threshold, model_type=config.model.model_type,
-                input_shape=geometry.input_shape, embedding_dim=config.model.embedding_vectors,
+                config_yaml=to_yaml(config), threshold=threshold,
+                threshold_rule=describe_rule(train.calibration) if threshold is not None else None,
+                model_type=architecture.model_type,
+                input_shape=architecture.input_shape, embedding_dim=architecture.embedding_dim,
+                model_options=dict(architecture.options),
                 extra={"validation": last_validation, "train_loss": metrics["train_loss"]},
             )
             _report_with_checkpoint(metrics, saved, job.results_dir, config.encryption_key)
@@ -171,7 +174,7 @@ class _EpochRunner:
     """Runs one epoch of optimisation steps; the host syncs only at the periodic checks."""
 
     model: torch.nn.Module  # PairDistance, DDP-wrapped when world > 1
-    net: SiameseNet
+    net: torch.nn.Module  # the model itself (its ``distance``)
     optimizer: torch.optim.Optimizer
     precision: "_Precision"
     normalize: InputNormalizer
@@ -245,9 +248,9 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any
         group.update(hyperparameters)
 
 
-def validate(net: SiameseNet, job: TrainJob, device: torch.device) -> dict[str, Any]:
-    """Loss and metrics on the validation set; the calibrated threshold is the one that
-    maximises balanced accuracy. TAO's KPIs (``val_acc``, ``val_fpr``) use ``model.margin``."""
+def validate(net: torch.nn.Module, job: TrainJob, device: torch.device) -> dict[str, Any]:
+    """Loss and metrics on the validation set; the threshold is calibrated by the spec's
+    ``train.calibration`` rule. TAO's KPIs (``val_acc``, ``val_fpr``) use ``model.margin``."""
     margin = job.config.model.margin
     predictor = TorchPredictor(net, job.pipeline.geometry, device=device,
                                channels_last=job.config.train.channels_last)
@@ -256,7 +259,7 @@ def validate(net: SiameseNet, job: TrainJob, device: torch.device) -> dict[str, 
                                                  batch_size=job.config.dataset.batch_size))
     distances, targets = scores.distances, scores.targets
     tao = tao_metrics(distances, targets, margin)
-    calibrated = calibrate_threshold(distances, targets)
+    calibrated = calibrate(distances, targets, job.config.train.calibration)
     at_recall = at_defect_recall(distances, targets, RECALL_TARGET)
     loss = contrastive_loss(torch.from_numpy(distances), torch.from_numpy(targets), margin)
     return {
@@ -293,7 +296,7 @@ class _Precision:
         self.scaler.update()
 
 
-def _restore(net: SiameseNet, job: TrainJob) -> Checkpoint:
+def _restore(net: torch.nn.Module, job: TrainJob) -> Checkpoint:
     """Weights and progress to start from: the Ray Train checkpoint after a worker-group
     restart, else the run's resume file, else pretrained weights (epoch 0), else fresh."""
     config, key = job.config, job.config.encryption_key
@@ -308,10 +311,10 @@ def _restore(net: SiameseNet, job: TrainJob) -> Checkpoint:
         path = Path(config.train.pretrained_model_path)
         weights = load_checkpoint(path, key)
         checkpoint = Checkpoint(model_state=weights.model_state, model_type=weights.model_type,
-                                input_shape=weights.input_shape)
+                                input_shape=weights.input_shape, model_options=weights.model_options)
     else:
         return Checkpoint(model_state=net.state_dict())
-    load_weights(net, checkpoint, path, config.model.model_type, job.pipeline.geometry.input_shape)
+    load_weights(net, checkpoint, path, Architecture.of(config.model, job.pipeline.geometry))
     return checkpoint
 
 

@@ -1,0 +1,134 @@
+"""SiameseSpatial: compare the two sides position by position, not as one flattened vector.
+
+A small shared conv trunk (3x3 conv + BatchNorm + ReLU blocks, then a 1x1 projection) turns
+every lighting tile of each side into a feature map at 1/``stride`` resolution; each tile is
+processed on its own, standardised per colour channel (a lamp brighter or dimmer in one shot is
+not a defect), so features never mix lightings and a test tile is only ever compared with the
+same lighting's golden tile. At every position of a tile, the test feature is matched
+with the nearest golden feature within a ``neighbourhood`` x ``neighbourhood`` window (and the
+golden feature with the nearest test one), which tolerates the misalignment of real AOI shots
+of up to ``neighbourhood // 2`` feature cells. The pair's distance is the largest of these
+per-position distances over all positions and tiles: one small local defect decides, as it
+does on the line, instead of being averaged away with every other feature. (A smooth top-k
+mean and a pooled distance map were tried: both trained worse on the benchmark's data, the
+small defects diluted; see benchmarks/RESULTS.md.)
+
+No layer depends on the image size; the weights are tens of thousands, not millions. The
+forward pass returns the distance itself (``(B,)``), which is also the exported graph's only
+output.
+"""
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+SQUARED_EPS = 1e-12  # keeps the gradient of sqrt finite at zero (identical sides)
+STD_FLOOR = 0.1  # added to a tile's standard deviation (normalised units): flat tiles stay flat
+
+
+def _block(in_channels: int, out_channels: int, stride: int) -> list[nn.Module]:
+    # replicate padding: a tile's edge looks like its border pixels continued, not like a black frame
+    return [nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1,
+                      padding_mode="replicate", bias=False),
+            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+
+
+class SiameseSpatial(nn.Module):
+    """Shared conv trunk per lighting tile; distance = max over positions of the neighbourhood
+    nearest-feature distance between the sides."""
+
+    output_names = ("distance",)
+
+    def __init__(self, tiles: tuple[int, int], *, width: int = 32, stride: int = 2,
+                 neighbourhood: int = 3) -> None:
+        """``tiles``: (rows, columns) of lighting images in each assembled input; ``stride``:
+        2 or 4 (the trunk's total downsampling); ``neighbourhood``: odd window size (1 = no shift
+        tolerance); ``width``: the trunk's channels."""
+        super().__init__()
+        if stride not in (2, 4):
+            raise ValueError(f"stride must be 2 or 4, got {stride}")
+        if neighbourhood < 1 or neighbourhood % 2 == 0:
+            raise ValueError(f"neighbourhood must be an odd number >= 1, got {neighbourhood}")
+        self.tiles = tiles
+        self.neighbourhood = neighbourhood
+        half = max(1, width // 2)
+        first_stride = 1 if stride == 2 else 2  # stride 4 halves the (costliest) first block's output
+        self.trunk = nn.Sequential(*_block(3, half, first_stride), *_block(half, width, 2),
+                                   *_block(width, width, 1))
+        self.project = nn.Conv2d(width, width, kernel_size=1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H', W')`` assembled inputs -> ``(B * tiles, C, h, w)`` per-tile feature maps."""
+        rows, columns = self.tiles
+        _, channels, height, width = images.shape
+        tile_height, tile_width = height // rows, width // columns
+        tiles = images.reshape(-1, channels, rows, tile_height, columns, tile_width)
+        tiles = tiles.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels, tile_height, tile_width)
+        # each tile standardised per colour channel: a lamp that is brighter or dimmer in one shot
+        # (an offset or a gain of the whole tile) is no defect
+        spread = tiles.std(dim=(2, 3), keepdim=True) + STD_FLOOR
+        tiles = (tiles - tiles.mean(dim=(2, 3), keepdim=True)) / spread
+        return self.project(self.trunk(tiles))
+
+    def forward(self, test: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
+        """Per-pair defect score ``(B,)``: larger means more different from the golden."""
+        both = self.features(torch.cat([test, golden]))  # one pass: shared BatchNorm statistics
+        test_features, golden_features = both.chunk(2)
+        squared = torch.maximum(self._nearest(test_features, golden_features),
+                                self._nearest(golden_features, test_features))
+        per_pair = squared.reshape(test.shape[0], -1).amax(dim=1)
+        return torch.sqrt(per_pair + SQUARED_EPS)
+
+    def distance(self, test: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
+        """The same as calling the model: the per-pair distance ``(B,)``."""
+        return self(test, golden)
+
+    def _nearest(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per position of ``source``: the squared L2 distance to the nearest ``target`` feature
+        within the neighbourhood (the window is clamped at the tile's edges)."""
+        reach = self.neighbourhood // 2
+        if reach == 0:
+            return (source - target).pow(2).sum(dim=1)
+        padded = F.pad(target, (reach, reach, reach, reach), mode="replicate")
+        if not self.training:
+            return self._window_min(source, padded)
+        # Training: find each position's nearest neighbour without autograd, then compute only
+        # that distance with it. The value and the gradient are those of the minimum (its
+        # gradient flows to the chosen neighbour alone), at a fraction of the memory and time.
+        with torch.no_grad():
+            choice = self._window_choice(source, padded)
+        height, width = source.shape[-2:]
+        rows = torch.arange(height, device=source.device).view(height, 1) + choice // self.neighbourhood
+        columns = torch.arange(width, device=source.device).view(1, width) + choice % self.neighbourhood
+        index = (rows * padded.shape[-1] + columns).flatten(1).unsqueeze(1).expand(-1, source.shape[1], -1)
+        matched = padded.flatten(2).gather(2, index).view_as(source)
+        return (source - matched).pow(2).sum(dim=1)
+
+    def _window_squared(self, source: torch.Tensor, padded: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Squared distances from each ``source`` position to each cell of the window around it
+        in ``padded`` (the target padded by the reach), window cells in row-major order."""
+        height, width = source.shape[-2:]
+        for cell in range(self.neighbourhood ** 2):
+            row, column = divmod(cell, self.neighbourhood)
+            yield (source - padded[..., row:row + height, column:column + width]).pow(2).sum(dim=1)
+
+    def _window_min(self, source: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+        """The smallest squared distance from each position to its window."""
+        nearest = None
+        for squared in self._window_squared(source, padded):
+            nearest = squared if nearest is None else torch.minimum(nearest, squared)
+        return nearest
+
+    def _window_choice(self, source: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+        """Which window cell (row-major index) is nearest to each position."""
+        nearest, choice = None, None
+        for cell, squared in enumerate(self._window_squared(source, padded)):
+            if nearest is None:
+                nearest, choice = squared, torch.zeros_like(squared, dtype=torch.long)
+            else:
+                closer = squared < nearest
+                nearest = torch.where(closer, squared, nearest)
+                choice = torch.where(closer, cell, choice)
+        return choice

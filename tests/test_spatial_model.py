@@ -1,0 +1,206 @@
+"""SiameseSpatial: what its distance responds to (and what it ignores), every layout, its ONNX
+graph, and its checkpoints against TAO's models."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from helpers import tao_architecture
+
+from oi_ray.checkpoint import Checkpoint, check_fits, load_checkpoint, save_checkpoint
+from oi_ray.cli import main
+from oi_ray.config import load_config
+from oi_ray.config.schema import CalibrationRuleConfig
+from oi_ray.data.assemble import InputGeometry
+from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
+from oi_ray.errors import DataError
+from oi_ray.metrics import describe_rule
+from oi_ray.model.registry import Architecture
+from oi_ray.model.spatial import SiameseSpatial
+from oi_ray.model_card import INPUT_NAMES
+from oi_ray.tasks.export import export_onnx
+
+
+def _architecture(overrides: list[str]) -> Architecture:
+    config = load_config(None, ["model.model_type=SiameseSpatial", *overrides])
+    return Architecture.of(config.model, InputGeometry.from_config(config.dataset))
+
+
+def _model(tiles=(1, 1), **options) -> SiameseSpatial:
+    torch.manual_seed(0)
+    return SiameseSpatial(tiles, **options).eval()
+
+
+def _board(height: int = 32, width: int = 32) -> torch.Tensor:
+    """A golden tile: two pads and a trace on a uniform background (edges far from the border)."""
+    image = torch.zeros(1, 3, height, width)
+    image[:, :, 8:14, 8:14] = 1.0
+    image[:, :, 18:24, 18:24] = 1.0
+    image[:, :, 10:12, 14:18] = 0.6
+    return image
+
+
+@pytest.mark.parametrize("overrides, tiles, input_shape", [
+    ([], (1, 1), (3, 128, 128)),  # the defaults: one lighting, 128x128
+    (["dataset.input_map={A: 0, B: 1, C: 2}", "dataset.image_width=24", "dataset.image_height=16"],
+     (3, 1), (3, 48, 24)),
+    (["dataset.input_map={A: 0, B: 1, C: 2, D: 3}", "dataset.concat_type=grid", "dataset.grid_map={x: 2, y: 2}",
+      "dataset.image_width=20", "dataset.image_height=12", "model.spatial.stride=4"], (2, 2), (3, 24, 40)),
+    (["dataset.input_map={A: 0, B: 1}", "dataset.image_width=37", "dataset.image_height=29",
+      "model.spatial.neighbourhood=1", "model.spatial.width=8"], (2, 1), (3, 58, 37)),
+])
+def test_every_layout_and_size_gives_one_distance_per_pair(overrides, tiles, input_shape):
+    architecture = _architecture(overrides)
+    assert (architecture.tiles, architecture.input_shape) == (tiles, input_shape)
+    torch.manual_seed(0)
+    model = architecture.build()
+    test, golden = torch.randn(3, *input_shape), torch.randn(3, *input_shape)
+    distance = model.distance(test, golden)
+    assert distance.shape == (3,) and bool((distance > 0).all())
+    distance.sum().backward()
+    assert all(parameter.grad is not None for parameter in model.parameters())
+    weights = sum(parameter.numel() for parameter in model.parameters())
+    assert weights < 100_000  # tens of thousands at most, whatever the input size
+
+
+def test_identical_sides_are_zero_apart():
+    model = _model(tiles=(2, 1))
+    images = torch.randn(4, 3, 64, 32)
+    assert model.distance(images, images).max().item() < 1e-5
+
+
+def test_a_one_cell_shift_scores_far_below_a_small_local_defect():
+    model = _model()  # stride 2: one feature cell is 2 pixels
+    golden = _board()
+    shifted = torch.roll(golden, shifts=(2, -2), dims=(2, 3))  # the background wraps round: uniform
+    spur = golden.clone()
+    spur[:, :, 16:18, 14:15] = 1.0  # a 2x1-pixel spur of copper between the pads
+    with torch.no_grad():
+        shift_score, defect_score = model.distance(shifted, golden).item(), model.distance(spur, golden).item()
+    assert shift_score < 1e-4 < defect_score and defect_score > 100 * shift_score
+    no_tolerance = _model(neighbourhood=1)
+    with torch.no_grad():  # without the neighbourhood the same shift is a large difference
+        assert no_tolerance.distance(shifted, golden).item() > 0.5 * no_tolerance.distance(spur, golden).item()
+
+
+def test_a_global_brightness_change_scores_below_a_local_change():
+    model = _model()
+    golden = _board()
+    bite = golden.clone()
+    bite[:, :, 8:10, 12:14] = 0.0  # a mouse bite out of one pad's corner
+    with torch.no_grad():
+        local = model.distance(bite, golden).item()
+        # the whole shot brighter (a lamp that drifted): standardising each tile removes it
+        assert model.distance(golden + 0.3, golden).item() < 0.01 * local
+        # brighter and with 20 % more contrast: removed up to the floor added to the tile's spread
+        assert model.distance(1.2 * golden + 0.3, golden).item() < 0.25 * local
+
+
+def test_training_finds_the_same_nearest_neighbours_with_the_same_gradients():
+    """Training matches each position without autograd and differentiates only the chosen pair:
+    the value and the gradients must be those of the plain minimum over the window."""
+    model = _model(neighbourhood=5)
+    torch.manual_seed(1)
+    source, target = torch.randn(3, 8, 9, 11, requires_grad=True), torch.randn(3, 8, 9, 11, requires_grad=True)
+    results = {}
+    for training in (True, False):
+        model.train(training)
+        nearest = model._nearest(source, target)
+        (nearest * torch.linspace(0, 1, nearest.numel()).view_as(nearest)).sum().backward()
+        results[training] = (nearest.detach(), source.grad.clone(), target.grad.clone())
+        source.grad, target.grad = None, None
+    for trained, plain in zip(results[True], results[False], strict=True):
+        assert torch.allclose(trained, plain, atol=1e-6)
+
+
+def test_a_defect_in_one_lighting_tile_is_seen_and_tiles_are_never_compared_across():
+    model = _model(tiles=(3, 1))
+    golden = torch.cat([_board(), 0.5 * _board(), _board().flip(3)], dim=2)  # 3 lightings, stacked
+    test = golden.clone()
+    test[:, :, 32 + 20:32 + 22, 4:6] = 0.8  # a speck in the second lighting only
+    with torch.no_grad():
+        assert model.distance(test, golden).item() > 100 * model.distance(golden, golden).item()
+        # a pad at the top of lighting 2 moved up by one cell, across the seam into lighting 1: read
+        # as one picture it is a small shift; read as the two lightings it is, it is a defect in each
+        golden, test = torch.zeros(1, 3, 64, 32), torch.zeros(1, 3, 64, 32)
+        golden[:, :, 32:38, 10:16], test[:, :, 30:36, 10:16] = 1.0, 1.0
+        as_one_picture = _model().distance(test, golden).item()
+        assert _model(tiles=(2, 1)).distance(test, golden).item() > 10 * as_one_picture
+
+
+def test_onnx_graph_outputs_the_distance_within_1e_4():
+    architecture = _architecture(["dataset.input_map={A: 0, B: 1}", "dataset.image_width=24",
+                                  "dataset.image_height=20"])
+    torch.manual_seed(0)
+    model = architecture.build().eval()
+    onnx_bytes = export_onnx(model, architecture, 1, dynamic=True, opset=17, constant_folding=True)
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    assert [output.name for output in session.get_outputs()] == ["distance"]
+    test, golden = torch.randn(5, *architecture.input_shape), torch.randn(5, *architecture.input_shape)
+    golden[2] = test[2]
+    (onnx_distance,) = session.run(None, {INPUT_NAMES[0]: test.numpy(), INPUT_NAMES[1]: golden.numpy()})
+    with torch.no_grad():
+        expected = model.distance(test, golden).numpy()
+    assert onnx_distance.shape == (5,)
+    assert np.abs(onnx_distance - expected).max() < 1e-4
+
+
+def test_checkpoints_refuse_the_other_kind_naming_both(tmp_path):
+    spatial = _architecture(["dataset.image_width=16", "dataset.image_height=16"])
+    tao = tao_architecture("Siamese_3", spatial.input_shape)
+    for saved, asked in ((spatial, tao), (tao, spatial)):
+        path = tmp_path / f"{saved.model_type}.pth"
+        save_checkpoint(Checkpoint(saved.build().state_dict(), model_type=saved.model_type,
+                                   input_shape=saved.input_shape, model_options=dict(saved.options)), path)
+        with pytest.raises(DataError) as refused:
+            check_fits(load_checkpoint(path), path, asked)
+        assert saved.model_type in str(refused.value) and asked.model_type in str(refused.value)
+    # the same model type with another neighbourhood is another model too
+    path = tmp_path / "SiameseSpatial.pth"
+    wider = _architecture(["dataset.image_width=16", "dataset.image_height=16", "model.spatial.neighbourhood=5"])
+    with pytest.raises(DataError, match=r"holds a SiameseSpatial model \(stride 2, neighbourhood 3, width 32\) with input "
+                                        r"3x16x16; the spec asks for model.model_type=SiameseSpatial \(stride 2, "
+                                        r"neighbourhood 5, width 32\)"):
+        check_fits(load_checkpoint(path), path, wider)
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("spatial")
+    return synthesize_dataset(root / "data", SyntheticSpec(num_pairs=160, lights=("A", "B"), width=16, height=16,
+                                                           image_ext=".png", seed=7)).spec_path
+
+
+@pytest.mark.ray
+def test_it_trains_resumes_exports_and_scores_alike_on_every_backend(spec, tmp_path):
+    results = tmp_path / "run"
+    latest = results / "train" / "oi_model_latest.pth"
+    onnx = results / "export" / "oi_model.onnx"
+    common = ["-e", str(spec), f"results_dir={results}", "model.model_type=SiameseSpatial", "dataset.batch_size=8",
+              f"export.checkpoint={latest}"]
+    assert main(["train", *common, "train.num_epochs=2"]) == 0
+    assert main(["train", *common, "train.num_epochs=3"]) == 0  # continues from epoch 2
+    epochs = [json.loads(line)["epoch"] for line in (results / "train" / "status.json").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    saved = load_checkpoint(latest)
+    assert (saved.epoch, saved.model_type, saved.model_options) == (
+        3, "SiameseSpatial", {"stride": 2, "neighbourhood": 3, "width": 32})
+    assert saved.threshold is not None and saved.threshold_rule == describe_rule(CalibrationRuleConfig())
+
+    assert main(["export", *common]) == 0
+    card = json.loads(Path(f"{onnx}.json").read_text())
+    assert card["output_names"] == ["distance"] and card["outputs_meaning"].startswith("the pair's distance")
+    assert (card["threshold"], card["threshold_rule"]) == (saved.threshold, saved.threshold_rule)
+    reports = {}
+    for model in (latest, onnx):
+        folder = tmp_path / model.suffix[1:]
+        assert main(["evaluate", *common, f"evaluate.checkpoint={model}", f"evaluate.results_dir={folder}"]) == 0
+        reports[model.suffix] = json.loads((folder / "metrics.json").read_text())
+    pth, exported = reports[".pth"], reports[".onnx"]
+    assert exported["threshold"]["value"] == pth["threshold"]["value"] == saved.threshold
+    assert exported["auroc"] == pytest.approx(pth["auroc"], abs=1e-6)
+    assert [pair["distance"] for pair in exported["weakest_defects"]] == pytest.approx(
+        [pair["distance"] for pair in pth["weakest_defects"]], abs=1e-4)
