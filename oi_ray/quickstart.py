@@ -77,9 +77,9 @@ def run_quickstart(spec: QuickstartSpec) -> Path:
     ]
     if spec.model_type != SPATIAL:
         lines += [
-            f"This was TAO's {spec.model_type}. SiameseSpatial compares the sides position by position: "
-            "far fewer false alarms at full defect recall, tens of thousands of weights instead of millions, "
-            "several times the training pairs/s (README, 'Models'). Try it:",
+            f"This was TAO's {spec.model_type}. oi-ray's SiameseSpatial compares the sides position by "
+            "position: a higher AUROC on small local defects, tens of thousands of weights instead of "
+            "millions, about twice the training pairs/s (README, 'Models'). Try it:",
             "  " + command("quickstart", "--model", SPATIAL, "--output", f"{output}-spatial"),
         ]
     log.info("\n".join(lines))

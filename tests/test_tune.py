@@ -121,7 +121,7 @@ def test_random_sweep_with_asha_stops_trials_early_and_delivers_the_best(ray_wit
     one that barely moves from its initial weights (lr 1e-9: val AUROC 0.86 after epoch 1, where
     the learning ones mostly reach 0.92-0.97) and a diverging one, twice. ASHA stops a trial at a
     rung when it is below the median of the trials there before it, so each barely-moving trial
-    stops at the first rung, and the first trial (first at every rung) is never stopped."""
+    is stopped at the first rung, and the first trial (first at every rung) is never stopped."""
     import ray
 
     results = tmp_path / "results"
@@ -135,7 +135,9 @@ def test_random_sweep_with_asha_stops_trials_early_and_delivers_the_best(ray_wit
     assert table["model.margin"].between(1.0, 2.5).all() and table["model.margin"].nunique() == 8
     first, still = table.iloc[0], table[table["train.optim.lr"] == 1e-9]
     assert (first["status"], first["epochs"]) == ("completed", 4)
-    assert (still["status"] == "early_stopped").all() and (still["epochs"] == 1).all()
+    # stopped at the first rung; the stop reaches a running trial asynchronously, so a fast epoch
+    # can still be reported after it
+    assert (still["status"] == "early_stopped").all() and (still["epochs"] <= 2).all()
     diverged = table[table["train.optim.lr"] == 1.0e30]
     assert len(diverged) == 2 and (diverged["status"] == "failed").all()
     assert diverged["error"].str.contains("training diverged: the loss became NaN or infinite").all()
