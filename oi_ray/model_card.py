@@ -15,17 +15,10 @@ from oi_ray.config.schema import ExperimentConfig, ExportConfig
 from oi_ray.data.assemble import InputGeometry
 from oi_ray.errors import DataError
 from oi_ray.fileio import write_atomically
-from oi_ray.model.registry import EMBEDDING_OUTPUTS, Architecture
-from oi_ray.model.spatial import SiameseSpatial
+from oi_ray.model.registry import EMBEDDING_OUTPUTS, OUTPUT_MEANINGS, Architecture
 
 CARD_SUFFIX = ".json"
 INPUT_NAMES = ("input_1", "input_2")  # TAO's ONNX interface: test side, golden side
-OUTPUT_MEANINGS = {
-    EMBEDDING_OUTPUTS: "the test and golden embeddings (batch, embedding_dim); the pair's distance is "
-                       "their L2 distance",
-    SiameseSpatial.output_names: "the pair's distance (batch,): the largest per-position distance between "
-                                 "the sides' feature maps; > threshold is a defect",
-}
 
 
 @dataclass(frozen=True)
@@ -70,7 +63,7 @@ class ModelCard:
             image_size=(geometry.height, geometry.width), rgb_mean=geometry.mean, rgb_std=geometry.std,
             embedding_dim=config.model.embedding_vectors, margin=config.model.margin, threshold=threshold,
             model_options=dict(architecture.options), output_names=architecture.output_names,
-            outputs_meaning=OUTPUT_MEANINGS[architecture.output_names], threshold_rule=threshold_rule,
+            outputs_meaning=architecture.outputs_meaning, threshold_rule=threshold_rule,
             **provenance,
         )
 

@@ -10,8 +10,8 @@ runs, else CPU), ``.engine`` / ``.trt`` -> TensorRT (NVIDIA GPU and the ``gpu`` 
 TensorRT models output what their model card names: TAO's two embeddings (the distance is the
 same L2 distance the torch model computes) or SiameseSpatial's distance itself. A model that
 takes only some batch sizes (an ONNX export with a fixed batch, a TensorRT profile) gets
-batches cut and padded to fit by
-:class:`BatchLimits`, the same code for every backend, so any batch size scores.
+batches cut and padded to fit by :class:`BatchLimits`, the same code for every backend, so any
+batch size scores.
 
 The driver checks a model file without loading it (:func:`carried_threshold`): a ``.pth`` by
 its tensors' shapes against a model built on the ``meta`` device, an ONNX model or engine by

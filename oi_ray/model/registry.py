@@ -24,6 +24,12 @@ from oi_ray.model.spatial import SiameseSpatial
 
 SPATIAL = "SiameseSpatial"  # the other model types are TAO's (SIAMESE_MODELS)
 EMBEDDING_OUTPUTS = ("output_1", "output_2")  # TAO's: the test and golden embeddings
+OUTPUT_MEANINGS = {  # as model cards explain the outputs
+    EMBEDDING_OUTPUTS: "the test and golden embeddings (batch, embedding_dim); the pair's distance is "
+                       "their L2 distance",
+    SiameseSpatial.output_names: "the pair's distance (batch,): the largest per-position distance between "
+                                 "the sides' feature maps; > threshold is a defect",
+}
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,11 @@ class Architecture:
     def output_names(self) -> tuple[str, ...]:
         """The exported graph's outputs."""
         return SiameseSpatial.output_names if self.model_type == SPATIAL else EMBEDDING_OUTPUTS
+
+    @property
+    def outputs_meaning(self) -> str:
+        """What the exported outputs hold, in words."""
+        return OUTPUT_MEANINGS[self.output_names]
 
     def build(self) -> nn.Module:
         """A freshly initialised network (on torch's current default device)."""
