@@ -1,6 +1,7 @@
 """TAO's Siamese_3 against SiameseSpatial (stride 2 and stride 4) on the same data, side by side.
 
-Every model (``--models``; the stride-2 model with a 5x5 window is ``SiameseSpatial/n5``)
+Every model (``--models``; the stride-2 model with a 5x5 window is ``SiameseSpatial/n5``,
+without the residual blocks ``SiameseSpatial/b0``)
 trains in the same plain PyTorch loop (``bare_loop.py``: TAO's sampler, the
 contrastive loss with the same margin, Adam, batch, epochs, threads and seed), on the same
 decoded pictures; decoding is outside every clock. Each model then scores the test split in
@@ -40,6 +41,7 @@ MODELS = {
     "SiameseSpatial": ["model.model_type=SiameseSpatial", "model.spatial.stride=2"],
     "SiameseSpatial/4": ["model.model_type=SiameseSpatial", "model.spatial.stride=4"],
     "SiameseSpatial/n5": ["model.model_type=SiameseSpatial", "model.spatial.neighbourhood=5"],  # wider window
+    "SiameseSpatial/b0": ["model.model_type=SiameseSpatial", "model.spatial.blocks=0"],  # no residual blocks
 }
 LAYOUTS = {"4 lights": "LowAngleLight,SolderLight,UniformLight,WhiteLight", "1 light": "WhiteLight"}
 SCORE_BATCH = 64

@@ -138,6 +138,8 @@ def test_bad_type_names_key_and_value():
         (["dataset.image_ext=jpg"], "dataset.image_ext='jpg' is invalid: include the dot"),
         (["model.model_type=ResNet"],
          "model.model_type='ResNet' is not one of ['Siamese_3', 'Siamese_1', 'Siamese', 'SiameseSpatial']"),
+        (["model.spatial.neighbourhood=4"], "model.spatial.neighbourhood=4 is invalid: expected an odd number >= 1"),
+        (["model.spatial.blocks=-1"], "model.spatial.blocks=-1 is invalid: expected >= 0"),
         (["train.optim.type=AdamW"], "train.optim.type='AdamW' is not one of ['Adam', 'SGD']"),
         (["train.loss=triplet"], "train.loss='triplet' is not one of ['contrastive']"),
         (["dataset.augmentation_config.rgb_input_std=[0.2,0.2]"], "rgb_input_std=[0.2, 0.2] is invalid: expected 3 values"),

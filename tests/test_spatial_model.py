@@ -34,12 +34,14 @@ def _model(tiles=(1, 1), **options) -> SiameseSpatial:
     return SiameseSpatial(tiles, **options).eval()
 
 
-def _board(height: int = 32, width: int = 32) -> torch.Tensor:
-    """A golden tile: two pads and a trace on a uniform background (edges far from the border)."""
-    image = torch.zeros(1, 3, height, width)
-    image[:, :, 8:14, 8:14] = 1.0
-    image[:, :, 18:24, 18:24] = 1.0
-    image[:, :, 10:12, 14:18] = 0.6
+def _board(size: int = 32) -> torch.Tensor:
+    """A golden tile: two pads and a trace on a uniform background, in the middle of ``size`` x
+    ``size`` pixels (32: the pattern's edges 8 pixels from the border)."""
+    image = torch.zeros(1, 3, size, size)
+    pattern = image[:, :, (size - 32) // 2:, (size - 32) // 2:]
+    pattern[:, :, 8:14, 8:14] = 1.0
+    pattern[:, :, 18:24, 18:24] = 1.0
+    pattern[:, :, 10:12, 14:18] = 0.6
     return image
 
 
@@ -50,7 +52,7 @@ def _board(height: int = 32, width: int = 32) -> torch.Tensor:
     (["dataset.input_map={A: 0, B: 1, C: 2, D: 3}", "dataset.concat_type=grid", "dataset.grid_map={x: 2, y: 2}",
       "dataset.image_width=20", "dataset.image_height=12", "model.spatial.stride=4"], (2, 2), (3, 24, 40)),
     (["dataset.input_map={A: 0, B: 1}", "dataset.image_width=37", "dataset.image_height=29",
-      "model.spatial.neighbourhood=1", "model.spatial.width=8"], (2, 1), (3, 58, 37)),
+      "model.spatial.neighbourhood=1", "model.spatial.width=8", "model.spatial.blocks=0"], (2, 1), (3, 58, 37)),
 ])
 def test_every_layout_and_size_gives_one_distance_per_pair(overrides, tiles, input_shape):
     architecture = _architecture(overrides)
@@ -74,10 +76,10 @@ def test_identical_sides_are_zero_apart():
 
 def test_a_one_cell_shift_scores_far_below_a_small_local_defect():
     model = _model()  # stride 2: one feature cell is 2 pixels
-    golden = _board()
+    golden = _board(64)  # the trunk sees ~20 pixels around a feature: the tile's border stays out of view
     shifted = torch.roll(golden, shifts=(2, -2), dims=(2, 3))  # the background wraps round: uniform
     spur = golden.clone()
-    spur[:, :, 16:18, 14:15] = 1.0  # a 2x1-pixel spur of copper between the pads
+    spur[:, :, 32:34, 30:31] = 1.0  # a 2x1-pixel spur of copper between the pads
     with torch.no_grad():
         shift_score, defect_score = model.distance(shifted, golden).item(), model.distance(spur, golden).item()
     assert shift_score < 1e-4 < defect_score and defect_score > 100 * shift_score
@@ -161,9 +163,9 @@ def test_checkpoints_refuse_the_other_kind_naming_both(tmp_path):
     # the same model type with another neighbourhood is another model too
     path = tmp_path / "SiameseSpatial.pth"
     wider = _architecture(["dataset.image_width=16", "dataset.image_height=16", "model.spatial.neighbourhood=5"])
-    with pytest.raises(DataError, match=r"holds a SiameseSpatial model \(stride 2, neighbourhood 3, width 32\) with input "
+    with pytest.raises(DataError, match=r"holds a SiameseSpatial model \(stride 2, neighbourhood 3, width 32, blocks 2\) with input "
                                         r"3x16x16; the spec asks for model.model_type=SiameseSpatial \(stride 2, "
-                                        r"neighbourhood 5, width 32\)"):
+                                        r"neighbourhood 5, width 32, blocks 2\)"):
         check_fits(load_checkpoint(path), path, wider)
 
 
@@ -187,7 +189,7 @@ def test_it_trains_resumes_exports_and_scores_alike_on_every_backend(spec, tmp_p
     assert epochs == [1, 2, 3]
     saved = load_checkpoint(latest)
     assert (saved.epoch, saved.model_type, saved.model_options) == (
-        3, "SiameseSpatial", {"stride": 2, "neighbourhood": 3, "width": 32})
+        3, "SiameseSpatial", {"stride": 2, "neighbourhood": 3, "width": 32, "blocks": 2})
     assert saved.threshold is not None and saved.threshold_rule == describe_rule(CalibrationRuleConfig())
 
     assert main(["export", *common]) == 0

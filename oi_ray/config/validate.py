@@ -192,6 +192,7 @@ def _check_model(p: _Problems, model: ModelConfig) -> None:
     p.check(spatial.neighbourhood >= 1 and spatial.neighbourhood % 2 == 1, "model.spatial.neighbourhood",
             spatial.neighbourhood, "expected an odd number >= 1 (1: no shift tolerance)")
     p.at_least("model.spatial.width", spatial.width, 2)
+    p.at_least("model.spatial.blocks", spatial.blocks, 0)
 
 
 def _check_dataset(p: _Problems, dataset: DatasetConfig) -> None:

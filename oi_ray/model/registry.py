@@ -40,7 +40,7 @@ class Architecture:
     input_shape: tuple[int, int, int]  # (3, H', W') of each side
     tiles: tuple[int, int]  # (rows, columns) of lighting images in each input
     embedding_dim: int  # TAO models' embedding size
-    options: dict[str, int] = field(default_factory=dict)  # SiameseSpatial: stride, neighbourhood, width
+    options: dict[str, int] = field(default_factory=dict)  # SiameseSpatial's model.spatial values
 
     @classmethod
     def of(cls, model: ModelConfig, geometry: InputGeometry) -> "Architecture":
@@ -49,7 +49,7 @@ class Architecture:
         if model.model_type == SPATIAL:
             spatial = model.spatial
             options = {"stride": spatial.stride, "neighbourhood": spatial.neighbourhood,
-                       "width": spatial.width}
+                       "width": spatial.width, "blocks": spatial.blocks}
         return cls(model.model_type, geometry.input_shape, geometry.tiles, model.embedding_vectors, options)
 
     @classmethod
@@ -76,14 +76,15 @@ class Architecture:
         return SIAMESE_MODELS[self.model_type](trunk_channels * height * width, self.embedding_dim)
 
     def describe(self) -> str:
-        """E.g. ``SiameseSpatial (stride 2, neighbourhood 3, width 32) with input 3x200x100``."""
+        """E.g. ``SiameseSpatial (stride 2, neighbourhood 3, width 32, blocks 2) with input 3x200x100``."""
         return describe_model(self.model_type, self.input_shape, self.options)
 
 
 def describe_model(model_type: str, input_shape: tuple[int, ...], options: dict[str, int], *,
                    as_noun: bool = False) -> str:
     """A model's identity in words, as errors name it: ``Siamese_3 with input 3x32x16``, or with
-    ``as_noun`` ``a SiameseSpatial model (stride 2, neighbourhood 3, width 32) with input 3x32x16``."""
+    ``as_noun`` ``a SiameseSpatial model (stride 2, neighbourhood 3, width 32, blocks 2) with input
+    3x32x16``."""
     listed = f" ({', '.join(f'{name} {value}' for name, value in options.items())})" if options else ""
     shape = f"with input {'x'.join(map(str, input_shape))}"
     return f"a {model_type} model{listed} {shape}" if as_noun else f"{model_type}{listed} {shape}"

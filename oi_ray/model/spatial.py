@@ -1,17 +1,17 @@
 """SiameseSpatial: compare the two sides position by position, not as one flattened vector.
 
-A small shared conv trunk (3x3 conv + BatchNorm + ReLU blocks, then a 1x1 projection) turns
-every lighting tile of each side into a feature map at 1/``stride`` resolution; each tile is
-processed on its own, standardised per colour channel (a lamp brighter or dimmer in one shot is
-not a defect), so features never mix lightings and a test tile is only ever compared with the
-same lighting's golden tile. At every position of a tile, the test feature is matched
-with the nearest golden feature within a ``neighbourhood`` x ``neighbourhood`` window (and the
-golden feature with the nearest test one), which tolerates the misalignment of real AOI shots
-of up to ``neighbourhood // 2`` feature cells. The pair's distance is the largest of these
-per-position distances over all positions and tiles: one small local defect decides, as it
-does on the line, instead of being averaged away with every other feature. (A smooth top-k
-mean and a pooled distance map were tried: both trained worse on the benchmark's data, the
-small defects diluted; see benchmarks/RESULTS.md.)
+A small shared conv trunk (3x3 conv + BatchNorm + ReLU blocks, the last ``blocks`` of them
+residual, then a 1x1 projection) turns every lighting tile of each side into a feature map at
+1/``stride`` resolution; each tile is processed on its own, standardised per colour channel (a
+lamp brighter or dimmer in one shot is not a defect), so features never mix lightings and a
+test tile is only ever compared with the same lighting's golden tile. At every position of a
+tile, the test feature is matched with the nearest golden feature within a ``neighbourhood`` x
+``neighbourhood`` window (and the golden feature with the nearest test one), which tolerates
+the misalignment of real AOI shots of up to ``neighbourhood // 2`` feature cells. The pair's
+distance is the largest of these per-position distances over all positions and tiles: one small
+local defect decides, as it does on the line, instead of being averaged away with every other
+feature. (A smooth top-k mean and a pooled distance map were tried: both trained worse on the
+benchmark's data, the small defects diluted; see benchmarks/RESULTS.md.)
 
 No layer depends on the image size; the weights are tens of thousands, not millions. The
 forward pass returns the distance itself (``(B,)``), which is also the exported graph's only
@@ -35,6 +35,18 @@ def _block(in_channels: int, out_channels: int, stride: int) -> list[nn.Module]:
             nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
 
 
+class _Residual(nn.Module):
+    """``x + block(x)``: one more 3x3 conv + BatchNorm + ReLU at the feature resolution, which
+    widens each feature's view without losing what the earlier blocks saw."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_block(channels, channels, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features + self.body(features)
+
+
 class SiameseSpatial(nn.Module):
     """Shared conv trunk per lighting tile; distance = max over positions of the neighbourhood
     nearest-feature distance between the sides."""
@@ -42,21 +54,24 @@ class SiameseSpatial(nn.Module):
     output_names = ("distance",)
 
     def __init__(self, tiles: tuple[int, int], *, width: int = 32, stride: int = 2,
-                 neighbourhood: int = 3) -> None:
+                 neighbourhood: int = 3, blocks: int = 2) -> None:
         """``tiles``: (rows, columns) of lighting images in each assembled input; ``stride``:
         2 or 4 (the trunk's total downsampling); ``neighbourhood``: odd window size (1 = no shift
-        tolerance); ``width``: the trunk's channels."""
+        tolerance); ``width``: the trunk's channels; ``blocks``: residual blocks at the feature
+        resolution after the first three."""
         super().__init__()
         if stride not in (2, 4):
             raise ValueError(f"stride must be 2 or 4, got {stride}")
         if neighbourhood < 1 or neighbourhood % 2 == 0:
             raise ValueError(f"neighbourhood must be an odd number >= 1, got {neighbourhood}")
+        if blocks < 0:
+            raise ValueError(f"blocks must be >= 0, got {blocks}")
         self.tiles = tiles
         self.neighbourhood = neighbourhood
         half = max(1, width // 2)
         first_stride = 1 if stride == 2 else 2  # stride 4 halves the (costliest) first block's output
         self.trunk = nn.Sequential(*_block(3, half, first_stride), *_block(half, width, 2),
-                                   *_block(width, width, 1))
+                                   *_block(width, width, 1), *(_Residual(width) for _ in range(blocks)))
         self.project = nn.Conv2d(width, width, kernel_size=1)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
