@@ -79,7 +79,7 @@ def run_quickstart(spec: QuickstartSpec) -> Path:
         lines += [
             f"This was TAO's {spec.model_type}. oi-ray's SiameseSpatial compares the sides position by "
             "position: a higher AUROC on small local defects, tens of thousands of weights instead of "
-            "millions, about twice the training pairs/s (README, 'Models'). Try it:",
+            "millions, about 1.5x the training pairs/s (README, 'Models'). Try it:",
             "  " + command("quickstart", "--model", SPATIAL, "--output", f"{output}-spatial"),
         ]
     log.info("\n".join(lines))
