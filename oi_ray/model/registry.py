@@ -10,7 +10,7 @@ Two kinds of model: TAO's Siamese_3 / Siamese_1 return the two embeddings (expor
 distance itself (exported as ``distance``). Every model has ``distance(test, golden)``.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,11 +45,7 @@ class Architecture:
     @classmethod
     def of(cls, model: ModelConfig, geometry: InputGeometry) -> "Architecture":
         """The spec's model (``model`` section) for inputs assembled as ``geometry``."""
-        options = {}
-        if model.model_type == SPATIAL:
-            spatial = model.spatial
-            options = {"stride": spatial.stride, "neighbourhood": spatial.neighbourhood,
-                       "width": spatial.width, "blocks": spatial.blocks}
+        options = asdict(model.spatial) if model.model_type == SPATIAL else {}
         return cls(model.model_type, geometry.input_shape, geometry.tiles, model.embedding_vectors, options)
 
     @classmethod
