@@ -19,7 +19,7 @@ from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.errors import DataError
 from oi_ray.metrics import describe_rule
 from oi_ray.model.registry import Architecture
-from oi_ray.model.spatial import SiameseSpatial
+from oi_ray.model.spatial import WINDOW_CHUNK, SiameseSpatial
 from oi_ray.model_card import INPUT_NAMES
 from oi_ray.tasks.export import export_onnx
 
@@ -101,12 +101,16 @@ def test_a_global_brightness_change_scores_below_a_local_change():
         assert model.distance(1.2 * golden + 0.3, golden).item() < 0.25 * local
 
 
-def test_training_finds_the_same_nearest_neighbours_with_the_same_gradients():
-    """Training matches each position without autograd and differentiates only the chosen pair:
-    the value and the gradients must be those of the plain minimum over the window."""
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_training_finds_the_same_nearest_neighbours_with_the_same_gradients(memory_format):
+    """Training matches each position without autograd (a few tiles at a time) and differentiates
+    only the chosen pair: the value and the gradients must be those of the plain minimum over the
+    window, in either memory layout."""
     model = _model(neighbourhood=5)
     torch.manual_seed(1)
-    source, target = torch.randn(3, 8, 9, 11, requires_grad=True), torch.randn(3, 8, 9, 11, requires_grad=True)
+    tiles = WINDOW_CHUNK + 3  # more than one chunk of the search
+    source, target = (torch.randn(tiles, 8, 9, 11).contiguous(memory_format=memory_format).requires_grad_()
+                      for _ in range(2))
     results = {}
     for training in (True, False):
         model.train(training)

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 SQUARED_EPS = 1e-12  # keeps the gradient of sqrt finite at zero (identical sides)
 STD_FLOOR = 0.1  # added to a tile's standard deviation (normalised units): flat tiles stay flat
+WINDOW_CHUNK = 8  # tiles per step of the training's nearest-neighbour search: its temporaries stay in cache
 
 
 def _block(in_channels: int, out_channels: int, stride: int) -> list[nn.Module]:
@@ -83,9 +84,11 @@ class SiameseSpatial(nn.Module):
         tiles = tiles.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels, tile_height, tile_width)
         # each tile standardised per colour channel: a lamp that is brighter or dimmer in one shot
         # (an offset or a gain of the whole tile) is no defect
-        spread = tiles.std(dim=(2, 3), keepdim=True) + STD_FLOOR
-        tiles = (tiles - tiles.mean(dim=(2, 3), keepdim=True)) / spread
-        return self.project(self.trunk(tiles))
+        spread, mean = torch.std_mean(tiles, dim=(2, 3), keepdim=True)
+        tiles = (tiles - mean) / (spread + STD_FLOOR)
+        # NHWC: the layout oneDNN and cuDNN convolve fastest, and the matching's channel sums
+        # run along contiguous memory
+        return self.project(self.trunk(tiles.contiguous(memory_format=torch.channels_last)))
 
     def forward(self, test: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
         """Per-pair defect score ``(B,)``: larger means more different from the golden."""
@@ -113,13 +116,16 @@ class SiameseSpatial(nn.Module):
         # that distance with it. The value and the gradient are those of the minimum (its
         # gradient flows to the chosen neighbour alone), at a fraction of the memory and time.
         with torch.no_grad():
-            choice = self._window_choice(source, padded)
-        height, width = source.shape[-2:]
+            choice = torch.cat([self._window_choice(source_part, padded_part) for source_part, padded_part
+                                in zip(source.split(WINDOW_CHUNK), padded.split(WINDOW_CHUNK),
+                                                         strict=True)])
+        tiles, channels, height, width = source.shape
         rows = torch.arange(height, device=source.device).view(height, 1) + choice // self.neighbourhood
         columns = torch.arange(width, device=source.device).view(1, width) + choice % self.neighbourhood
-        index = (rows * padded.shape[-1] + columns).flatten(1).unsqueeze(1).expand(-1, source.shape[1], -1)
-        matched = padded.flatten(2).gather(2, index).view_as(source)
-        return (source - matched).pow(2).sum(dim=1)
+        # gathered position by position in (tile, position, channel) order: no copy of channels_last maps
+        index = (rows * padded.shape[-1] + columns).view(tiles, -1, 1).expand(-1, -1, channels)
+        matched = _positions(padded).gather(1, index)
+        return (_positions(source) - matched).pow(2).sum(dim=2).view(tiles, height, width)
 
     def _window_squared(self, source: torch.Tensor, padded: torch.Tensor) -> Iterator[torch.Tensor]:
         """Squared distances from each ``source`` position to each cell of the window around it
@@ -147,3 +153,8 @@ class SiameseSpatial(nn.Module):
                 nearest = torch.where(closer, squared, nearest)
                 choice = torch.where(closer, cell, choice)
         return choice
+
+
+def _positions(features: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, H * W, C)``: a view of a channels_last map, a copy of any other."""
+    return features.permute(0, 2, 3, 1).reshape(features.shape[0], -1, features.shape[1])
