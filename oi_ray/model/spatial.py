@@ -116,9 +116,8 @@ class SiameseSpatial(nn.Module):
         # that distance with it. The value and the gradient are those of the minimum (its
         # gradient flows to the chosen neighbour alone), at a fraction of the memory and time.
         with torch.no_grad():
-            choice = torch.cat([self._window_choice(source_part, padded_part) for source_part, padded_part
-                                in zip(source.split(WINDOW_CHUNK), padded.split(WINDOW_CHUNK),
-                                                         strict=True)])
+            parts = zip(source.split(WINDOW_CHUNK), padded.split(WINDOW_CHUNK), strict=True)
+            choice = torch.cat([self._window_choice(*part) for part in parts])
         tiles, channels, height, width = source.shape
         rows = torch.arange(height, device=source.device).view(height, 1) + choice // self.neighbourhood
         columns = torch.arange(width, device=source.device).view(1, width) + choice % self.neighbourhood
