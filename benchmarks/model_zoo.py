@@ -1,16 +1,16 @@
 """TAO's Siamese_3 against SiameseSpatial (stride 2 and stride 4) on the same data, side by side.
 
 Every model (``--models``; the stride-2 model with a 5x5 window is ``SiameseSpatial/n5``,
-without the residual blocks ``SiameseSpatial/b0``)
-trains in the same plain PyTorch loop (``bare_loop.py``: TAO's sampler, the
-contrastive loss with the same margin, Adam, batch, epochs, threads and seed), on the same
-decoded pictures; decoding is outside every clock. Each model then scores the test split in
-eval mode. Per model: test AUROC, the false-alarm rate (share of PASS pairs flagged) at 99 %
-and 100 % defect recall on the test split, the defect-recall threshold calibrated on the
-validation split (train.calibration's default rule) and what it does on the test split,
-training pairs/s (mean over the epochs after the first) and scoring pairs/s (batches of 64),
-and the test defects it scores lowest. Two layouts by default: the synthetic set's 4 lightings
-and a single lighting, both 100x100.
+without the residual blocks ``SiameseSpatial/b0``) trains in the same plain PyTorch loop
+(``bare_loop.py``: TAO's sampler, the contrastive loss with the same margin, Adam, batch,
+epochs, threads and seed, in a process with the memory-allocator settings of oi-ray's Ray
+workers), on the same decoded pictures; decoding is outside every clock. Each model then
+scores the test split in eval mode. Per model: test AUROC, the false-alarm rate (share of PASS
+pairs flagged) at 99 % and 100 % defect recall on the test split, the defect-recall threshold
+calibrated on the validation split (train.calibration's default rule) and what it does on the
+test split, training pairs/s (mean over the epochs after the first) and scoring pairs/s
+(batches of 64), and the test defects it scores lowest. Two layouts by default: the synthetic
+set's 4 lightings and a single lighting, both 100x100.
 
     python benchmarks/model_zoo.py --train-pairs 4000 --epochs 5
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bare_loop import train_bare
+from bare_loop import train_bare, with_worker_allocator
 
 from oi_ray.config import load_config
 from oi_ray.config.schema import ExperimentConfig
@@ -34,6 +34,7 @@ from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.decision import flagged
 from oi_ray.metrics import at_defect_recall, auroc, calibrate
 from oi_ray.predictors import TorchPredictor
+from oi_ray.runtime import WORKER_ALLOCATOR_ENV
 
 TRAIN_SHARE = 0.6  # the generator's train split: 60 % of the pairs
 MODELS = {
@@ -119,6 +120,7 @@ def run_layout(name: str, lights: str, args: argparse.Namespace, folder: Path, t
 
 
 def main() -> None:
+    with_worker_allocator()
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-pairs", type=int, default=4000)
@@ -135,7 +137,8 @@ def main() -> None:
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     print(f"{args.train_pairs} training pairs, {args.size}x{args.size}, {args.epochs} epochs, batch "
-          f"{args.batch_size}, margin {args.margin}, Adam lr {args.lr}, seed {args.seed}, {threads} threads")
+          f"{args.batch_size}, margin {args.margin}, Adam lr {args.lr}, seed {args.seed}, {threads} threads, "
+          f"{' '.join(f'{name}={os.environ.get(name)}' for name in WORKER_ALLOCATOR_ENV)}")
     with tempfile.TemporaryDirectory() as tmp:
         for layout in args.layouts:
             print(f"{layout}:", flush=True)

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from bare_loop import train_bare
+from bare_loop import train_bare, with_worker_allocator
 
 from oi_ray.config import load_config
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
@@ -26,6 +26,7 @@ from oi_ray.tasks import train
 
 
 def main() -> None:
+    with_worker_allocator()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, nargs="+", default=[1000, 7000],

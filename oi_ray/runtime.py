@@ -20,6 +20,15 @@ MIN_LOCAL_CPUS = 4  # logical CPUs, so Ray Data has room next to two training wo
 # its own token authentication (the user's RAY_AUTH_MODE / RAY_AUTH_TOKEN apply).
 EMBEDDED_RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 RAY_ENV_DEFAULTS = {"RAY_DEDUP_LOGS": "1"}
+# glibc's malloc gives every freed block over 32 MiB back to the kernel and maps fresh, zeroed
+# pages for the next one, and a thread other than the main one gets its blocks over 64 MiB that
+# way whatever the threshold: a CPU training step, whose activations are such blocks, spent as
+# long faulting pages in as computing (benchmarks/RESULTS.md, "CPU memory allocator"). Ray's
+# workers keep freed memory for reuse (a worker's resident memory stays at its peak) and every
+# thread allocates from the main heap. Only glibc reads these; a value set in the driver's
+# environment (the shell, or ray.runtime_env.env_vars for a Ray job) is left as it is.
+WORKER_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**31 - 1), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
+                        "MALLOC_ARENA_MAX": "1"}
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -51,6 +60,7 @@ def ray_session(config: RayConfig) -> Iterator[None]:
             logging_level=logging.WARNING,
             # Workers' output stays in Ray's log files; the driver draws progress and summaries.
             log_to_driver=False,
+            runtime_env=_worker_runtime_env(),
         )
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-execution INFO banners
     logging.getLogger("ray.data.dataset").addFilter(_drop_cpu_race_warning)
@@ -81,11 +91,19 @@ def _join(address: str) -> None:
         raise ConfigError(f"ray.address={address}: no Ray cluster answers at {target}") from None
     log.info("connecting to Ray cluster at %s", target if address == "auto" else address)
     try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
+                 runtime_env=_worker_runtime_env())
     except ray.exceptions.AuthenticationError as error:
         raise ConfigError(f"ray.address={address}: the cluster refused this machine's Ray token: "
                           f"{error.message}; give its token as RAY_AUTH_TOKEN (or ~/.ray/auth_token) "
                           f"with RAY_AUTH_MODE=token") from None
+
+
+def _worker_runtime_env() -> dict:
+    """This driver's job-wide runtime env: the allocator settings its environment does not set
+    (a Ray job's own runtime env is merged in by Ray)."""
+    unset = {name: value for name, value in WORKER_ALLOCATOR_ENV.items() if name not in os.environ}
+    return {"env_vars": unset}
 
 
 def _drop_cpu_race_warning(record: logging.LogRecord) -> bool:
