@@ -25,7 +25,7 @@ from oi_ray.cli import main
 from oi_ray.config.schema import RayConfig
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.errors import ConfigError
-from oi_ray.runtime import ray_session
+from oi_ray.runtime import WORKER_ALLOCATOR_ENV, _worker_runtime_env, ray_session
 
 
 def test_an_address_nobody_answers_is_one_clear_error_at_once(monkeypatch):
@@ -37,6 +37,17 @@ def test_an_address_nobody_answers_is_one_clear_error_at_once(monkeypatch):
         pass
     assert time.monotonic() - start < 30  # Ray itself retries for minutes
     assert "RAY_AUTH_MODE" not in os.environ  # never switched off for a cluster oi-ray did not start
+
+
+def test_the_workers_allocator_settings_leave_those_the_driver_has(monkeypatch):
+    """A Ray job's own env_vars are in its driver's environment: giving Ray the same key again
+    would fail the job ("Failed to merge the Job's runtime env"), and the user's value must win."""
+    for name in WORKER_ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert _worker_runtime_env() == {"env_vars": WORKER_ALLOCATOR_ENV}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert _worker_runtime_env() == {"env_vars": {name: value for name, value in WORKER_ALLOCATOR_ENV.items()
+                                                  if name != "MALLOC_ARENA_MAX"}}
 
 
 def test_a_job_server_address_is_not_a_ray_address():
