@@ -27,7 +27,7 @@ from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.loss import contrastive_loss
 from oi_ray.model.registry import Architecture
 from oi_ray.predictors import TorchPredictor, load_predictor
-from oi_ray.runtime import WORKER_ALLOCATOR_ENV
+from oi_ray.runtime import allocator_settings_unset
 from oi_ray.training.loop import make_optimizer
 
 
@@ -35,7 +35,7 @@ def with_worker_allocator() -> None:
     """Run this benchmark again, at once, with the memory-allocator settings oi-ray gives its Ray
     workers (``oi_ray.runtime.WORKER_ALLOCATOR_ENV``), unless its environment already sets them:
     glibc reads them when a process starts."""
-    missing = {name: value for name, value in WORKER_ALLOCATOR_ENV.items() if name not in os.environ}
+    missing = allocator_settings_unset()
     if missing:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
 

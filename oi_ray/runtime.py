@@ -99,11 +99,15 @@ def _join(address: str) -> None:
                           f"with RAY_AUTH_MODE=token") from None
 
 
+def allocator_settings_unset() -> dict[str, str]:
+    """The workers' allocator settings that this process's environment does not set itself."""
+    return {name: value for name, value in WORKER_ALLOCATOR_ENV.items() if name not in os.environ}
+
+
 def _worker_runtime_env() -> dict:
     """This driver's job-wide runtime env: the allocator settings its environment does not set
     (a Ray job's own runtime env is merged in by Ray)."""
-    unset = {name: value for name, value in WORKER_ALLOCATOR_ENV.items() if name not in os.environ}
-    return {"env_vars": unset}
+    return {"env_vars": allocator_settings_unset()}
 
 
 def _drop_cpu_race_warning(record: logging.LogRecord) -> bool:
