@@ -3,11 +3,13 @@
 import pytest
 import torch
 from helpers import tao_architecture
+from torch import nn
+from torch.nn import functional as F
 
 from oi_ray.config.validate import MODEL_TYPES
 from oi_ray.model.loss import contrastive_loss
 from oi_ray.model.registry import SPATIAL
-from oi_ray.model.siamese import SIAMESE_MODELS, embedding_distance
+from oi_ray.model.siamese import SIAMESE_MODELS, embedding_distance, reflect_by_slices
 
 INPUT = (3, 24, 8)  # e.g. 3 lightings of 8x8, linear
 
@@ -60,3 +62,35 @@ def test_contrastive_loss_on_hand_made_distances():
     # PASS: 0.25 and 0; defects: (2-1)^2 = 1 and clamp(2-3) = 0 -> mean 1.25 / 4
     assert contrastive_loss(distance, target, margin=2.0).item() == pytest.approx(1.25 / 4)
     assert contrastive_loss(distance, target, margin=4.0).item() == pytest.approx((0.25 + 9 + 1) / 4)
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """PyTorch's deterministic algorithms on for one test (as a GPU training worker asks for them)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("padding", [(1, 1, 1, 1), (2, 1, 0, 3)])
+def test_reflection_by_slices_is_reflection_padding(padding):
+    images = torch.randn(2, 3, 7, 9, requires_grad=True)
+    reference, sliced = F.pad(images, padding, mode="reflect"), reflect_by_slices(images, padding)
+    assert torch.equal(sliced, reference)
+    upstream = torch.randn_like(reference)
+    (expected,), (gradient,) = torch.autograd.grad(reference, images, upstream), torch.autograd.grad(sliced, images,
+                                                                                                     upstream)
+    torch.testing.assert_close(gradient, expected)  # the same sums, added in another (fixed) order
+
+
+def test_trunk_pads_by_slices_only_for_deterministic_training(deterministic_algorithms):
+    """PyTorch's reflection padding has no deterministic CUDA backward: with deterministic
+    algorithms on, a training step pads by slices; scoring keeps PyTorch's padding (and ONNX's Pad)."""
+    model = tao_architecture("Siamese_3", INPUT, 5).build()
+    pad = model.cnn1[4]
+    assert isinstance(pad, nn.ReflectionPad2d)
+    features = torch.randn(2, 4, *INPUT[1:], requires_grad=True)
+    assert type(pad(features).grad_fn).__name__ == "CatBackward0"
+    assert type(pad(features.detach()).grad_fn).__name__ != "CatBackward0"
+    torch.use_deterministic_algorithms(False)
+    assert type(pad(features).grad_fn).__name__ == "ReflectionPad2DBackward0"

@@ -7,12 +7,12 @@ import torch
 from helpers import tao_architecture
 
 from oi_ray.checkpoint import Checkpoint, epoch_checkpoint_path, load_weights, point_latest_to
-from oi_ray.config.schema import OptimConfig
+from oi_ray.config.schema import CuDNNConfig, OptimConfig
 from oi_ray.data.assemble import InputGeometry
 from oi_ray.errors import DataError
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.loss import contrastive_loss
-from oi_ray.training.loop import PairDistance, _Precision, make_optimizer
+from oi_ray.training.loop import PairDistance, _choose_algorithms, _Precision, make_optimizer
 
 SHAPE = (3, 16, 8)
 
@@ -101,3 +101,25 @@ def test_resumed_optimizer_keeps_its_moments_and_takes_the_specs_lr():
     moments = resumed.state_dict()["state"][0]["exp_avg"]
     torch.testing.assert_close(moments, first.state_dict()["state"][0]["exp_avg"])
 
+
+
+def test_deterministic_cudnn_key_asks_a_gpu_worker_for_deterministic_algorithms(monkeypatch):
+    """TAO's train.cudnn.deterministic: on a GPU also PyTorch's deterministic algorithms and
+    cuBLAS's reproducible workspace (a seeded GPU run repeats); on a CPU, nothing more."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        _choose_algorithms(CuDNNConfig(benchmark=False, deterministic=True), torch.device("cpu"))
+        assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        _choose_algorithms(CuDNNConfig(benchmark=False, deterministic=True), torch.device("cuda", 0))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled(), "an operation without one warns, not fails"
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        _choose_algorithms(CuDNNConfig(benchmark=False, deterministic=True), torch.device("cuda", 0))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8", "the user's setting stays"
+        _choose_algorithms(CuDNNConfig(benchmark=True, deterministic=False), torch.device("cuda", 0))
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    finally:
+        _choose_algorithms(CuDNNConfig(), torch.device("cpu"))
+        torch.backends.cudnn.benchmark = False

@@ -37,7 +37,7 @@ from oi_ray.checkpoint import (
     save_checkpoint,
 )
 from oi_ray.config import to_yaml
-from oi_ray.config.schema import ExperimentConfig, OptimConfig
+from oi_ray.config.schema import CuDNNConfig, ExperimentConfig, OptimConfig
 from oi_ray.data.dataset import DecodedCache, PipelineSpec
 from oi_ray.data.epochs import CacheReader, batches_of, epoch_plan, training_batches
 from oi_ray.metrics import at_defect_recall, auroc, calibrate, describe_rule, tao_metrics
@@ -53,6 +53,7 @@ STATUS_FILE = "status.json"
 TENSORBOARD_DIR = "tensorboard"
 CHECK_EVERY_STEPS = 10  # ranks agree on going on, rank 0 updates the progress bar (one host sync)
 RECALL_TARGET = 0.99
+CUBLAS_REPRODUCIBLE_WORKSPACE = ":4096:8"  # cuBLAS's documented setting for reproducible results
 
 
 @dataclass
@@ -86,13 +87,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     job: TrainJob = loop_config["job"]
     config, train = job.config, job.config.train
     torch.set_num_threads(job.threads)
-    torch.backends.cudnn.benchmark = train.cudnn.benchmark
-    torch.backends.cudnn.deterministic = train.cudnn.deterministic
+    device = ray.train.torch.get_device()
+    _choose_algorithms(train.cudnn, device)
     if train.seed >= 0:
         torch.manual_seed(train.seed)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
 
     architecture = Architecture.of(config.model, job.pipeline.geometry)
     net = architecture.build()
@@ -294,6 +294,18 @@ class _Precision:
             torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad_norm)
         self.scaler.step(optimizer)
         self.scaler.update()
+
+
+def _choose_algorithms(cudnn: CuDNNConfig, device: torch.device) -> None:
+    """TAO's ``train.cudnn`` keys; ``deterministic`` on a GPU also asks PyTorch for its
+    deterministic algorithms (a seeded run then repeats bit for bit; an operation that has none
+    warns once) and cuBLAS for its reproducible workspace, before this worker's first product."""
+    torch.backends.cudnn.benchmark = cudnn.benchmark
+    torch.backends.cudnn.deterministic = cudnn.deterministic
+    on_gpu = cudnn.deterministic and device.type == "cuda"
+    if on_gpu:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_REPRODUCIBLE_WORKSPACE)
+    torch.use_deterministic_algorithms(on_gpu, warn_only=True)
 
 
 def _restore(net: torch.nn.Module, job: TrainJob) -> Checkpoint:
