@@ -133,7 +133,7 @@ class OnnxPredictor:
         import onnxruntime as ort
 
         wanted = ["CPUExecutionProvider"]
-        if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+        if use_gpu and onnxruntime_has_cuda():
             wanted.insert(0, "CUDAExecutionProvider")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one per core
@@ -288,6 +288,13 @@ def predictor_for_card(path: Path, card: ModelCard, key: str | None, use_gpu: bo
                              threads=threads, output_names=card.output_names)
     return TensorRTPredictor(read_plain(path, key), geometry, threshold=card.threshold, source=path,
                              output_names=card.output_names)
+
+
+def onnxruntime_has_cuda() -> bool:
+    """Whether this environment's ONNX Runtime build has the CUDA provider (onnxruntime-gpu)."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def is_tensorrt_file(path: str | Path) -> bool:

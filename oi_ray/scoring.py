@@ -44,7 +44,9 @@ def score_table(table: PairTable, spec: PipelineSpec, load_predictor: Callable[[
         scored = evaluation_dataset(table, spec).map_batches(
             _ScoreBatch, fn_constructor_kwargs={"load_predictor": load_predictor, "threads": threads},
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=1 if use_gpu else 0, num_cpus=1,
+            # Ray Data reserves 1 CPU per replica either way (naming num_cpus beside num_gpus logs
+            # an "experimental" warning on every GPU run)
+            num_gpus=1 if use_gpu else 0,
             max_restarts=0,  # a replica that dies fails the run instead of being restarted silently
         )
     columns = scored.to_pandas()

@@ -12,7 +12,13 @@ from oi_ray.data.dataset import PipelineSpec
 from oi_ray.data.pairs import PairTable, first_configured_split, load_split
 from oi_ray.decision import choose_threshold
 from oi_ray.errors import BackendUnavailableError, ConfigError
-from oi_ray.predictors import carried_threshold, is_tensorrt_file, load_predictor
+from oi_ray.predictors import (
+    ONNX_SUFFIXES,
+    carried_threshold,
+    is_tensorrt_file,
+    load_predictor,
+    onnxruntime_has_cuda,
+)
 from oi_ray.runtime import ray_session, torch_threads, uses_gpus
 from oi_ray.scoring import Scores, score_table
 
@@ -58,6 +64,9 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *,
         actors = section.num_gpus if use_gpu else 1
         log.info("scoring %d pairs of %s with %s on %d %s replica(s), batch %d", len(table),
                  table.csv_path, checkpoint, actors, "GPU" if use_gpu else "CPU", batch_size)
+        if use_gpu and checkpoint.suffix in ONNX_SUFFIXES and not onnxruntime_has_cuda():
+            log.warning("onnxruntime here has no CUDA provider: the GPU replicas run %s on their CPUs; "
+                        "install the gpu extra (pip install -e '.[gpu]') to run it on them", checkpoint.name)
         load = functools.partial(load_predictor, checkpoint, config, use_gpu)
         scores = score_table(table, PipelineSpec.from_config(config.dataset), load,
                              batch_size=batch_size, use_gpu=use_gpu, actors=actors,
