@@ -88,7 +88,7 @@ def test_trunk_pads_by_slices_only_for_deterministic_training(deterministic_algo
     algorithms on, a training step pads by slices; scoring keeps PyTorch's padding (and ONNX's Pad)."""
     model = tao_architecture("Siamese_3", INPUT, 5).build()
     pad = model.cnn1[4]
-    assert isinstance(pad, nn.ReflectionPad2d)
+    assert isinstance(pad, nn.ReflectionPad2d), "TAO's layer (and state_dict) as before"
     features = torch.randn(2, 4, *INPUT[1:], requires_grad=True)
     assert type(pad(features).grad_fn).__name__ == "CatBackward0"
     assert type(pad(features.detach()).grad_fn).__name__ != "CatBackward0"

@@ -17,11 +17,11 @@ from torch.nn import functional as F
 DISTANCE_EPS = 1e-6  # torch.nn.functional.pairwise_distance's default, as TAO uses it
 
 
-class ReflectionPad2d(nn.ReflectionPad2d):
+class ReproducibleReflectionPad2d(nn.ReflectionPad2d):
     """``nn.ReflectionPad2d`` that can train reproducibly on a GPU.
 
     PyTorch's reflection padding adds its gradients up with atomics on CUDA, in a varying order,
-    and has no deterministic variant (``torch.use_deterministic_algorithms`` only warns). When
+    and has no deterministic variant (``torch.use_deterministic_algorithms`` warns or fails). When
     deterministic algorithms are asked for and the gradient is needed, the same padding is made
     of slices, flips and concatenations, whose gradients add up in a fixed order. Scoring and
     export take PyTorch's own (the ONNX graph keeps its one ``Pad`` node).
@@ -47,7 +47,7 @@ def _trunk() -> nn.Sequential:
     """Three ReflectionPad -> Conv3x3 -> ReLU -> BatchNorm2d blocks, channels 3->4->8->8."""
     layers: list[nn.Module] = []
     for in_channels, out_channels in ((3, 4), (4, 8), (8, 8)):
-        layers += [ReflectionPad2d(1), nn.Conv2d(in_channels, out_channels, kernel_size=3),
+        layers += [ReproducibleReflectionPad2d(1), nn.Conv2d(in_channels, out_channels, kernel_size=3),
                    nn.ReLU(inplace=True), nn.BatchNorm2d(out_channels)]
     return nn.Sequential(*layers)
 
