@@ -78,8 +78,8 @@ def test_reflection_by_slices_is_reflection_padding(padding):
     reference, sliced = F.pad(images, padding, mode="reflect"), reflect_by_slices(images, padding)
     assert torch.equal(sliced, reference)
     upstream = torch.randn_like(reference)
-    (expected,), (gradient,) = torch.autograd.grad(reference, images, upstream), torch.autograd.grad(sliced, images,
-                                                                                                     upstream)
+    (expected,) = torch.autograd.grad(reference, images, upstream)
+    (gradient,) = torch.autograd.grad(sliced, images, upstream)
     torch.testing.assert_close(gradient, expected)  # the same sums, added in another (fixed) order
 
 

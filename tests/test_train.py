@@ -156,8 +156,6 @@ def test_bad_resume_checkpoint_fails_before_training(spec, tmp_path, capsys):
     assert "= 4 CPUs leave none of the cluster's 4 for Ray Data's augmentation tasks" in capsys.readouterr().err
 
 
-
-
 def test_ray_workers_reuse_freed_memory_instead_of_faulting_it_in_again(ray_local):
     """The job's workers get the allocator settings: in a thread that is not the main one (as Ray
     Train's training function is), a training step's blocks of over 64 MiB freed by one step are

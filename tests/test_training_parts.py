@@ -102,11 +102,11 @@ def test_resumed_optimizer_keeps_its_moments_and_takes_the_specs_lr():
     torch.testing.assert_close(moments, first.state_dict()["state"][0]["exp_avg"])
 
 
-
 def test_deterministic_cudnn_key_asks_a_gpu_worker_for_deterministic_algorithms(monkeypatch):
     """TAO's train.cudnn.deterministic: on a GPU also PyTorch's deterministic algorithms and
     cuBLAS's reproducible workspace (a seeded GPU run repeats); on a CPU, nothing more."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = CuDNNConfig(benchmark=torch.backends.cudnn.benchmark, deterministic=torch.backends.cudnn.deterministic)
     try:
         _choose_algorithms(CuDNNConfig(benchmark=False, deterministic=True), torch.device("cpu"))
         assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
@@ -121,5 +121,4 @@ def test_deterministic_cudnn_key_asks_a_gpu_worker_for_deterministic_algorithms(
         _choose_algorithms(CuDNNConfig(benchmark=True, deterministic=False), torch.device("cuda", 0))
         assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
     finally:
-        _choose_algorithms(CuDNNConfig(), torch.device("cpu"))
-        torch.backends.cudnn.benchmark = False
+        _choose_algorithms(before, torch.device("cpu"))
