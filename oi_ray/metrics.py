@@ -1,6 +1,7 @@
-"""Scores to metrics: TAO's four percentages, ROC/PR summaries, FAR at a defect recall,
-and the threshold calibration rule. Pure numpy; every score is a pair distance where larger
-means "more likely a defect", and the decision is ``score > threshold`` (TAO's rule).
+"""Scores to metrics: TAO's four percentages, ROC/PR summaries, FAR at a defect recall (also
+with the weakest defects left out), defect recall at a false-alarm rate, and the threshold
+calibration rule. Pure numpy; every score is a pair distance where larger means "more likely a
+defect", and the decision is ``score > threshold`` (TAO's rule).
 """
 
 from dataclasses import dataclass
@@ -110,6 +111,29 @@ def at_defect_recall(scores: np.ndarray, targets: np.ndarray, recall: float,
     return _operating_point(scores, targets, threshold)
 
 
+def without_weakest_defects(scores: np.ndarray, targets: np.ndarray, left_out: int) -> OperatingPoint | None:
+    """The strictest threshold catching every defect but the ``left_out`` weakest (``None`` when
+    that leaves none), as :func:`at_defect_recall` places it.
+
+    All PASS pairs count; the point's ``defect_recall`` is over all defects, so a left-out
+    defect that ties the weakest kept one counts as caught (ties are flagged together).
+    """
+    defects = int(np.count_nonzero(np.asarray(targets) == 1))
+    if left_out >= defects:
+        return None
+    return at_defect_recall(scores, targets, (defects - left_out) / defects)
+
+
+def at_false_alarm_rate(scores: np.ndarray, targets: np.ndarray, max_rate: float) -> OperatingPoint:
+    """The threshold catching the most defects while flagging at most ``max_rate`` of the PASS
+    pairs; the strictest of those. Pairs with equal scores are flagged together, so a PASS pair
+    tied with a defect costs its false alarm wherever that defect is caught."""
+    false_alarm, recall, thresholds = roc_curve(scores, targets)
+    best = recall[false_alarm <= max_rate + 1e-12].max()  # the (0, 0) point is always allowed
+    index = int(np.argmax(recall >= best))
+    return _operating_point(*_checked(scores, targets), _threshold_flagging(thresholds, index))
+
+
 def weakest_caught(scores: np.ndarray, targets: np.ndarray, recall: float) -> float:
     """The score of the weakest defect among the ``recall`` share of defects scored highest."""
     defect_scores = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(targets) == 1])[::-1]
@@ -143,12 +167,17 @@ def calibrate_threshold(scores: np.ndarray, targets: np.ndarray) -> OperatingPoi
     balanced = recall - false_alarm  # = 2 * balanced accuracy - 1
     best = int(np.argmax(balanced[::-1]))
     index = len(balanced) - 1 - best
-    if index == 0:
-        return _operating_point(*_checked(scores, targets), float(thresholds[1]))
-    upper = thresholds[index]
+    return _operating_point(*_checked(scores, targets), _threshold_flagging(thresholds, index))
+
+
+def _threshold_flagging(thresholds: np.ndarray, index: int) -> float:
+    """A threshold for ``score > threshold`` that flags what ROC point ``index`` of
+    :func:`roc_curve` flags (the scores >= ``thresholds[index]``): halfway to the next lower score."""
+    if index == 0:  # flag nothing: the highest score
+        return float(thresholds[1])
     if index + 1 == len(thresholds):  # flag everything: just below the lowest score
-        return _operating_point(*_checked(scores, targets), float(np.nextafter(upper, -np.inf)))
-    return _operating_point(*_checked(scores, targets), float((upper + thresholds[index + 1]) / 2))
+        return float(np.nextafter(thresholds[index], -np.inf))
+    return float((thresholds[index] + thresholds[index + 1]) / 2)
 
 
 def _operating_point(scores: np.ndarray, targets: np.ndarray, threshold: float) -> OperatingPoint:

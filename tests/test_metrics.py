@@ -102,3 +102,65 @@ def test_metrics_need_both_classes_and_matching_lengths():
         metrics.auroc(np.array([0.1, 0.2]), np.array([0, 0]))
     with pytest.raises(ValueError, match="equal, non-zero"):
         metrics.tao_metrics(np.array([0.1]), np.array([0, 1]), 1.0)
+
+
+def _ten_defects_hundred_pass():
+    """100 PASS pairs at 0.00, 0.01, ..., 0.99 and 10 defects, 4 of them above every PASS pair."""
+    defects = np.array([0.055, 0.205, 0.305, 0.405, 0.505, 0.605, 0.985, 1.5, 1.6, 1.7])
+    return np.r_[np.arange(100) / 100, defects], np.r_[np.zeros(100), np.ones(10)]
+
+
+@pytest.mark.parametrize(("left_out", "threshold", "false_alarms"), [
+    (0, 0.0525, 94),  # the weakest defect 0.055 decides: PASS 0.06 ... 0.99 are flagged
+    (1, 0.2025, 79),  # 0.205: PASS 0.21 ... 0.99
+    (2, 0.3025, 69),
+    (3, 0.4025, 59),
+    (5, 0.6025, 39),  # 0.605: PASS 0.61 ... 0.99
+])
+def test_full_recall_of_the_rest_leaves_the_weakest_defects_out(left_out, threshold, false_alarms):
+    scores, targets = _ten_defects_hundred_pass()
+    point = metrics.without_weakest_defects(scores, targets, left_out)
+    assert point.threshold == pytest.approx(threshold)
+    assert point.false_alarm_rate == pytest.approx(false_alarms / 100)
+    assert point.defect_recall == pytest.approx((10 - left_out) / 10)
+
+
+def test_leaving_out_weakest_defects_with_ties_and_too_few_defects():
+    # two defects tie at 0.2 and a PASS pair ties with them: it is flagged wherever they are caught
+    scores = np.array([0.1, 0.2, 0.3, 0.2, 0.2, 0.5, 0.9])
+    targets = np.array([0, 0, 0, 1, 1, 1, 1])
+    one_out = metrics.without_weakest_defects(scores, targets, 1)
+    assert one_out == metrics.without_weakest_defects(scores, targets, 0)
+    assert (one_out.threshold, one_out.defect_recall, one_out.false_alarm_rate) == (
+        pytest.approx(0.15), 1.0, pytest.approx(2 / 3))
+    two_out = metrics.without_weakest_defects(scores, targets, 2)
+    assert (two_out.threshold, two_out.defect_recall, two_out.false_alarm_rate) == (
+        pytest.approx(0.4), 0.5, 0.0)
+    assert metrics.without_weakest_defects(scores, targets, 3).defect_recall == 0.25
+    assert metrics.without_weakest_defects(scores, targets, 4) is None
+
+
+@pytest.mark.parametrize(("max_rate", "threshold", "recall", "false_alarms"), [
+    (0.001, 1.245, 0.3, 0.0),  # no PASS pair may be flagged: the 3 defects above 0.99
+    (0.01, 0.9825, 0.4, 0.01),  # one may: PASS 0.99, and the defect at 0.985 is caught
+    (0.02, 0.9825, 0.4, 0.01),  # two add no defect (the next is at 0.605): the stricter threshold
+    (0.39, 0.6025, 0.5, 0.39),  # 39 may: PASS 0.61 ... 0.99, and the defect at 0.605
+])
+def test_recall_at_a_false_alarm_limit(max_rate, threshold, recall, false_alarms):
+    scores, targets = _ten_defects_hundred_pass()
+    point = metrics.at_false_alarm_rate(scores, targets, max_rate)
+    assert point.threshold == pytest.approx(threshold)
+    assert point.defect_recall == pytest.approx(recall)
+    assert point.false_alarm_rate == pytest.approx(false_alarms)
+
+
+def test_recall_at_a_false_alarm_limit_with_ties():
+    # the defect tied with a PASS pair at 2.0 costs that false alarm
+    scores, targets = np.array([0.1, 0.2, 2.0, 2.0, 3.0]), np.array([0, 0, 0, 1, 1])
+    strict = metrics.at_false_alarm_rate(scores, targets, 0.0)
+    assert (strict.threshold, strict.defect_recall, strict.false_alarm_rate) == (2.5, 0.5, 0.0)
+    lax = metrics.at_false_alarm_rate(scores, targets, 1 / 3)
+    assert (lax.threshold, lax.defect_recall, lax.false_alarm_rate) == (pytest.approx(1.1), 1.0, pytest.approx(1 / 3))
+    # the highest score is a PASS pair: at no false alarm nothing is flagged
+    none = metrics.at_false_alarm_rate(np.array([0.5, 1.0, 3.0]), np.array([1, 1, 0]), 0.001)
+    assert (none.threshold, none.defect_recall, none.false_alarm_rate) == (3.0, 0.0, 0.0)
