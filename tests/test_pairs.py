@@ -6,7 +6,7 @@ from helpers import LIGHTS, write_pair_dataset
 
 from oi_ray.config.schema import DataPathFormat, DatasetConfig
 from oi_ray.data.pairs import ImageNaming, load_pairs, load_split
-from oi_ray.errors import DataError
+from oi_ray.errors import ConfigError, DataError
 
 NAMING = ImageNaming(lights=LIGHTS, image_ext=".png")
 GOOD_ROWS = [
@@ -37,6 +37,18 @@ def test_valid_csv_resolves_paths_labels_and_keeps_strings(tmp_path):
     frame = table.pipeline_frame()
     assert frame.columns.tolist() == ["row", "test_paths", "golden_paths", "target"]
     assert frame["row"].tolist() == [0, 1, 2, 3]
+
+
+def test_a_column_a_spec_key_asks_for_is_required_naming_the_key_file_and_columns(tmp_path):
+    csv_path = write_pair_dataset(tmp_path, GOOD_ROWS)
+    table = load_pairs(csv_path, tmp_path / "images", NAMING)
+    table.require_column("label", "evaluate.group_by")
+    with pytest.raises(ConfigError) as info:
+        table.require_column("Label", "evaluate.group_by")
+    assert str(info.value) == (f"evaluate.group_by='Label': {csv_path} has no column 'Label'; its columns are "
+                               f"['input_path', 'golden_path', 'object_name', 'label'] (did you mean 'label'?)")
+    with pytest.raises(ConfigError, match=r"has no column 'defect_type'; its columns are \[[^]]*\]$"):
+        table.require_column("defect_type", "evaluate.group_by")
 
 
 def test_images_dir_defaults_to_csv_folder_and_absolute_paths_override(tmp_path):

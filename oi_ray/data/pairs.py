@@ -10,6 +10,7 @@ Every problem (bad columns, labels, duplicated rows, missing or unreadable image
 collected and reported together, naming the file, row, column and path.
 """
 
+import difflib
 import logging
 import os
 from collections import Counter
@@ -24,7 +25,7 @@ from PIL import Image
 
 from oi_ray.config.schema import DatasetConfig
 from oi_ray.data.assemble import truncation_problem
-from oi_ray.errors import DataError
+from oi_ray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,14 @@ class PairTable:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def require_column(self, column: str, key: str) -> None:
+        """Raise ConfigError, naming the spec ``key`` that asks for it, when ``column`` is not in the CSV."""
+        if column in self.rows.columns:
+            return
+        close = difflib.get_close_matches(column, list(self.rows.columns), n=1)
+        raise ConfigError(f"{key}={column!r}: {self.csv_path} has no column {column!r}; its columns are "
+                          f"{list(self.rows.columns)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
 
     def label_counts(self) -> dict[str, int]:
         """Rows per label value (PASS first), for logging."""

@@ -3,7 +3,7 @@ to use, and scoring the split with Ray Data. Everything is checked before Ray st
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +38,10 @@ class ScoringRun:
     threshold_source: str
 
 
-def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *,
-                require_labels: bool) -> ScoringRun:
-    """Score the first configured split of ``splits`` with ``<task>.checkpoint``."""
+def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *, require_labels: bool,
+                columns: Mapping[str, str] | None = None) -> ScoringRun:
+    """Score the first configured split of ``splits`` with ``<task>.checkpoint``; ``columns`` maps
+    spec keys to the CSV columns they name, which the split must have."""
     section = getattr(config, task)
     model_file = section.trt_engine or section.checkpoint
     if not model_file:
@@ -48,6 +49,8 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *,
                           f"e.g. {task}.checkpoint=results/train/oi_model_latest.pth")
     split = _choose_split(config, task, splits)
     table = load_split(config.dataset, split, require_labels=require_labels)
+    for key, column in (columns or {}).items():
+        table.require_column(column, key)
     checkpoint = Path(model_file)
     threshold = choose_threshold(section.threshold, f"{task}.threshold",
                                  carried_threshold(checkpoint, config), config.model.margin)
