@@ -1,11 +1,13 @@
 """PNG plots of an evaluation: ROC, precision-recall, the distance histogram per class, false
-alarms against defect recall near full recall, and a montage of chosen pairs.
+alarms against defect recall near full recall (with its operating points marked), and a
+montage of chosen pairs.
 
 Each title names the split and the model file; the ROC and PR curves carry their area, the
 operating point of the decision threshold and the score of a guess (the ROC diagonal; on the
 PR plot, the share of defects).
 """
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -15,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # object API: no pyplot state, no display backend
 
 from oi_ray.fileio import write_atomically
-from oi_ray.metrics import aupr, auroc, confusion_matrix, pr_curve, roc_curve
+from oi_ray.metrics import OperatingPoint, aupr, auroc, confusion_matrix, pr_curve, roc_curve
 
 CURVE_COLOUR = "tab:blue"
 POINT_COLOUR = "tab:red"
@@ -78,10 +80,13 @@ def write_evaluation_plots(distances: np.ndarray, targets: np.ndarray, threshold
 
 
 def write_false_alarm_curve(distances: np.ndarray, targets: np.ndarray, threshold: float, path: Path, *,
-                            split: str, model_file: Path, recalls: tuple[float, ...]) -> Path:
+                            split: str, model_file: Path, recalls: tuple[float, ...],
+                            left_out: Mapping[int, OperatingPoint],
+                            at_false_alarms: Mapping[float, OperatingPoint]) -> Path:
     """False-alarm rate (share of PASS pairs flagged) against defect recall, from the lowest of
-    90 % and the decision threshold's recall up to 100 %, with the decision threshold's point and
-    the strictest thresholds reaching ``recalls``; write ``path``."""
+    90 %, the decision threshold's recall and the marked points' up to 100 %; marked: the decision
+    threshold's point, the strictest thresholds reaching ``recalls``, full recall of the rest with
+    ``left_out`` weakest defects left out, and the most recall at ``at_false_alarms``; write ``path``."""
     false_alarm, recall, _ = roc_curve(distances, targets)
     pairs = confusion_matrix(distances, targets, threshold)
     point_recall = pairs["caught_defect"] / (pairs["caught_defect"] + pairs["missed_defect"])
@@ -89,24 +94,57 @@ def write_false_alarm_curve(distances: np.ndarray, targets: np.ndarray, threshol
     figure, axes = _figure(7, 4.5)
     # each recall is first reached at the lowest false-alarm rate listed for it
     axes.plot(recall, false_alarm, drawstyle="steps-post", color=CURVE_COLOUR, label="model")
-    reached: dict[int, list[float]] = {}  # ROC point -> the recall targets it is the first to reach
-    for target in recalls:
-        reached.setdefault(int(np.argmax(recall >= target - 1e-12)), []).append(target)
-    for index, targets_there in reached.items():
-        axes.plot(recall[index], false_alarm[index], "s", markersize=4, color="grey")
-        names = ", ".join(f"{target * 100:g}%" for target in targets_there)
-        axes.annotate(f"{names}: {false_alarm[index]:.2%}", (recall[index], false_alarm[index]),
-                      textcoords="offset points", xytext=(-6, 6), ha="right", fontsize=7)
+    first_reaching = [int(np.argmax(recall >= target - 1e-12)) for target in recalls]
+    marks = [
+        _Marks("s", "grey", (-6, 6), "strictest threshold reaching a recall",
+               [(f"{target * 100:g}%", recall[index], false_alarm[index])
+                for target, index in zip(recalls, first_reaching, strict=True)],
+               lambda names, _, alarms: f"{names}: {alarms:.2%}"),
+        _Marks("v", "tab:orange", (6, -10), "100% recall of the rest, N weakest defects left out",
+               [(str(count), point.defect_recall, point.false_alarm_rate)
+                for count, point in left_out.items()],
+               lambda names, _, alarms: f"N={names}: {alarms:.2%}"),
+        _Marks("D", "tab:green", (6, -10), "most recall at a false-alarm limit",
+               [(f"{limit * 100:g}%", point.defect_recall, point.false_alarm_rate)
+                for limit, point in at_false_alarms.items()],
+               lambda names, caught, _: f"\u2264 {names} false alarms: recall {caught:.2%}"),
+    ]
+    for group in marks:
+        group.draw(axes)
     axes.plot(point_recall, point_alarms, "o", color=POINT_COLOUR,
               label=f"decision threshold {threshold:.3g}: recall {point_recall:.2%}, "
                     f"false alarms {point_alarms:.2%}")
-    low = min(0.9, point_recall) - 0.005
+    low = min(0.9, point_recall, *(x for group in marks for _, x, _ in group.points)) - 0.005
+    top = max(0.05, float(false_alarm[recall >= low].max()) * 1.05)
     axes.set(xlabel="defect recall (share of defects flagged)",
              ylabel="false-alarm rate (share of PASS pairs flagged)", xlim=(low, 1.002),
-             ylim=(0, max(0.05, float(false_alarm[recall >= low].max()) * 1.05)),
+             ylim=(-0.08 * top, top),  # room below the curve for the labels of points near 0
              title=f"False alarms near full recall: {split}, {Path(model_file).name}")
     axes.legend(loc="upper left", fontsize="small")
     return _save(figure, path)
+
+
+@dataclass(frozen=True)
+class _Marks:
+    """Points of one kind on the false-alarm curve; points at the same place share one annotation."""
+
+    marker: str
+    colour: str
+    offset: tuple[int, int]  # of the annotation, in points; right of the point when positive
+    legend: str
+    points: list[tuple[str, float, float]]  # (name, recall, false-alarm rate)
+    text: Callable[[str, float, float], str]  # (joined names, recall, false-alarm rate) -> annotation
+
+    def draw(self, axes: Axes) -> None:
+        places: dict[tuple[float, float], list[str]] = {}
+        for name, caught, alarms in self.points:
+            places.setdefault((caught, alarms), []).append(name)
+        for number, ((caught, alarms), names) in enumerate(places.items()):
+            axes.plot(caught, alarms, self.marker, markersize=4, color=self.colour,
+                      label=self.legend if number == 0 else None)
+            axes.annotate(self.text(", ".join(names), caught, alarms), (caught, alarms), fontsize=7,
+                          textcoords="offset points", xytext=self.offset, color=self.colour,
+                          ha="left" if self.offset[0] > 0 else "right")
 
 
 @dataclass(frozen=True)

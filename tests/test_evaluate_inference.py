@@ -71,6 +71,7 @@ def test_evaluate_reports_tao_and_calibrated_metrics(trained, capsys):
         "margin", "total_accuracy_percent", "defect_accuracy_percent_of_defects",
         "false_alarm_percent_of_all_pairs", "false_negative_percent_of_all_pairs"}
     assert report["at_100_defect_recall"]["defect_recall_fraction_of_defects"] == 1.0
+    assert report["by_group"] is None and report["by_object_name"]["column"] == "object_name"
     pairs = report["confusion_at_threshold"]
     assert sum(pairs.values()) == report["pairs"]
     assert pairs["caught_defect_pairs"] + pairs["missed_defect_pairs"] == report["defects"]
@@ -119,6 +120,94 @@ def test_evaluate_reports_tao_and_calibrated_metrics(trained, capsys):
         assert [pair["flagged"] for pair in listed] == [d > report["threshold"]["value"] for d in chosen["siamese_score"]]
     weakest = report["weakest_defects"][0]
     assert f"row {weakest['row']} (line {weakest['line']}) {weakest['label']} {weakest['object_name']}" in out
+
+
+def test_evaluate_reports_how_far_to_trust_the_operating_point_and_groups_errors(trained, tmp_path, capsys):
+    spec, results = trained
+    # every split in one CSV, so components recur across boards, with an extra column to group by
+    pairs = pd.concat([pd.read_csv(spec.parent / f"{split}.csv", dtype=str, keep_default_na=False)
+                       for split in ("train", "val", "test")], ignore_index=True)
+    pairs["station"] = [f"S{row % 3}" for row in range(len(pairs))]
+    csv_path = tmp_path / "all.csv"
+    pairs.to_csv(csv_path, index=False)
+    dataset = (f"dataset.test_dataset.csv_path={csv_path}", f"dataset.test_dataset.images_dir={spec.parent / 'images'}",
+               f"dataset.infer_dataset.csv_path={csv_path}", "evaluate.batch_size=8", "inference.batch_size=8")
+    assert _run("evaluate", trained, *dataset, "evaluate.group_by=station",
+                f"evaluate.results_dir={tmp_path / 'evaluate'}") == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "evaluate/metrics.json").read_text())
+    assert (tmp_path / "evaluate/false_alarms_vs_recall.png").read_bytes()[:8] == PNG_MAGIC
+    assert _run("inference", trained, *dataset, f"inference.results_dir={tmp_path / 'inference'}") == 0
+    scored = pd.read_csv(tmp_path / "inference/inference.csv", dtype=str, keep_default_na=False)
+    distances = scored["siamese_score"].astype(float).to_numpy()
+    defects, passes = (scored["label"] != "PASS").to_numpy(), (scored["label"] == "PASS").to_numpy()
+    assert report["pairs"] == len(pairs) and report["defects"] == defects.sum() > 5
+
+    # 100 % recall of the rest: every PASS pair scoring at least the weakest defect kept is flagged
+    by_distance = np.flatnonzero(defects)[np.argsort(distances[defects], kind="stable")]
+    left_out = report["at_100_defect_recall_without_weakest_defects"]
+    assert [entry["weakest_defects_left_out"] for entry in left_out] == [1, 2, 3, 5]
+    for entry in left_out:
+        count = entry["weakest_defects_left_out"]
+        assert entry["left_out_rows"] == [int(index) + 1 for index in by_distance[:count]]
+        weakest_kept = distances[by_distance[count]]
+        assert entry["false_alarm_fraction_of_pass_pairs"] == pytest.approx(np.mean(distances[passes] >= weakest_kept))
+        assert np.mean(distances[passes] > entry["threshold"]) == entry["false_alarm_fraction_of_pass_pairs"]
+        assert entry["defect_recall_fraction_of_defects"] == np.mean(distances[defects] > entry["threshold"])
+        assert entry["defect_recall_fraction_of_defects"] >= (report["defects"] - count) / report["defects"]
+        assert f"at 100% recall without the {count} weakest defect" in out
+    # the most defects any threshold catches flagging at most 0.1 % / 1 % of the PASS pairs
+    limits = report["defect_recall_at_false_alarm_limits"]
+    assert [entry["false_alarm_limit_fraction_of_pass_pairs"] for entry in limits] == [0.001, 0.01]
+    for entry in limits:
+        flagged = distances > entry["threshold"]
+        assert entry["false_alarm_fraction_of_pass_pairs"] == np.mean(flagged[passes]) <= entry[
+            "false_alarm_limit_fraction_of_pass_pairs"]
+        assert entry["defect_recall_fraction_of_defects"] == np.mean(flagged[defects])
+        best = max(np.mean(distances[defects] >= cut) for cut in np.r_[distances, np.inf]
+                   if np.mean(distances[passes] >= cut) <= entry["false_alarm_limit_fraction_of_pass_pairs"])
+        assert entry["defect_recall_fraction_of_defects"] == best
+        assert f"at most {entry['false_alarm_limit_fraction_of_pass_pairs'] * 100:g}% false alarms: defect recall" in out
+
+    # per object_name and per station: the errors at the decision threshold, counted here with pandas
+    scored["false_alarm"] = passes & (distances > report["threshold"]["value"])
+    scored["missed"] = defects & (distances <= report["threshold"]["value"])
+    scored["is_pass"], scored["is_defect"] = passes, defects
+    for key, column in (("by_object_name", "object_name"), ("by_group", "station")):
+        breakdown = report[key]
+        assert breakdown["column"] == column
+        expected = scored.groupby(column)[["is_pass", "false_alarm", "is_defect", "missed"]].sum()
+        got = {group["value"]: (group["pass_pairs"], group["false_alarm_pairs"], group["defect_pairs"],
+                                group["missed_defect_pairs"]) for group in breakdown["groups"]}
+        assert got == {value: tuple(row) for value, row in expected.iterrows()}
+        errors = [group["false_alarm_pairs"] + group["missed_defect_pairs"] for group in breakdown["groups"]]
+        assert errors == sorted(errors, reverse=True)
+    assert scored["object_name"].duplicated().any(), "components recur: the groups hold several pairs"
+    for group in report["by_group"]["groups"]:
+        assert group["defect_recall_fraction_of_defects"] == pytest.approx(
+            1 - group["missed_defect_pairs"] / group["defect_pairs"])
+        assert group["false_alarm_fraction_of_pass_pairs"] == pytest.approx(
+            group["false_alarm_pairs"] / group["pass_pairs"])
+    listed = {group["value"]: (group["in_weakest_defects_pairs"], group["in_top_false_alarms_pairs"])
+              for group in report["by_object_name"]["groups"]}
+    for key, position in (("weakest_defects", 0), ("top_false_alarms", 1)):
+        names = pd.Series([pair["object_name"] for pair in report[key]]).value_counts()
+        assert {value: counts[position] for value, counts in listed.items() if counts[position]} == names.to_dict()
+    assert "by object_name: " in out and "by station (evaluate.group_by): 3 values" in out
+    top = report["by_object_name"]["groups"][0]
+    assert f"  {top['value']:<24}" in out
+
+
+def test_a_group_by_column_missing_from_the_csv_is_refused_before_ray_starts(trained, capsys, monkeypatch):
+    spec, _ = trained
+    sessions = []
+    monkeypatch.setattr("oi_ray.tasks.scoring_setup.ray_session", lambda config: sessions.append(config))
+    assert _run("evaluate", trained, "evaluate.group_by=Label") == 1
+    err = capsys.readouterr().err
+    assert (f"oi-ray evaluate: error: evaluate.group_by='Label': {spec.parent / 'test.csv'} has no column "
+            f"'Label'; its columns are ['input_path', 'golden_path', 'object_name', 'label'] "
+            f"(did you mean 'label'?)") in err
+    assert sessions == [] and "Traceback" not in err
 
 
 def test_evaluate_falls_back_to_validation_and_honours_threshold(trained, capsys):

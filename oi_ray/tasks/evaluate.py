@@ -3,16 +3,29 @@
 TAO's four metrics are reported at ``model.margin`` exactly as TAO computes them, and again
 at the decision threshold (``evaluate.threshold``, else the model's calibrated one), next to
 threshold-free AUROC/AUPR and the false-alarm rate at 99 %, 99.5 %, 99.9 % and 100 % defect
-recall with their thresholds. Every name in metrics.json says its unit: TAO's metrics are
-percentages (``*_percent_of_all_pairs``: TAO divides false alarms and missed defects by all
-pairs), oi-ray's rates are fractions of the pairs they are a share of
+recall with their thresholds. How much one sample moves that: the false-alarm rate at 100 %
+recall of the rest with the 1, 2, 3 and 5 weakest defects left out (while fewer than all;
+of tied defects, the earlier CSV rows are named as left out), and the other way round, the
+most defects a threshold catches while it flags at most 0.1 % and 1 % of the PASS pairs.
+Every name in metrics.json says its unit: TAO's metrics are percentages
+(``*_percent_of_all_pairs``: TAO divides false alarms and missed defects by all pairs),
+oi-ray's rates are fractions of the pairs they are a share of
 (``false_alarm_fraction_of_pass_pairs``), counts are ``*_pairs``.
 
 What an engineer looks at next is listed and drawn: the weakest defects (the defect pairs that
 scored lowest) and the top false alarms (the PASS pairs that scored highest), with their CSV
 rows, in metrics.json and side by side with their golden shots in ``pairs.png``; and the
 false-alarm rate against defect recall near full recall, with the decision threshold's point,
-in ``false_alarms_vs_recall.png``.
+in ``false_alarms_vs_recall.png``, which marks the points above too.
+
+Errors grouped by a CSV column (``oi_ray/breakdown.py``): per ``object_name`` (a component
+flagged on every board points at its golden shot or placement, not at defects) and, with
+``evaluate.group_by``, per value of that column (``label`` where labels name the defect, or an
+extra column such as a defect type). Every value of the column is one group of all its rows,
+with its PASS pairs and false alarms, its defect pairs, caught and missed ones at the decision
+threshold, the rates (null without a denominator) and, per ``object_name``, how many of its
+pairs are on the weakest-defects and top-false-alarms lists. Groups come most errors (false
+alarms + missed defects) first; all are in metrics.json, the first few are printed.
 """
 
 import json
@@ -22,19 +35,34 @@ from typing import Any
 
 import numpy as np
 
+from oi_ray.breakdown import GroupCounts, counts_by_value
 from oi_ray.config import save_resolved_spec
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.pairs import LABEL_COLUMN
 from oi_ray.errors import DataError
 from oi_ray.fileio import write_atomically
-from oi_ray.metrics import OperatingPoint, at_defect_recall, aupr, auroc, confusion_matrix, tao_metrics
+from oi_ray.metrics import (
+    OperatingPoint,
+    at_defect_recall,
+    at_false_alarm_rate,
+    aupr,
+    auroc,
+    confusion_matrix,
+    tao_metrics,
+    without_weakest_defects,
+)
 from oi_ray.plots import MontagePair, write_evaluation_plots, write_false_alarm_curve, write_pair_montage
 from oi_ray.tasks.scoring_setup import ScoringRun, score_split
 
 log = logging.getLogger(__name__)
 SPLITS = ("test_dataset", "validation_dataset")
 RECALL_TARGETS = (0.99, 0.995, 0.999, 1.0)
+LEFT_OUT_DEFECTS = (1, 2, 3, 5)  # weakest defects left out of the 100 % recall point
+FALSE_ALARM_LIMITS = (0.001, 0.01)  # shares of PASS pairs a threshold may flag
+SHOWN_OBJECT_NAMES = 5  # groups of by_object_name in the printed summary
+SHOWN_GROUP_BY_VALUES = 10  # of by_group (evaluate.group_by): often a few defect types
+OBJECT_NAME = "object_name"
 LISTED_PAIRS = 10  # weakest defects and top false alarms in metrics.json
 SHOWN_PAIRS = 4  # of each in pairs.png
 # tao_metrics() field -> metrics.json name (TAO's meaning, unit and denominator spelled out)
@@ -56,7 +84,9 @@ CONFUSION_FIELDS = {
 def run(config: ExperimentConfig) -> None:
     """Evaluate ``evaluate.checkpoint``; write ``metrics.json``, PNGs and the resolved spec to
     ``evaluate.results_dir``."""
-    scored = score_split(config, "evaluate", SPLITS, require_labels=True)
+    group_by = config.evaluate.group_by
+    scored = score_split(config, "evaluate", SPLITS, require_labels=True,
+                         columns={"evaluate.group_by": group_by} if group_by is not None else None)
     distances, targets = scored.scores.distances, scored.scores.targets
     if targets.min() == targets.max():
         raise DataError(f"{scored.table.csv_path}: evaluation needs PASS and defect rows; "
@@ -69,7 +99,9 @@ def run(config: ExperimentConfig) -> None:
                                    split=scored.split, model_file=scored.model_file)
     plots.append(write_false_alarm_curve(distances, targets, scored.threshold,
                                          results_dir / "false_alarms_vs_recall.png", split=scored.split,
-                                         model_file=scored.model_file, recalls=RECALL_TARGETS))
+                                         model_file=scored.model_file, recalls=RECALL_TARGETS,
+                                         left_out=_left_out(distances, targets),
+                                         at_false_alarms=_at_false_alarms(distances, targets)))
     plots.append(_write_montage(config, scored, report, results_dir / "pairs.png"))
     spec = save_resolved_spec(config, results_dir)
     print(render_report(report))
@@ -81,6 +113,9 @@ def build_report(config: ExperimentConfig, scored: ScoringRun) -> dict[str, Any]
     """Everything metrics.json holds."""
     distances, targets = scored.scores.distances, scored.scores.targets
     margin = config.model.margin
+    weakest = _listed(scored, np.flatnonzero(targets == 1), lowest=True)
+    top_false_alarms = _listed(scored, np.flatnonzero(targets == 0), lowest=False)
+    group_by = config.evaluate.group_by
     return {
         "checkpoint": str(scored.model_file.resolve()),
         "dataset": str(scored.table.csv_path),
@@ -98,8 +133,17 @@ def build_report(config: ExperimentConfig, scored: ScoringRun) -> dict[str, Any]
         "baseline_pixel_difference_auroc": auroc(scored.scores.pixel_differences, targets),
         **{_recall_key(recall): _point(at_defect_recall(distances, targets, recall))
            for recall in RECALL_TARGETS},
-        "weakest_defects": _listed(scored, np.flatnonzero(targets == 1), lowest=True),
-        "top_false_alarms": _listed(scored, np.flatnonzero(targets == 0), lowest=False),
+        "at_100_defect_recall_without_weakest_defects": [
+            {"weakest_defects_left_out": count, "left_out_rows": [pair["row"] for pair in weakest[:count]],
+             **_point(point)} for count, point in _left_out(distances, targets).items()],
+        "defect_recall_at_false_alarm_limits": [
+            {"false_alarm_limit_fraction_of_pass_pairs": limit, **_point(point)}
+            for limit, point in _at_false_alarms(distances, targets).items()],
+        "weakest_defects": weakest,
+        "top_false_alarms": top_false_alarms,
+        "by_object_name": _breakdown(scored, OBJECT_NAME, {"weakest_defects": weakest,
+                                                          "top_false_alarms": top_false_alarms}),
+        "by_group": None if group_by is None else _breakdown(scored, group_by, {}),
     }
 
 
@@ -132,6 +176,17 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(f"at {recall * 100:g}% defect recall: false alarms "
                      f"{point['false_alarm_fraction_of_pass_pairs']:.2%} of PASS pairs "
                      f"(threshold {point['threshold']:.4g})")
+    for entry in report["at_100_defect_recall_without_weakest_defects"]:
+        count, plural = entry["weakest_defects_left_out"], "s" * (entry["weakest_defects_left_out"] > 1)
+        lines.append(f"at 100% recall without the {count} weakest defect{plural} (row{plural} "
+                     f"{', '.join(map(str, entry['left_out_rows']))}): false alarms "
+                     f"{entry['false_alarm_fraction_of_pass_pairs']:.2%} of PASS pairs "
+                     f"(threshold {entry['threshold']:.4g})")
+    for entry in report["defect_recall_at_false_alarm_limits"]:
+        lines.append(f"at most {entry['false_alarm_limit_fraction_of_pass_pairs'] * 100:g}% false alarms: "
+                     f"defect recall {entry['defect_recall_fraction_of_defects']:.2%} of defects "
+                     f"(false alarms {entry['false_alarm_fraction_of_pass_pairs']:.2%} of PASS pairs, "
+                     f"threshold {entry['threshold']:.4g})")
     pairs = report["confusion_at_threshold"]
     lines.append(f"pairs at threshold: {pairs['pass_ok_pairs']} PASS ok, {pairs['false_alarm_pairs']} "
                  f"false alarms, {pairs['caught_defect_pairs']} defects caught, "
@@ -142,11 +197,67 @@ def render_report(report: dict[str, Any]) -> str:
         lines += [f"  {'*' if pair['flagged'] == (verdict == 'flagged') else ' '} {pair['distance']:<10.4g} "
                   f"row {pair['row']} (line {pair['line']}) {pair['label']} {pair['object_name']}: "
                   f"{pair['input_path']}" for pair in report[key][:SHOWN_PAIRS]]
+    lines += _render_breakdown(report["by_object_name"], "", SHOWN_OBJECT_NAMES)
+    if report["by_group"] is not None:
+        lines += _render_breakdown(report["by_group"], " (evaluate.group_by)", SHOWN_GROUP_BY_VALUES)
     return "\n".join(lines)
+
+
+def _render_breakdown(breakdown: dict[str, Any], origin: str, most: int) -> list[str]:
+    """The first ``most`` groups of a breakdown as a table, with its list counts if any."""
+    column, groups = breakdown["column"], breakdown["groups"]
+    lists = [key[len("in_"):-len("_pairs")] for key in groups[0] if key.startswith("in_")]
+    shown = f"the first {most}; all in metrics.json" if len(groups) > most else "all"
+    lines = [f"by {column}{origin}: {len(groups)} value{'s' * (len(groups) > 1)}, most false alarms + "
+             f"missed defects first ({shown}):",
+             f"  {column:<24}{'false alarms / PASS':>24}{'caught / defects':>24}{'missed':>8}"
+             + "".join(f"{'in ' + name.replace('_', ' '):>22}" for name in lists)]
+    for group in groups[:most]:
+        alarms = _share(group, "false_alarm_pairs", "pass_pairs", "false_alarm_fraction_of_pass_pairs")
+        caught = _share(group, "caught_defect_pairs", "defect_pairs", "defect_recall_fraction_of_defects")
+        lines.append(f"  {group['value'] or '(empty)':<24}{alarms:>24}{caught:>24}"
+                     f"{group['missed_defect_pairs']:>8}"
+                     + "".join(f"{group[f'in_{name}_pairs']:>22}" for name in lists))
+    return lines
+
+
+def _share(group: dict[str, Any], count: str, total: str, fraction: str) -> str:
+    """``3 / 6 (50.00%)``, or ``-`` without a denominator."""
+    return "-" if group[fraction] is None else f"{group[count]} / {group[total]} ({group[fraction]:.2%})"
 
 
 def _tao(distances: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, float]:
     return {TAO_FIELDS[name]: value for name, value in tao_metrics(distances, targets, threshold).items()}
+
+
+def _left_out(distances: np.ndarray, targets: np.ndarray) -> dict[int, OperatingPoint]:
+    """The 100 % recall point of the rest per count of ``LEFT_OUT_DEFECTS`` below the number of defects."""
+    points = {count: without_weakest_defects(distances, targets, count) for count in LEFT_OUT_DEFECTS}
+    return {count: point for count, point in points.items() if point is not None}
+
+
+def _at_false_alarms(distances: np.ndarray, targets: np.ndarray) -> dict[float, OperatingPoint]:
+    return {limit: at_false_alarm_rate(distances, targets, limit) for limit in FALSE_ALARM_LIMITS}
+
+
+def _breakdown(scored: ScoringRun, column: str, lists: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Errors at the threshold per value of ``column``, with the group's pairs on each of ``lists``."""
+    listed = {name: [pair["row"] - 1 for pair in pairs] for name, pairs in lists.items()}
+    groups = counts_by_value(scored.table.rows[column], scored.scores.distances, scored.scores.targets,
+                             scored.threshold, listed)
+    return {"column": column, "groups": [_group(group) for group in groups]}
+
+
+def _group(group: GroupCounts) -> dict[str, Any]:
+    return {"value": group.value,
+            "pass_pairs": group.pass_pairs,
+            "false_alarm_pairs": group.false_alarm_pairs,
+            "false_alarm_fraction_of_pass_pairs": group.false_alarm_rate,
+            "defect_pairs": group.defect_pairs,
+            "caught_defect_pairs": group.caught_defect_pairs,
+            "missed_defect_pairs": group.missed_defect_pairs,
+            "defect_recall_fraction_of_defects": group.defect_recall,
+            **{f"in_{name}_pairs": count for name, count in group.listed.items()}}
 
 
 def _recall_key(recall: float) -> str:
