@@ -164,7 +164,7 @@ class EvaluateConfig:
     # oi-ray extension: decision threshold; None = the checkpoint's calibrated one, else model.margin
     threshold: float | None = None
     # oi-ray extension: a CSV column (e.g. label, or an extra one such as a defect type) to report
-    # defect recall and false alarms per value of; None = none. The test CSV must have it
+    # defect recall and false alarms per value of; None = none. The evaluated CSV must have it
     group_by: str | None = None
 
 
