@@ -29,6 +29,7 @@ from oi_ray.model.registry import Architecture
 from oi_ray.predictors import TorchPredictor, load_predictor
 from oi_ray.runtime import allocator_settings_unset
 from oi_ray.training.loop import make_optimizer
+from oi_ray.training.schedule import learning_rate, set_learning_rate, training_progress
 
 
 def with_worker_allocator() -> None:
@@ -81,7 +82,10 @@ def train_bare(config: ExperimentConfig, threads: int, *, oi_ray_draws: bool = F
             batches = (pairs[rows] for rows in plan.reshape(-1, dataset.batch_size))
         else:
             batches = loader
-        for batch_test, batch_golden, target in batches:
+        steps = len(targets) // dataset.batch_size
+        for step, (batch_test, batch_golden, target) in enumerate(batches):
+            set_learning_rate(optimizer, learning_rate(config.train.optim, training_progress(
+                epoch + 1, step, steps, config.train.num_epochs)))
             loss = contrastive_loss(net.distance(normalize(batch_test), normalize(batch_golden)), target,
                                     config.model.margin)
             optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ from oi_ray.errors import DataError
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.loss import contrastive_loss
 from oi_ray.training.loop import PairDistance, _choose_algorithms, _Precision, make_optimizer
+from oi_ray.training.schedule import learning_rate, training_progress
 
 SHAPE = (3, 16, 8)
 
@@ -122,3 +123,12 @@ def test_deterministic_cudnn_key_asks_a_gpu_worker_for_deterministic_algorithms(
         assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
     finally:
         _choose_algorithms(before, torch.device("cpu"))
+
+
+def test_cosine_schedule_falls_from_the_rate_to_zero_and_constant_keeps_it():
+    cosine = OptimConfig(lr=2e-3, lr_schedule="cosine")
+    assert [learning_rate(cosine, progress) for progress in (0.0, 0.25, 0.5, 1.0)] == pytest.approx(
+        [2e-3, 2e-3 * (1 + 2 ** -0.5) / 2, 1e-3, 0.0])
+    assert learning_rate(OptimConfig(lr=2e-3), 0.7) == 2e-3
+    # step 5 of 10 in epoch 2 of 4: (1 + 0.5) / 4 of all training
+    assert training_progress(epoch=2, step=5, steps=10, num_epochs=4) == pytest.approx(0.375)

@@ -37,6 +37,8 @@ class OptimConfig:
     lr: float = 5e-4
     momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4  # SGD only (TAO's Adam uses none)
+    # oi-ray extension: constant (TAO's) | cosine: from lr down to 0 over train.num_epochs, every step
+    lr_schedule: str = "constant"
 
 
 @dataclass

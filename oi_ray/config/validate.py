@@ -29,6 +29,7 @@ MODEL_TYPES = ("Siamese_3", "Siamese_1", "Siamese", "SiameseSpatial")
 CALIBRATION_RULES = ("defect_recall", "balanced_accuracy")
 CONCAT_TYPES = ("linear", "grid")
 OPTIMIZERS = ("Adam", "SGD")
+LR_SCHEDULES = ("constant", "cosine")
 TRT_DATA_TYPES = ("fp32", "fp16", "int8")
 MAX_PORT = 65535
 JOB_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
@@ -256,6 +257,7 @@ def _check_train(p: _Problems, train: TrainConfig) -> None:
         p.in_range(f"train.{name}", getattr(train, name), 1, train.num_epochs)
     p.one_of("train.optim.type", train.optim.type, OPTIMIZERS)
     p.check(train.optim.lr > 0, "train.optim.lr", train.optim.lr, "expected > 0")
+    p.one_of("train.optim.lr_schedule", train.optim.lr_schedule, LR_SCHEDULES)
     p.in_range("train.optim.momentum", train.optim.momentum, 0, 1)
     p.at_least("train.optim.weight_decay", train.optim.weight_decay, 0)
     p.one_of("train.loss", train.loss, ("contrastive",))

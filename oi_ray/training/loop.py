@@ -47,6 +47,7 @@ from oi_ray.model.registry import Architecture
 from oi_ray.predictors import TorchPredictor
 from oi_ray.scoring import score_batches
 from oi_ray.training.progress import ProgressFeed
+from oi_ray.training.schedule import learning_rate, set_learning_rate, training_progress
 
 RAY_CHECKPOINT_FILE = "checkpoint.pth"
 STATUS_FILE = "status.json"
@@ -190,7 +191,10 @@ class _EpochRunner:
         healthy = torch.ones((), dtype=torch.bool, device=device)  # every loss so far was finite
         healthy_steps = torch.zeros((), dtype=torch.int64, device=device)
         step = 0
+        optim, num_epochs = self.config.train.optim, self.config.train.num_epochs
         for step, batch in enumerate(batches, start=1):
+            set_learning_rate(self.optimizer, learning_rate(optim, training_progress(epoch, step - 1, steps,
+                                                                                     num_epochs)))
             target = torch.from_numpy(batch["target"].copy()).to(device, non_blocking=True)
             with self.precision.autocast():
                 distance = self.model(self.normalize(batch["test"]), self.normalize(batch["golden"]))
