@@ -67,6 +67,19 @@ def test_overrides_win_over_spec_and_parse_types():
     assert config.ray.num_workers == 2
 
 
+def test_later_spec_files_win_and_each_is_named_in_errors(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  model_type: SiameseSpatial\ntrain:\n  num_epochs: 12\n  optim:\n"
+                      "    lr: 0.002\n    lr_schedule: cosine\n")
+    config = load_config([TRAIN_SPEC, recipe], ["train.num_epochs=6"])
+    assert (config.model.model_type, config.train.optim.lr, config.train.optim.lr_schedule) == (
+        "SiameseSpatial", 0.002, "cosine")
+    assert config.train.num_epochs == 6  # overrides still win over every file
+    assert config.dataset.batch_size == 32 and config.train.checkpoint_interval == 5  # from TAO's spec
+    recipe.write_text("train:\n  num_epoch: 12\n")
+    assert f"train.num_epoch ({recipe}): did you mean 'train.num_epochs'?" in _error([TRAIN_SPEC, recipe], [])
+
+
 def test_mapping_override_replaces_and_subkey_override_adds():
     replaced = load_config(TRAIN_SPEC, ["dataset.input_map={WhiteLight: 0}", "dataset.num_input=1"])
     assert replaced.dataset.input_map == {"WhiteLight": 0}
@@ -141,6 +154,7 @@ def test_bad_type_names_key_and_value():
         (["model.spatial.neighbourhood=4"], "model.spatial.neighbourhood=4 is invalid: expected an odd number >= 1"),
         (["model.spatial.blocks=-1"], "model.spatial.blocks=-1 is invalid: expected >= 0"),
         (["train.optim.type=AdamW"], "train.optim.type='AdamW' is not one of ['Adam', 'SGD']"),
+        (["train.optim.lr_schedule=step"], "train.optim.lr_schedule='step' is not one of ['constant', 'cosine']"),
         (["train.loss=triplet"], "train.loss='triplet' is not one of ['contrastive']"),
         (["dataset.augmentation_config.rgb_input_std=[0.2,0.2]"], "rgb_input_std=[0.2, 0.2] is invalid: expected 3 values"),
         (["gen_trt_engine.tensorrt.data_type=fp8"], "gen_trt_engine.tensorrt.data_type='fp8' is not one of"),

@@ -24,10 +24,20 @@ RESOLVED_SPEC_NAME = "spec.yaml"  # the resolved spec each task saves beside its
 MAX_SUGGESTIONS = 3  # "did you mean" candidates for an unknown key
 
 
-def load_config(spec_path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read ``spec_path`` (TAO spec YAML), apply dotlist ``overrides`` and validate."""
-    spec = _read_spec(Path(spec_path)) if spec_path is not None else OmegaConf.create({})
-    return _typed_config(spec, str(spec_path) if spec_path is not None else "spec", overrides)
+SpecPaths = str | Path | Sequence[str | Path] | None
+
+
+def load_config(spec_paths: SpecPaths, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read the spec file(s) (TAO spec YAML; of several, each later one's keys win, e.g. a
+    dataset spec then a training recipe), apply dotlist ``overrides`` and validate."""
+    if spec_paths is None:
+        paths: list[Path] = []
+    elif isinstance(spec_paths, str | Path):
+        paths = [Path(spec_paths)]
+    else:
+        paths = [Path(path) for path in spec_paths]
+    specs = [(_read_spec(path), str(path)) for path in paths]
+    return _typed_config(specs or [(OmegaConf.create({}), "spec")], overrides)
 
 
 def config_from_mapping(spec: dict[str, Any], source: str,
@@ -40,21 +50,25 @@ def config_from_mapping(spec: dict[str, Any], source: str,
     node = OmegaConf.create(spec)
     for key, value in (values or {}).items():
         OmegaConf.update(node, key, value, merge=False)
-    return _typed_config(node, source, ())
+    return _typed_config([(node, source)], ())
 
 
-def _typed_config(spec: DictConfig, source: str, overrides: Sequence[str]) -> ExperimentConfig:
+def _typed_config(specs: list[tuple[DictConfig, str]], overrides: Sequence[str]) -> ExperimentConfig:
+    """Merge ``specs`` (each with the name errors give it; later ones win) and ``overrides`` onto
+    the schema, then validate."""
     dotlist = _parse_overrides(overrides)
+    source = " + ".join(name for _, name in specs)
 
     misplaced = [
-        *_structure_problems(spec, ExperimentConfig, source),
+        *(problem for spec, name in specs for problem in _structure_problems(spec, ExperimentConfig, name)),
         *_structure_problems(dotlist, ExperimentConfig, "override"),
     ]
     if misplaced:
         raise ConfigError(_bullet("unknown or misplaced spec keys", misplaced))
 
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), spec, dotlist)
+        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), *(node for node, _ in specs),
+                                 dotlist)
         override_keys = {item.partition("=")[0].strip() for item in overrides}
         for key in override_keys & set(_mapping_fields(dotlist, ExperimentConfig)):
             # `dataset.input_map={...}` replaces the mapping; `dataset.input_map.X=3` adds to it.
