@@ -78,8 +78,9 @@ def run_quickstart(spec: QuickstartSpec) -> Path:
     if spec.model_type != SPATIAL:
         lines += [
             f"This was TAO's {spec.model_type}. oi-ray's SiameseSpatial compares the sides position by "
-            "position: a higher AUROC on small local defects, 1.5-2x the training pairs/s on a CPU and "
-            "tens of thousands of weights instead of millions (README, 'Models'). Try it:",
+            "position: on real PCB scans it ranks defects far better (AUROC 0.999 against 0.79), trains "
+            "faster on a CPU and has tens of thousands of weights instead of millions (README, 'Models'). "
+            "Try it:",
             "  " + command("quickstart", "--model", SPATIAL, "--output", f"{output}-spatial"),
         ]
     log.info("\n".join(lines))

@@ -17,7 +17,8 @@ class SpatialModelConfig:
     stride: int = 2  # the trunk's total downsampling: 2, or 4 for speed (coarser: thin defects fade)
     neighbourhood: int = 3  # odd window of golden features a test feature may match (1: no shift tolerance)
     width: int = 32  # the trunk's channels
-    blocks: int = 2  # residual 3x3 blocks at the feature resolution: more context per feature
+    blocks: int = 2  # 3x3 blocks at the feature resolution after the downsampling: more context
+    features: int = 16  # channels of the feature maps the two sides compare
 
 
 @dataclass

@@ -194,6 +194,7 @@ def _check_model(p: _Problems, model: ModelConfig) -> None:
             spatial.neighbourhood, "expected an odd number >= 1 (1: no shift tolerance)")
     p.at_least("model.spatial.width", spatial.width, 2)
     p.at_least("model.spatial.blocks", spatial.blocks, 0)
+    p.at_least("model.spatial.features", spatial.features, 1)
 
 
 def _check_dataset(p: _Problems, dataset: DatasetConfig) -> None:

@@ -72,15 +72,16 @@ class Architecture:
         return SIAMESE_MODELS[self.model_type](trunk_channels * height * width, self.embedding_dim)
 
     def describe(self) -> str:
-        """E.g. ``SiameseSpatial (stride 2, neighbourhood 3, width 32, blocks 2) with input 3x200x100``."""
+        """E.g. ``SiameseSpatial (stride 2, neighbourhood 3, width 32, blocks 2, features 16) with input
+        3x200x100``."""
         return describe_model(self.model_type, self.input_shape, self.options)
 
 
 def describe_model(model_type: str, input_shape: tuple[int, ...], options: dict[str, int], *,
                    as_noun: bool = False) -> str:
     """A model's identity in words, as errors name it: ``Siamese_3 with input 3x32x16``, or with
-    ``as_noun`` ``a SiameseSpatial model (stride 2, neighbourhood 3, width 32, blocks 2) with input
-    3x32x16``."""
+    ``as_noun`` ``a SiameseSpatial model (stride 2, neighbourhood 3, width 32, blocks 2, features 16)
+    with input 3x32x16``."""
     listed = f" ({', '.join(f'{name} {value}' for name, value in options.items())})" if options else ""
     shape = f"with input {'x'.join(map(str, input_shape))}"
     return f"a {model_type} model{listed} {shape}" if as_noun else f"{model_type}{listed} {shape}"

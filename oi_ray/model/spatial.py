@@ -1,17 +1,22 @@
 """SiameseSpatial: compare the two sides position by position, not as one flattened vector.
 
-A small shared conv trunk (3x3 conv + BatchNorm + ReLU blocks, the last ``blocks`` of them
-residual, then a 1x1 projection) turns every lighting tile of each side into a feature map at
-1/``stride`` resolution; each tile is processed on its own, standardised per colour channel (a
-lamp brighter or dimmer in one shot is not a defect), so features never mix lightings and a
-test tile is only ever compared with the same lighting's golden tile. At every position of a
-tile, the test feature is matched with the nearest golden feature within a ``neighbourhood`` x
-``neighbourhood`` window (and the golden feature with the nearest test one), which tolerates
-the misalignment of real AOI shots of up to ``neighbourhood // 2`` feature cells. The pair's
-distance is the largest of these per-position distances over all positions and tiles: one small
-local defect decides, as it does on the line, instead of being averaged away with every other
-feature. (A smooth top-k mean and a pooled distance map were tried: both trained worse on the
-benchmark's data, the small defects diluted; see benchmarks/RESULTS.md.)
+A small shared conv trunk (3x3 conv + BatchNorm + ReLU blocks with zero padding, downsampling
+by ``stride``, then ``blocks`` more at the feature resolution and a 1x1 projection to
+``features`` channels) turns every lighting tile of each side into a feature map; each tile is
+processed on its own, so features never mix lightings and a test tile is only ever compared
+with the same lighting's golden tile. At every position of a tile, the test feature is matched
+with the nearest golden feature within a ``neighbourhood`` x ``neighbourhood`` window, and the
+golden feature with the nearest test one (a defect that removes copper and one that adds it
+both leave a feature without a match), which tolerates the misalignment of real AOI shots of
+up to ``neighbourhood // 2`` feature cells. The pair's distance is the largest of these
+per-position distances over all positions and tiles: one small local defect decides, as it
+does on the line, instead of being averaged away with every other feature.
+
+The tiles enter the trunk as they are. Standardising each tile by its own mean and spread (as
+this model did first) turned the few pixels of an edge at the border of an otherwise uniform
+tile into the largest distance of a board, and subtracting the mean alone ranked real boards
+worse too (DeepPCB scans, benchmarks/RESULTS.md): a lamp's drift between shots is learned from
+the pairs instead.
 
 No layer depends on the image size; the weights are tens of thousands, not millions. The
 forward pass returns the distance itself (``(B,)``), which is also the exported graph's only
@@ -25,41 +30,26 @@ from torch import nn
 from torch.nn import functional as F
 
 SQUARED_EPS = 1e-12  # keeps the gradient of sqrt finite at zero (identical sides)
-STD_FLOOR = 0.1  # added to a tile's standard deviation (normalised units): flat tiles stay flat
 WINDOW_CHUNK = 8  # tiles per step of the training's nearest-neighbour search: its temporaries stay in cache
 
 
 def _block(in_channels: int, out_channels: int, stride: int) -> list[nn.Module]:
-    # replicate padding: a tile's edge looks like its border pixels continued, not like a black frame
-    return [nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1,
-                      padding_mode="replicate", bias=False),
+    return [nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
             nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
-
-
-class _Residual(nn.Module):
-    """``x + block(x)``: one more 3x3 conv + BatchNorm + ReLU at the feature resolution, which
-    widens each feature's view without losing what the earlier blocks saw."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(*_block(channels, channels, 1))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features + self.body(features)
 
 
 class SiameseSpatial(nn.Module):
     """Shared conv trunk per lighting tile; distance = max over positions of the neighbourhood
-    nearest-feature distance between the sides."""
+    nearest-feature distance between the sides, both ways."""
 
     output_names = ("distance",)
 
     def __init__(self, tiles: tuple[int, int], *, width: int = 32, stride: int = 2,
-                 neighbourhood: int = 3, blocks: int = 2) -> None:
+                 neighbourhood: int = 3, blocks: int = 2, features: int = 16) -> None:
         """``tiles``: (rows, columns) of lighting images in each assembled input; ``stride``:
         2 or 4 (the trunk's total downsampling); ``neighbourhood``: odd window size (1 = no shift
-        tolerance); ``width``: the trunk's channels; ``blocks``: residual blocks at the feature
-        resolution after the first three."""
+        tolerance); ``width``: the trunk's channels; ``blocks``: 3x3 blocks at the feature
+        resolution after the two that downsample; ``features``: channels of the compared maps."""
         super().__init__()
         if stride not in (2, 4):
             raise ValueError(f"stride must be 2 or 4, got {stride}")
@@ -72,20 +62,16 @@ class SiameseSpatial(nn.Module):
         half = max(1, width // 2)
         first_stride = 1 if stride == 2 else 2  # stride 4 halves the (costliest) first block's output
         self.trunk = nn.Sequential(*_block(3, half, first_stride), *_block(half, width, 2),
-                                   *_block(width, width, 1), *(_Residual(width) for _ in range(blocks)))
-        self.project = nn.Conv2d(width, width, kernel_size=1)
+                                   *(layer for _ in range(blocks) for layer in _block(width, width, 1)))
+        self.project = nn.Conv2d(width, features, kernel_size=1)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H', W')`` assembled inputs -> ``(B * tiles, C, h, w)`` per-tile feature maps."""
+        """``(B, 3, H', W')`` assembled inputs -> ``(B * tiles, features, h, w)`` per-tile maps."""
         rows, columns = self.tiles
         _, channels, height, width = images.shape
         tile_height, tile_width = height // rows, width // columns
         tiles = images.reshape(-1, channels, rows, tile_height, columns, tile_width)
         tiles = tiles.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels, tile_height, tile_width)
-        # each tile standardised per colour channel: a lamp that is brighter or dimmer in one shot
-        # (an offset or a gain of the whole tile) is no defect
-        spread, mean = torch.std_mean(tiles, dim=(2, 3), keepdim=True)
-        tiles = (tiles - mean) / (spread + STD_FLOOR)
         # NHWC: the layout oneDNN and cuDNN convolve fastest, and the matching's channel sums
         # run along contiguous memory
         return self.project(self.trunk(tiles.contiguous(memory_format=torch.channels_last)))
