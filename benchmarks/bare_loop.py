@@ -43,11 +43,12 @@ def with_worker_allocator() -> None:
 
 @dataclass(frozen=True)
 class BareRun:
-    """A trained model and its training pairs/s per epoch."""
+    """A trained model, its training pairs/s per epoch and its training seconds (steps only)."""
 
     net: torch.nn.Module
     rates: list[float]
     training_pairs: int
+    seconds: float
 
 
 def train_bare(config: ExperimentConfig, threads: int, *, oi_ray_draws: bool = False) -> BareRun:
@@ -72,7 +73,7 @@ def train_bare(config: ExperimentConfig, threads: int, *, oi_ray_draws: bool = F
     net = Architecture.of(config.model, geometry).build()
     optimizer = make_optimizer(net.parameters(), config.train.optim)
     normalize = InputNormalizer(geometry)
-    rates = []
+    rates, seconds = [], 0.0
     for epoch in range(config.train.num_epochs):
         net.train()
         start, drawn = time.perf_counter(), 0
@@ -92,8 +93,9 @@ def train_bare(config: ExperimentConfig, threads: int, *, oi_ray_draws: bool = F
             loss.backward()
             optimizer.step()
             drawn += len(target)
+        seconds += time.perf_counter() - start
         rates.append(drawn / (time.perf_counter() - start))
-    return BareRun(net, rates, len(targets))
+    return BareRun(net, rates, len(targets), seconds)
 
 
 def split_auroc_of_net(net: torch.nn.Module, config: ExperimentConfig) -> float:

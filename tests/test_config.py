@@ -13,6 +13,7 @@ from oi_ray.config.validate import INERT_KEYS, reconcile_gpus
 from oi_ray.errors import ConfigError
 
 SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes"
 TRAIN_SPEC = TAO_SPECS / "train.yaml"
 
 
@@ -255,6 +256,17 @@ def test_a_bad_cluster_yaml_is_refused_before_anything_starts(capsys, tmp_path):
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+@pytest.mark.parametrize("recipe, model_type, epochs, schedule", [
+    ("siamese_3.yaml", "Siamese_3", 5, "constant"), ("siamese_spatial.yaml", "SiameseSpatial", 8, "cosine")])
+def test_a_training_recipe_applies_over_a_dataset_spec(recipe, model_type, epochs, schedule):
+    config = load_config([TRAIN_SPEC, RECIPES / recipe])
+    assert (config.model.model_type, config.train.num_epochs, config.train.optim.lr_schedule) == (
+        model_type, epochs, schedule)
+    assert (config.dataset.batch_size, config.train.optim.lr) == (32, 5e-4)  # TAO's
+    assert config.dataset.train_dataset.csv_path == "/path/to/split/train.csv"  # the data stay the spec's
+    assert sorted(path.name for path in RECIPES.glob("*.yaml")) == ["siamese_3.yaml", "siamese_spatial.yaml"]
 
 
 def test_tao_specs_are_present():
