@@ -84,9 +84,10 @@ def write_false_alarm_curve(distances: np.ndarray, targets: np.ndarray, threshol
                             left_out: Mapping[int, OperatingPoint],
                             at_false_alarms: Mapping[float, OperatingPoint]) -> Path:
     """False-alarm rate (share of PASS pairs flagged) against defect recall, from the lowest of
-    90 %, the decision threshold's recall and the marked points' up to 100 %; marked: the decision
-    threshold's point, the strictest thresholds reaching ``recalls``, full recall of the rest with
-    ``left_out`` weakest defects left out, and the most recall at ``at_false_alarms``; write ``path``."""
+    90 %, the decision threshold's recall and the points near full recall up to 100 %; marked: the
+    decision threshold's point, the strictest thresholds reaching ``recalls``, full recall of the
+    rest with ``left_out`` weakest defects left out, and the most recall at ``at_false_alarms``
+    (at the left edge, labelled with its recall, when it lies further left); write ``path``."""
     false_alarm, recall, _ = roc_curve(distances, targets)
     pairs = confusion_matrix(distances, targets, threshold)
     point_recall = pairs["caught_defect"] / (pairs["caught_defect"] + pairs["missed_defect"])
@@ -95,6 +96,8 @@ def write_false_alarm_curve(distances: np.ndarray, targets: np.ndarray, threshol
     # each recall is first reached at the lowest false-alarm rate listed for it
     axes.plot(recall, false_alarm, drawstyle="steps-post", color=CURVE_COLOUR, label="model")
     first_reaching = [int(np.argmax(recall >= target - 1e-12)) for target in recalls]
+    low = min(0.9, point_recall, *(recall[index] for index in first_reaching),
+              *(point.defect_recall for point in left_out.values())) - 0.005
     marks = [
         _Marks("s", "grey", (-6, 6), "strictest threshold reaching a recall",
                [(f"{target * 100:g}%", recall[index], false_alarm[index])
@@ -105,17 +108,20 @@ def write_false_alarm_curve(distances: np.ndarray, targets: np.ndarray, threshol
                 for count, point in left_out.items()],
                lambda names, _, alarms: f"N={names}: {alarms:.2%}"),
         _Marks("D", "tab:green", (6, -10), "most recall at a false-alarm limit",
-               [(f"{limit * 100:g}%", point.defect_recall, point.false_alarm_rate)
+               [(f"{limit * 100:g}% false alarms: recall {point.defect_recall:.2%}",
+                 max(point.defect_recall, low + 0.001), point.false_alarm_rate)
                 for limit, point in at_false_alarms.items()],
-               lambda names, caught, _: f"\u2264 {names} false alarms: recall {caught:.2%}"),
+               lambda names, _, __: f"\u2264 {names}"),
     ]
     for group in marks:
         group.draw(axes)
     axes.plot(point_recall, point_alarms, "o", color=POINT_COLOUR,
               label=f"decision threshold {threshold:.3g}: recall {point_recall:.2%}, "
                     f"false alarms {point_alarms:.2%}")
-    low = min(0.9, point_recall, *(x for group in marks for _, x, _ in group.points)) - 0.005
-    top = max(0.05, float(false_alarm[recall >= low].max()) * 1.05)
+    # up to the strictest full-recall point: beyond it the curve only climbs to flagging every pair
+    full_recall = float(false_alarm[int(np.argmax(recall >= 1.0 - 1e-12))])
+    marked = [alarms for group in marks for _, _, alarms in group.points]
+    top = max(0.05, full_recall, point_alarms, *marked) * 1.15
     axes.set(xlabel="defect recall (share of defects flagged)",
              ylabel="false-alarm rate (share of PASS pairs flagged)", xlim=(low, 1.002),
              ylim=(-0.08 * top, top),  # room below the curve for the labels of points near 0
