@@ -194,6 +194,10 @@ def test_evaluate_reports_how_far_to_trust_the_operating_point_and_groups_errors
         names = pd.Series([pair["object_name"] for pair in report[key]]).value_counts()
         assert {value: counts[position] for value, counts in listed.items() if counts[position]} == names.to_dict()
     assert "by object_name: " in out and "by station (evaluate.group_by): 3 values" in out
+    weakest = report["weakest_defects"][0]  # the listed pairs carry the group_by column's value
+    assert weakest["station"] == pairs["station"][weakest["row"] - 1]
+    assert f"row {weakest['row']} (line {weakest['line']}) {weakest['label']} {weakest['object_name']} " \
+           f"station={weakest['station']}: " in out
     top = report["by_object_name"]["groups"][0]
     assert f"  {top['value']:<24}" in out
 

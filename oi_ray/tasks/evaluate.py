@@ -113,9 +113,9 @@ def build_report(config: ExperimentConfig, scored: ScoringRun) -> dict[str, Any]
     """Everything metrics.json holds."""
     distances, targets = scored.scores.distances, scored.scores.targets
     margin = config.model.margin
-    weakest = _listed(scored, np.flatnonzero(targets == 1), lowest=True)
-    top_false_alarms = _listed(scored, np.flatnonzero(targets == 0), lowest=False)
     group_by = config.evaluate.group_by
+    weakest = _listed(scored, np.flatnonzero(targets == 1), lowest=True, group_by=group_by)
+    top_false_alarms = _listed(scored, np.flatnonzero(targets == 0), lowest=False, group_by=group_by)
     return {
         "checkpoint": str(scored.model_file.resolve()),
         "dataset": str(scored.table.csv_path),
@@ -152,6 +152,7 @@ def render_report(report: dict[str, Any]) -> str:
     tao, margin = report["tao_metrics_at_margin"], report["tao_metrics_at_margin"]["margin"]
     at_threshold = report["tao_metrics_at_threshold"]
     threshold = report["threshold"]["value"]
+    group_by = report["by_group"]["column"] if report["by_group"] is not None else None
     lines = [
         f"Tot Comp {report['pairs']} Total Accuracy {tao['total_accuracy_percent']:.2f} "
         f"False Negative {tao['false_negative_percent_of_all_pairs']:.2f} "
@@ -195,7 +196,8 @@ def render_report(report: dict[str, Any]) -> str:
                                ("top_false_alarms", "top false alarms (highest distance first", "flagged")):
         lines.append(f"{name}; * = {verdict} at the threshold):")
         lines += [f"  {'*' if pair['flagged'] == (verdict == 'flagged') else ' '} {pair['distance']:<10.4g} "
-                  f"row {pair['row']} (line {pair['line']}) {pair['label']} {pair['object_name']}: "
+                  f"row {pair['row']} (line {pair['line']}) {pair['label']} {pair['object_name']}"
+                  f"{f' {group_by}={pair[group_by]}' if group_by not in (None, LABEL_COLUMN) else ''}: "
                   f"{pair['input_path']}" for pair in report[key][:SHOWN_PAIRS]]
     lines += _render_breakdown(report["by_object_name"], "", SHOWN_OBJECT_NAMES)
     if report["by_group"] is not None:
@@ -265,16 +267,26 @@ def _recall_key(recall: float) -> str:
     return f"at_{recall * 100:g}_defect_recall".replace(".", "_")
 
 
-def _listed(scored: ScoringRun, indices: np.ndarray, *, lowest: bool) -> list[dict[str, Any]]:
+def _listed(scored: ScoringRun, indices: np.ndarray, *, lowest: bool,
+            group_by: str | None) -> list[dict[str, Any]]:
     """The ``LISTED_PAIRS`` pairs among ``indices`` with the lowest (or highest) distance, with their
-    CSV row (1-based, as error messages count), line, paths, label and whether they are flagged."""
+    CSV row (1-based, as error messages count), line, paths, label, the ``group_by`` column's
+    value (``evaluate.group_by``) and whether they are flagged."""
     distances, rows = scored.scores.distances, scored.table.rows
     ranked = indices[np.argsort(distances[indices], kind="stable")]
     chosen = ranked[:LISTED_PAIRS] if lowest else ranked[::-1][:LISTED_PAIRS]
+    columns = ["input_path", "golden_path", "object_name", LABEL_COLUMN]
+    if group_by is not None and group_by not in columns:
+        columns.append(group_by)
     return [{"row": int(index) + 1, "line": int(index) + 2,
-             **{column: rows.iloc[index][column] for column in ("input_path", "golden_path", "object_name")},
-             "label": rows.iloc[index][LABEL_COLUMN], "distance": float(distances[index]),
-             "flagged": bool(distances[index] > scored.threshold)} for index in chosen]
+             **{column: _plain(rows.iloc[index][column]) for column in columns},
+             "distance": float(distances[index]), "flagged": bool(distances[index] > scored.threshold)}
+            for index in chosen]
+
+
+def _plain(value: Any) -> Any:
+    """A CSV cell as JSON writes it (numpy scalars as Python ones)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _write_montage(config: ExperimentConfig, scored: ScoringRun, report: dict[str, Any], path: Path) -> Path:
