@@ -93,8 +93,9 @@ def train_bare(config: ExperimentConfig, threads: int, *, oi_ray_draws: bool = F
             loss.backward()
             optimizer.step()
             drawn += len(target)
-        seconds += time.perf_counter() - start
-        rates.append(drawn / (time.perf_counter() - start))
+        elapsed = time.perf_counter() - start
+        seconds += elapsed
+        rates.append(drawn / elapsed)
     return BareRun(net, rates, len(targets), seconds)
 
 

@@ -119,12 +119,12 @@ def score(net: torch.nn.Module, config: ExperimentConfig, pictures: tuple) -> Sc
     return Scored(distances, targets, len(test) / (time.perf_counter() - start))
 
 
-def decoded(config: ExperimentConfig, split: str) -> tuple:
-    """A split's pictures, decoded once for every model."""
+def decoded(config: ExperimentConfig, split: str) -> tuple[tuple, pd.DataFrame]:
+    """A split's pictures (test, golden, targets), decoded once for every model, and its CSV rows."""
     geometry = InputGeometry.from_config(config.dataset)
     table = load_split(config.dataset, split)
     test, golden = (read_pictures(paths, geometry) for paths in (table.test_paths, table.golden_paths))
-    return test, golden, table.targets
+    return (test, golden, table.targets), table.rows
 
 
 def run_dataset(folder: Path, args: argparse.Namespace, scratch: Path, threads: int) -> dict:
@@ -132,9 +132,9 @@ def run_dataset(folder: Path, args: argparse.Namespace, scratch: Path, threads: 
     keys = [*dataset_keys(folder, scratch / "protocol", args), f"results_dir={scratch}/unused",
             f"train.seed={args.seed}"]
     base = load_config(MODELS["Siamese_3"][0], keys)
-    calibration, report = decoded(base, "validation_dataset"), decoded(base, "test_dataset")
-    rows_of_report = load_split(base.dataset, "test_dataset").rows
-    print(f"  {len(load_split(base.dataset, 'train_dataset'))} training pairs; calibrated on "
+    calibration, _ = decoded(base, "validation_dataset")
+    report, rows_of_report = decoded(base, "test_dataset")
+    print(f"  {len(pd.read_csv(base.dataset.train_dataset.csv_path))} training pairs; calibrated on "
           f"{len(calibration[2])}, reported on {len(report[2])} ({int(report[2].sum())} defects)", flush=True)
     rows, budget = {}, None
     for model in args.models:

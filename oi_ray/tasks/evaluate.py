@@ -65,6 +65,7 @@ SHOWN_GROUP_BY_VALUES = 10  # of by_group (evaluate.group_by): often a few defec
 OBJECT_NAME = "object_name"
 LISTED_PAIRS = 10  # weakest defects and top false alarms in metrics.json
 SHOWN_PAIRS = 4  # of each in pairs.png
+LISTED_COLUMNS = ("input_path", "golden_path", OBJECT_NAME, LABEL_COLUMN)  # of each listed pair
 # tao_metrics() field -> metrics.json name (TAO's meaning, unit and denominator spelled out)
 TAO_FIELDS = {
     "total_accuracy": "total_accuracy_percent",
@@ -197,7 +198,7 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(f"{name}; * = {verdict} at the threshold):")
         lines += [f"  {'*' if pair['flagged'] == (verdict == 'flagged') else ' '} {pair['distance']:<10.4g} "
                   f"row {pair['row']} (line {pair['line']}) {pair['label']} {pair['object_name']}"
-                  f"{f' {group_by}={pair[group_by]}' if group_by not in (None, LABEL_COLUMN) else ''}: "
+                  f"{f' {group_by}={pair[group_by]}' if _extra_column(group_by) else ''}: "
                   f"{pair['input_path']}" for pair in report[key][:SHOWN_PAIRS]]
     lines += _render_breakdown(report["by_object_name"], "", SHOWN_OBJECT_NAMES)
     if report["by_group"] is not None:
@@ -275,18 +276,16 @@ def _listed(scored: ScoringRun, indices: np.ndarray, *, lowest: bool,
     distances, rows = scored.scores.distances, scored.table.rows
     ranked = indices[np.argsort(distances[indices], kind="stable")]
     chosen = ranked[:LISTED_PAIRS] if lowest else ranked[::-1][:LISTED_PAIRS]
-    columns = ["input_path", "golden_path", "object_name", LABEL_COLUMN]
-    if group_by is not None and group_by not in columns:
-        columns.append(group_by)
+    columns = [*LISTED_COLUMNS, *([group_by] if _extra_column(group_by) else [])]
     return [{"row": int(index) + 1, "line": int(index) + 2,
-             **{column: _plain(rows.iloc[index][column]) for column in columns},
+             **{column: rows.iloc[index][column] for column in columns},
              "distance": float(distances[index]), "flagged": bool(distances[index] > scored.threshold)}
             for index in chosen]
 
 
-def _plain(value: Any) -> Any:
-    """A CSV cell as JSON writes it (numpy scalars as Python ones)."""
-    return value.item() if isinstance(value, np.generic) else value
+def _extra_column(group_by: str | None) -> bool:
+    """Whether ``evaluate.group_by`` names a column the listed pairs do not already carry."""
+    return group_by is not None and group_by not in LISTED_COLUMNS
 
 
 def _write_montage(config: ExperimentConfig, scored: ScoringRun, report: dict[str, Any], path: Path) -> Path:
