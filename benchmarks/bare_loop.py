@@ -24,12 +24,10 @@ from oi_ray.data.epochs import epoch_plan
 from oi_ray.data.pairs import load_split
 from oi_ray.metrics import auroc
 from oi_ray.model.inputs import InputNormalizer
-from oi_ray.model.loss import contrastive_loss
 from oi_ray.model.registry import Architecture
 from oi_ray.predictors import TorchPredictor, load_predictor
 from oi_ray.runtime import allocator_settings_unset
-from oi_ray.training.loop import make_optimizer
-from oi_ray.training.schedule import learning_rate, set_learning_rate, training_progress
+from oi_ray.training.step import Precision, StepRule, make_optimizer, training_steps
 
 
 def with_worker_allocator() -> None:
@@ -73,29 +71,25 @@ def train_bare(config: ExperimentConfig, threads: int, *, oi_ray_draws: bool = F
     net = Architecture.of(config.model, geometry).build()
     optimizer = make_optimizer(net.parameters(), config.train.optim)
     normalize = InputNormalizer(geometry)
+    rule, precision = StepRule.of(config), Precision(torch.device("cpu"), enabled=False)
     rates, seconds = [], 0.0
-    for epoch in range(config.train.num_epochs):
+    for epoch in range(1, config.train.num_epochs + 1):
         net.train()
-        start, drawn = time.perf_counter(), 0
+        start = time.perf_counter()
         if oi_ray_draws:
-            plan = epoch_plan(table.targets, dataset.fpratio_sampling, seed=config.train.seed, epoch=epoch,
-                              world=1, batch_size=dataset.batch_size)[0]
-            batches = (pairs[rows] for rows in plan.reshape(-1, dataset.batch_size))
+            plan = epoch_plan(table.targets, dataset.fpratio_sampling, seed=config.train.seed,
+                              epoch=epoch - 1, world=1, batch_size=dataset.batch_size)[0]
+            drawn = (pairs[rows] for rows in plan.reshape(-1, dataset.batch_size))
         else:
-            batches = loader
+            drawn = loader
+        batches = ((normalize(batch_test), normalize(batch_golden), target)
+                   for batch_test, batch_golden, target in drawn)
         steps = len(targets) // dataset.batch_size
-        for step, (batch_test, batch_golden, target) in enumerate(batches):
-            set_learning_rate(optimizer, learning_rate(config.train.optim, training_progress(
-                epoch + 1, step, steps, config.train.num_epochs)))
-            loss = contrastive_loss(net.distance(normalize(batch_test), normalize(batch_golden)), target,
-                                    config.model.margin)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            drawn += len(target)
+        for _ in training_steps(net.distance, optimizer, batches, rule, precision, epoch=epoch, steps=steps):
+            pass
         elapsed = time.perf_counter() - start
         seconds += elapsed
-        rates.append(drawn / elapsed)
+        rates.append(steps * dataset.batch_size / elapsed)
     return BareRun(net, rates, len(targets), seconds)
 
 

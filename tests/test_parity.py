@@ -15,14 +15,14 @@ import torch
 from oi_ray.checkpoint import Checkpoint, save_checkpoint
 from oi_ray.cli import main
 from oi_ray.config import load_config
-from oi_ray.config.schema import ExperimentConfig
+from oi_ray.config.schema import ExperimentConfig, OptimConfig
 from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.model.inputs import InputNormalizer
-from oi_ray.model.loss import contrastive_loss
 from oi_ray.model.registry import Architecture
 from oi_ray.predictors import BatchLimits, load_predictor
+from oi_ray.training.step import Precision, StepRule, make_optimizer, training_steps
 
 HAS_GPU = torch.cuda.is_available()
 LAYOUTS = {
@@ -55,13 +55,13 @@ def _train(config: ExperimentConfig, path: Path) -> None:
     torch.manual_seed(0)
     model = Architecture.of(config.model, geometry).build()
     initial = {key: value.clone() for key, value in model.state_dict().items()}
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(STEPS):
-        rows = torch.randperm(len(targets))[:BATCH]
-        loss = contrastive_loss(model.distance(test[rows], golden[rows]), targets[rows], config.model.margin)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    optim = OptimConfig(type="Adam", lr=1e-3)
+    optimizer = make_optimizer(model.parameters(), optim)
+    draws = (torch.randperm(len(targets))[:BATCH] for _ in range(STEPS))
+    batches = ((test[rows], golden[rows], targets[rows]) for rows in draws)
+    rule = StepRule(config.model.margin, optim, num_epochs=1)
+    list(training_steps(model.distance, optimizer, batches, rule, Precision(torch.device("cpu"), False),
+                        epoch=1, steps=STEPS))
     # (Biases that shift both embeddings alike cancel in the distance and get no gradient.)
     untrained = [key for key, value in model.state_dict().items()
                  if key.endswith(("weight", "running_mean", "running_var")) and torch.equal(initial[key], value)]

@@ -11,9 +11,9 @@ from oi_ray.config.schema import CuDNNConfig, OptimConfig
 from oi_ray.data.assemble import InputGeometry
 from oi_ray.errors import DataError
 from oi_ray.model.inputs import InputNormalizer
-from oi_ray.model.loss import contrastive_loss
-from oi_ray.training.loop import PairDistance, _choose_algorithms, _Precision, make_optimizer
 from oi_ray.training.schedule import learning_rate, training_progress
+from oi_ray.training.step import Precision, StepRule, load_optimizer_state, make_optimizer, training_steps
+from oi_ray.training.worker import PairDistance, choose_algorithms
 
 SHAPE = (3, 16, 8)
 
@@ -39,20 +39,39 @@ def test_pair_distance_module_is_the_models_distance():
 def test_training_steps_lower_the_loss(mixed, clip):
     torch.manual_seed(0)
     net = tao_architecture("Siamese_3", SHAPE, 5).build()
-    optimizer = make_optimizer(net.parameters(), OptimConfig(lr=1e-3))
-    precision = _Precision(torch.device("cpu"), mixed)
+    optim = OptimConfig(lr=1e-3, lr_schedule="cosine")
+    optimizer = make_optimizer(net.parameters(), optim)
     test, golden = torch.randn(16, *SHAPE), torch.randn(16, *SHAPE)
     target = torch.tensor([0, 1] * 8)
-    losses = []
-    for _ in range(10):
-        with precision.autocast():
-            distance = net.distance(test, golden)
-        assert distance.dtype == (torch.bfloat16 if mixed else torch.float32)
-        loss = contrastive_loss(distance.float(), target, 2.0)
-        optimizer.zero_grad()
-        precision.backward_and_step(loss, optimizer, net, clip)
-        losses.append(loss.item())
+    dtypes, rates = [], []
+
+    def model(test, golden):
+        distance = net.distance(test, golden)
+        dtypes.append(distance.dtype)
+        rates.append(optimizer.param_groups[0]["lr"])
+        return distance
+
+    losses = [loss.item() for loss in training_steps(
+        model, optimizer, [(test, golden, target)] * 10, StepRule(2.0, optim, num_epochs=2, clip_grad_norm=clip),
+        Precision(torch.device("cpu"), mixed), epoch=2, steps=10)]
     assert losses[-1] < losses[0]
+    assert set(dtypes) == {torch.bfloat16 if mixed else torch.float32}
+    # epoch 2 of 2: the cosine schedule's second half, from lr / 2 down
+    assert rates[0] == pytest.approx(5e-4) and rates[-1] == pytest.approx(learning_rate(optim, 0.95))
+
+
+def test_clipping_bounds_the_gradient_the_step_applies():
+    """With clip_grad_norm, the gradient SGD applies has at most that norm."""
+    torch.manual_seed(0)
+    net = tao_architecture("Siamese_1", SHAPE, 5).build()
+    optim = OptimConfig(type="SGD", lr=1.0, momentum=0.0, weight_decay=0.0)
+    optimizer = make_optimizer(net.parameters(), optim)
+    before = torch.cat([parameter.detach().flatten().clone() for parameter in net.parameters()])
+    batch = (torch.randn(8, *SHAPE) * 10, torch.randn(8, *SHAPE), torch.tensor([0, 1] * 4))
+    list(training_steps(net.distance, optimizer, [batch], StepRule(2.0, optim, 1, clip_grad_norm=0.01),
+                        Precision(torch.device("cpu"), False), epoch=1, steps=1))
+    after = torch.cat([parameter.detach().flatten() for parameter in net.parameters()])
+    assert 0 < float((after - before).norm()) <= 0.01 + 1e-6
 
 
 def test_channels_last_normalizer_keeps_values():
@@ -90,14 +109,12 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
 
 
 def test_resumed_optimizer_keeps_its_moments_and_takes_the_specs_lr():
-    from oi_ray.training.loop import _load_optimizer_state
-
     net = tao_architecture("Siamese_1", SHAPE, 5).build()
     first = make_optimizer(net.parameters(), OptimConfig(type="Adam", lr=1e-3))
     net.distance(torch.randn(2, *SHAPE), torch.randn(2, *SHAPE)).sum().backward()
     first.step()
     resumed = make_optimizer(net.parameters(), OptimConfig(type="Adam", lr=1e-5))
-    _load_optimizer_state(resumed, first.state_dict())
+    load_optimizer_state(resumed, first.state_dict())
     assert [group["lr"] for group in resumed.param_groups] == [1e-5]
     moments = resumed.state_dict()["state"][0]["exp_avg"]
     torch.testing.assert_close(moments, first.state_dict()["state"][0]["exp_avg"])
@@ -109,20 +126,20 @@ def test_deterministic_cudnn_key_asks_a_gpu_worker_for_deterministic_algorithms(
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = CuDNNConfig(benchmark=torch.backends.cudnn.benchmark, deterministic=torch.backends.cudnn.deterministic)
     try:
-        _choose_algorithms(CuDNNConfig(benchmark=False, deterministic=True), torch.device("cpu"))
+        choose_algorithms(CuDNNConfig(benchmark=False, deterministic=True), torch.device("cpu"))
         assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-        _choose_algorithms(CuDNNConfig(benchmark=False, deterministic=True), torch.device("cuda", 0))
+        choose_algorithms(CuDNNConfig(benchmark=False, deterministic=True), torch.device("cuda", 0))
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled(), "an operation without one warns, not fails"
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
-        _choose_algorithms(CuDNNConfig(benchmark=False, deterministic=True), torch.device("cuda", 0))
+        choose_algorithms(CuDNNConfig(benchmark=False, deterministic=True), torch.device("cuda", 0))
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8", "the user's setting stays"
-        _choose_algorithms(CuDNNConfig(benchmark=True, deterministic=False), torch.device("cuda", 0))
+        choose_algorithms(CuDNNConfig(benchmark=True, deterministic=False), torch.device("cuda", 0))
         assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
     finally:
-        _choose_algorithms(before, torch.device("cpu"))
+        choose_algorithms(before, torch.device("cpu"))
 
 
 def test_cosine_schedule_falls_from_the_rate_to_zero_and_constant_keeps_it():

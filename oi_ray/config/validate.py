@@ -33,7 +33,7 @@ LR_SCHEDULES = ("constant", "cosine")
 TRT_DATA_TYPES = ("fp32", "fp16", "int8")
 MAX_PORT = 65535
 JOB_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
-# What every training epoch reports (training/loop.py), the metrics a sweep can rank trials by
+# What every training epoch reports (training/worker.py), the metrics a sweep can rank trials by
 TUNE_METRICS = ("val_auroc", "val_loss", "val_acc", "val_fpr", "val_defect_recall_fraction_of_defects",
                 "val_false_alarm_fraction_of_pass_pairs",
                 "val_false_alarm_fraction_of_pass_pairs_at_99_defect_recall", "train_loss")

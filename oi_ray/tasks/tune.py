@@ -29,7 +29,7 @@ from oi_ray.data.dataset import PipelineSpec, decode_cache
 from oi_ray.errors import BackendUnavailableError, ConfigError, OiRayError, TaskInterrupted
 from oi_ray.launch.shared_paths import SharedPath, check_shared, worker_nodes
 from oi_ray.runtime import ray_session, torch_threads, uses_gpus
-from oi_ray.tasks.train import load_tables, shared_images
+from oi_ray.training.driver import load_tables, shared_images
 from oi_ray.tuning.results import choose_best, summarize, write_best, write_results
 from oi_ray.tuning.search import grid_points, param_space, search_problems
 from oi_ray.tuning.trial import SweepPlan, run_trial

@@ -1,1 +1,2 @@
-"""Siamese training on Ray Train: the driver side lives in oi_ray.tasks.train."""
+"""Siamese training: one optimisation step (``step``), the epoch on a rank (``epoch``), the Ray
+Train worker (``worker``) and the driver side that ``oi-ray train`` and sweeps share (``driver``)."""

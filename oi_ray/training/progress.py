@@ -17,6 +17,8 @@ from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
+from oi_ray.training.early_end import EarlyEnd
+
 log = logging.getLogger("oi_ray.tasks.train")
 Result = TypeVar("Result")
 POLL_SECONDS = 0.5
@@ -30,7 +32,7 @@ class ProgressFeed:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self._requests = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-        self.early_end: tuple | None = None  # driver side: why the workers ended the run early
+        self.early_end: EarlyEnd | None = None  # driver side: why the workers ended the run early
 
     def step(self, epoch: int, pairs: int, total: int, loss: float) -> None:
         """Rank 0: ``pairs`` of ``total`` done in ``epoch``, latest batch loss."""
@@ -44,9 +46,9 @@ class ProgressFeed:
         """Rank 0: a line for the user's console."""
         self._queue.put(("note", message))
 
-    def ended_early(self, *reason: Any) -> None:
-        """Rank 0: the workers ended the run before its last epoch (``"stopped"`` or ``"diverged"``)."""
-        self._queue.put(("ended", *reason))
+    def ended_early(self, end: EarlyEnd) -> None:
+        """Rank 0: the workers ended the run before its last epoch."""
+        self._queue.put(("ended", end))
 
     def stop_requested(self) -> bool:
         """Rank 0: whether the user asked the run to stop (Ctrl-C in the driver)."""
@@ -85,7 +87,7 @@ class ProgressFeed:
             except Empty:
                 continue
             if event[0] == "ended":
-                self.early_end = event[1:]
+                self.early_end = event[1]
             else:
                 console.draw(event)
 

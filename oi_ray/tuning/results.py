@@ -26,7 +26,7 @@ from oi_ray.config import config_from_mapping, save_resolved_spec
 from oi_ray.errors import find_user_error
 from oi_ray.fileio import write_atomically
 from oi_ray.plots import write_sweep_plot
-from oi_ray.training.loop import STATUS_FILE
+from oi_ray.training.status import STATUS_FILE
 
 BEST_DIR = "best"
 

@@ -21,7 +21,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from oi_ray.config import config_from_mapping
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.dataset import DecodedCache, PipelineSpec, decode_cache
-from oi_ray.tasks.train import (
+from oi_ray.training.driver import (
     check_batches,
     early_end_error,
     load_tables,
