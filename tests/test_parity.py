@@ -1,7 +1,8 @@
 """ONNX Runtime and TensorRT score like torch, pair by pair, on trained weights.
 
-Every registered model type and both layouts: a few Adam steps on real synthetic pictures
-(in-process, no Ray) move the weights and BatchNorm statistics away from their
+Every registered model type (TAO's two and SiameseSpatial) and both layouts: a few Adam
+steps on real synthetic pictures (in-process, no Ray, through the training step
+``oi-ray train`` takes) move the weights and BatchNorm statistics away from their
 initialisation; then oi-ray's own predictors score the same real pairs from the ``.pth`` and
 from the exported ``.onnx`` (and, on a GPU, from a TensorRT engine).
 """
@@ -20,7 +21,8 @@ from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.model.inputs import InputNormalizer
-from oi_ray.model.registry import Architecture
+from oi_ray.model.registry import SPATIAL, Architecture
+from oi_ray.model.siamese import SIAMESE_MODELS
 from oi_ray.predictors import BatchLimits, load_predictor
 from oi_ray.training.step import Precision, StepRule, make_optimizer, training_steps
 
@@ -29,7 +31,9 @@ LAYOUTS = {
     "linear": ["dataset.concat_type=linear"],
     "grid": ["dataset.concat_type=grid", "dataset.grid_map.x=2", "dataset.grid_map.y=2"],
 }
-CASES = [(model_type, layout) for model_type in ("Siamese_3", "Siamese_1") for layout in LAYOUTS]
+# every model the registry builds ("Siamese" is TAO's other name of Siamese_1)
+MODEL_TYPES = sorted({*SIAMESE_MODELS, SPATIAL} - {"Siamese"})
+CASES = [(model_type, layout) for model_type in MODEL_TYPES for layout in LAYOUTS]
 STEPS, BATCH = 6, 8
 
 
@@ -53,7 +57,8 @@ def _train(config: ExperimentConfig, path: Path) -> None:
     golden = normalize(read_pictures(table.golden_paths, geometry))
     targets = torch.from_numpy(table.targets.astype(np.float32))
     torch.manual_seed(0)
-    model = Architecture.of(config.model, geometry).build()
+    architecture = Architecture.of(config.model, geometry)
+    model = architecture.build()
     initial = {key: value.clone() for key, value in model.state_dict().items()}
     optim = OptimConfig(type="Adam", lr=1e-3)
     optimizer = make_optimizer(model.parameters(), optim)
@@ -67,8 +72,9 @@ def _train(config: ExperimentConfig, path: Path) -> None:
                  if key.endswith(("weight", "running_mean", "running_var")) and torch.equal(initial[key], value)]
     assert not untrained, "every weight and BatchNorm statistic moved"
     save_checkpoint(Checkpoint(model.state_dict(), epoch=1, optimizer_state=optimizer.state_dict(),
-                               model_type=config.model.model_type, input_shape=geometry.input_shape,
-                               embedding_dim=config.model.embedding_vectors), path)
+                               model_type=architecture.model_type, input_shape=architecture.input_shape,
+                               embedding_dim=architecture.embedding_dim,
+                               model_options=dict(architecture.options)), path)
 
 
 def _test_pairs(config: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
