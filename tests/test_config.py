@@ -6,13 +6,14 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import TAO_SPECS
+from omegaconf import OmegaConf
 
 from oi_ray.cli import main
 from oi_ray.config import load_config, save_resolved_spec, to_yaml
 from oi_ray.config.validate import INERT_KEYS, reconcile_gpus
 from oi_ray.errors import ConfigError
 
-SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes"
 TRAIN_SPEC = TAO_SPECS / "train.yaml"
 
@@ -253,9 +254,24 @@ def test_a_bad_cluster_yaml_is_refused_before_anything_starts(capsys, tmp_path):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+def _unmatched(written: dict, loaded: dict, prefix: str = "") -> list[str]:
+    """The keys of ``written`` (nested) whose value ``loaded`` does not hold."""
+    missing = []
+    for key, value in written.items():
+        if isinstance(value, dict) and value and isinstance(loaded.get(key), dict):
+            missing += _unmatched(value, loaded[key], f"{prefix}{key}.")
+        elif key not in loaded or loaded[key] != value:
+            missing.append(f"{prefix}{key}: {value!r} written, {loaded.get(key, '(absent)')!r} loaded")
+    return missing
+
+
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_load(path):
-    load_config(path)
+def test_shipped_configs_load_with_every_key_they_set(path):
+    """A shipped spec loads, and each key it sets is the loaded spec's value (none is dropped
+    or read as something else)."""
+    written = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert written, f"{path.name} sets no keys"
+    assert _unmatched(written, yaml.safe_load(to_yaml(load_config(path)))) == []
 
 
 @pytest.mark.parametrize("recipe, model_type, epochs, schedule", [
