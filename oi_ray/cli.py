@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from oi_ray import __version__
+from oi_ray.config.schema import ModelType
 from oi_ray.errors import TaskInterrupted, find_user_error
 
 if TYPE_CHECKING:
@@ -166,7 +167,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="folder for the data and results (default: ./oi-ray-quickstart)")
     quick.add_argument("--num-pairs", type=int, default=1000, help="synthetic pairs (all splits)")
     quick.add_argument("--epochs", type=int, default=5, help="training epochs")
-    quick.add_argument("--model", default="Siamese_3", choices=("Siamese_3", "SiameseSpatial"),
+    quick.add_argument("--model", default=ModelType.SIAMESE_3.value,
+                       choices=(ModelType.SIAMESE_3.value, ModelType.SPATIAL.value),
                        help="model.model_type: TAO's Siamese_3 (default) or oi-ray's compact SiameseSpatial")
     quick.add_argument("--overwrite", action="store_true", help="reuse a non-empty --output folder")
     return parser

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from oi_ray.config.schema import CalibrationRuleConfig
+from oi_ray.config.schema import CalibrationRule, CalibrationRuleConfig
 from oi_ray.decision import flagged
 
 
@@ -143,7 +143,7 @@ def weakest_caught(scores: np.ndarray, targets: np.ndarray, recall: float) -> fl
 
 def describe_rule(rule: CalibrationRuleConfig) -> str:
     """The calibration rule in words, as checkpoints and model cards record it."""
-    if rule.rule == "defect_recall":
+    if rule.rule == CalibrationRule.DEFECT_RECALL:
         return (f"defect_recall: catches {rule.target_recall:.2%} of the validation defects, at most "
                 f"{1 - rule.safety_margin:.0%} of the weakest caught defect's distance")
     return "balanced_accuracy: the best (defect recall + 1 - false-alarm rate) / 2 on the validation set"
@@ -152,7 +152,7 @@ def describe_rule(rule: CalibrationRuleConfig) -> str:
 def calibrate(scores: np.ndarray, targets: np.ndarray, rule: CalibrationRuleConfig) -> OperatingPoint:
     """The decision threshold by ``rule`` (``train.calibration``): the defect-recall operating point
     or the best balanced accuracy."""
-    if rule.rule == "defect_recall":
+    if rule.rule == CalibrationRule.DEFECT_RECALL:
         return at_defect_recall(scores, targets, rule.target_recall, rule.safety_margin)
     return calibrate_threshold(scores, targets)
 

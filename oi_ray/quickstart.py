@@ -16,10 +16,10 @@ from types import ModuleType
 from omegaconf import OmegaConf
 
 from oi_ray.config import load_config
+from oi_ray.config.schema import ModelType
 from oi_ray.console import command
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.fileio import write_atomically
-from oi_ray.model.registry import SPATIAL
 from oi_ray.runtime import ray_session
 from oi_ray.tasks import evaluate, export, inference, train
 
@@ -37,7 +37,7 @@ class QuickstartSpec:
     size: int = 48
     lights: tuple[str, ...] = ("WhiteLight", "SolderLight")
     fpratio_sampling: float = 0.5  # more defects per epoch than TAO's 0.1: a short run learns them
-    model_type: str = "Siamese_3"  # TAO's; or SiameseSpatial
+    model_type: str = ModelType.SIAMESE_3.value  # TAO's; or ModelType.SPATIAL
     overwrite: bool = False
 
 
@@ -75,13 +75,13 @@ def run_quickstart(spec: QuickstartSpec) -> Path:
         "Serve the ONNX model over HTTP on 127.0.0.1:8000 (Ray Serve; Ctrl-C stops it):",
         "  " + command("serve", "-e", spec_path),
     ]
-    if spec.model_type != SPATIAL:
+    if spec.model_type != ModelType.SPATIAL:
         lines += [
             f"This was TAO's {spec.model_type}. oi-ray's SiameseSpatial compares the sides position by "
             "position: on real PCB scans it ranks defects far better (AUROC 0.999 against 0.79), trains "
             "faster on a CPU and has tens of thousands of weights instead of millions (README, 'Models'). "
             "Try it:",
-            "  " + command("quickstart", "--model", SPATIAL, "--output", f"{output}-spatial"),
+            "  " + command("quickstart", "--model", ModelType.SPATIAL, "--output", f"{output}-spatial"),
         ]
     log.info("\n".join(lines))
     return spec_path

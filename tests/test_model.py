@@ -1,21 +1,30 @@
 """TAO's Siamese models (their layouts) and the contrastive loss."""
 
+from dataclasses import asdict
+
 import pytest
 import torch
 from helpers import tao_architecture
 from torch import nn
 from torch.nn import functional as F
 
-from oi_ray.config.validate import MODEL_TYPES
+from oi_ray.config.schema import ModelType, SpatialModelConfig
 from oi_ray.model.loss import contrastive_loss
-from oi_ray.model.registry import SPATIAL
-from oi_ray.model.siamese import SIAMESE_MODELS, embedding_distance, reflect_by_slices
+from oi_ray.model.registry import Architecture
+from oi_ray.model.siamese import SIAMESE_MODELS, SiameseNet, embedding_distance, reflect_by_slices
+from oi_ray.model.spatial import SiameseSpatial
 
 INPUT = (3, 24, 8)  # e.g. 3 lightings of 8x8, linear
 
 
-def test_registry_covers_every_accepted_model_type():
-    assert {*SIAMESE_MODELS, SPATIAL} == set(MODEL_TYPES)
+def test_registry_builds_every_accepted_model_type():
+    """Every ModelType validation accepts builds a network of its kind."""
+    assert {*SIAMESE_MODELS, ModelType.SPATIAL} == set(ModelType)
+    for model_type in ModelType:
+        shape = (3, 16, 16)
+        net = Architecture(model_type, shape, (1, 1), 5, asdict(SpatialModelConfig())
+                           if model_type == ModelType.SPATIAL else {}).build()
+        assert isinstance(net, SiameseSpatial if model_type == ModelType.SPATIAL else SiameseNet), model_type
 
 
 @pytest.mark.parametrize("model_type", sorted(SIAMESE_MODELS))

@@ -16,13 +16,12 @@ import torch
 from oi_ray.checkpoint import Checkpoint, save_checkpoint
 from oi_ray.cli import main
 from oi_ray.config import load_config
-from oi_ray.config.schema import ExperimentConfig, OptimConfig
+from oi_ray.config.schema import ExperimentConfig, ModelType, OptimConfig
 from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.model.inputs import InputNormalizer
-from oi_ray.model.registry import SPATIAL, Architecture
-from oi_ray.model.siamese import SIAMESE_MODELS
+from oi_ray.model.registry import Architecture
 from oi_ray.predictors import BatchLimits, load_predictor
 from oi_ray.training.step import Precision, StepRule, make_optimizer, training_steps
 
@@ -31,8 +30,8 @@ LAYOUTS = {
     "linear": ["dataset.concat_type=linear"],
     "grid": ["dataset.concat_type=grid", "dataset.grid_map.x=2", "dataset.grid_map.y=2"],
 }
-# every model the registry builds ("Siamese" is TAO's other name of Siamese_1)
-MODEL_TYPES = sorted({*SIAMESE_MODELS, SPATIAL} - {"Siamese"})
+# every model type ("Siamese" is TAO's other name of Siamese_1: the same network)
+MODEL_TYPES = [model_type for model_type in ModelType if model_type != ModelType.SIAMESE]
 CASES = [(model_type, layout) for model_type in MODEL_TYPES for layout in LAYOUTS]
 STEPS, BATCH = 6, 8
 

@@ -4,10 +4,115 @@ Field names and defaults follow TAO's ``optical_inspection`` config dataclasses 
 spec files load unchanged; where TAO's dataclass and documentation disagree the choice is
 noted (see TAO_REFERENCE.md). The comment on each field is its documentation. TAO keys that
 oi-ray accepts but does not act on are listed in ``validate.INERT_KEYS``; setting one warns.
+
+Every closed choice is a ``StrEnum`` here, the one list that validation, the model registry,
+the CLI and the docs read. The fields themselves stay ``str`` (a spec writes TAO's strings;
+validation names a bad value with its dotted key), and a member equals its string.
 """
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+
+class ModelType(StrEnum):
+    """``model.model_type``: TAO's two models (``Siamese`` is TAO's name for Siamese_1 too) and
+    oi-ray's SiameseSpatial."""
+
+    SIAMESE_3 = "Siamese_3"
+    SIAMESE_1 = "Siamese_1"
+    SIAMESE = "Siamese"
+    SPATIAL = "SiameseSpatial"
+
+
+class Backbone(StrEnum):
+    """``model.model_backbone``: the only backbone TAO defines for optical inspection."""
+
+    CUSTOM = "custom"
+
+
+class ConcatType(StrEnum):
+    """``dataset.concat_type``: lightings stacked along the height, or laid out by ``grid_map``."""
+
+    LINEAR = "linear"
+    GRID = "grid"
+
+
+class OptimizerType(StrEnum):
+    """``train.optim.type``."""
+
+    ADAM = "Adam"
+    SGD = "SGD"
+
+
+class LrSchedule(StrEnum):
+    """``train.optim.lr_schedule``: TAO's constant rate, or a cosine from ``lr`` to 0."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
+class Loss(StrEnum):
+    """``train.loss``: the only loss TAO defines."""
+
+    CONTRASTIVE = "contrastive"
+
+
+class CalibrationRule(StrEnum):
+    """``train.calibration.rule``."""
+
+    DEFECT_RECALL = "defect_recall"
+    BALANCED_ACCURACY = "balanced_accuracy"
+
+
+class TrtDataType(StrEnum):
+    """``gen_trt_engine.tensorrt.data_type``."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class SearchType(StrEnum):
+    """The ``type`` of a ``tune.search_space`` entry (Ray Tune's search-space functions)."""
+
+    CHOICE = "choice"
+    GRID = "grid"
+    UNIFORM = "uniform"
+    LOGUNIFORM = "loguniform"
+    QUNIFORM = "quniform"
+    RANDINT = "randint"
+
+
+class SchedulerType(StrEnum):
+    """``tune.scheduler.type``: ASHA stops weak trials early at validation epochs."""
+
+    ASHA = "asha"
+    NONE = "none"
+
+
+class TuneMode(StrEnum):
+    """``tune.mode``: whether ``tune.metric`` is better high or low."""
+
+    MAX = "max"
+    MIN = "min"
+
+
+class SearchAlg(StrEnum):
+    """``tune.search_alg``: random sampling (grid entries give every point), every point of a
+    grid-only space, or Optuna (the tune extra)."""
+
+    RANDOM = "random"
+    GRID = "grid"
+    OPTUNA = "optuna"
+
+
+class ProxyLocation(StrEnum):
+    """``serve.proxy_location``: where Ray Serve runs its HTTP proxies."""
+
+    EVERY_NODE = "EveryNode"
+    HEAD_ONLY = "HeadOnly"
+    DISABLED = "Disabled"
 
 
 @dataclass
@@ -24,8 +129,8 @@ class SpatialModelConfig:
 @dataclass
 class ModelConfig:
     # Siamese_3 | Siamese_1 | Siamese (alias of Siamese_1) | SiameseSpatial (oi-ray's, see README)
-    model_type: str = "Siamese_3"
-    model_backbone: str = "custom"  # the only backbone TAO defines for optical inspection
+    model_type: str = ModelType.SIAMESE_3.value  # a ModelType
+    model_backbone: str = Backbone.CUSTOM.value  # a Backbone
     embedding_vectors: int = 5  # embedding size of each branch (TAO's models)
     margin: float = 2.0  # contrastive-loss margin; also TAO's decision threshold
     imagenet_pretrained: bool = False  # inert (warns): the custom backbone has no ImageNet weights
@@ -34,12 +139,12 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    type: str = "Adam"  # Adam | SGD
+    type: str = OptimizerType.ADAM.value  # an OptimizerType
     lr: float = 5e-4
     momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4  # SGD only (TAO's Adam uses none)
-    # oi-ray extension: constant (TAO's) | cosine: from lr down to 0 over train.num_epochs, every step
-    lr_schedule: str = "constant"
+    # oi-ray extension, an LrSchedule: the cosine falls from lr to 0 over train.num_epochs, every step
+    lr_schedule: str = LrSchedule.CONSTANT.value
 
 
 @dataclass
@@ -102,7 +207,7 @@ class DatasetConfig:
     fpratio_sampling: float = 0.1  # defects drawn per PASS pair in training (0 < r <= 1)
     num_input: int | None = None  # number of lightings; default len(input_map), else 1
     input_map: dict[str, int] | None = None  # lighting name -> index; key order is used
-    concat_type: str = "linear"  # linear (stack along height) | grid (grid_map layout)
+    concat_type: str = ConcatType.LINEAR.value  # a ConcatType
     grid_map: GridMap | None = field(default_factory=GridMap)  # used when concat_type is grid
     image_width: int = 128
     image_height: int = 128
@@ -125,9 +230,10 @@ class TensorBoardLogger:
 class CalibrationRuleConfig:
     """How training places the decision threshold on the validation set (oi-ray extension)."""
 
-    # defect_recall: the strictest threshold that still catches target_recall of the validation
-    # defects, lowered by safety_margin; balanced_accuracy: the best (recall + 1 - false alarms) / 2
-    rule: str = "defect_recall"
+    # a CalibrationRule. defect_recall: the strictest threshold that still catches target_recall
+    # of the validation defects, lowered by safety_margin; balanced_accuracy: the best
+    # (recall + 1 - false alarms) / 2
+    rule: str = CalibrationRule.DEFECT_RECALL.value
     target_recall: float = 1.0  # share of validation defects the threshold must catch
     safety_margin: float = 0.05  # the threshold sits this share below the weakest caught defect's score
 
@@ -145,7 +251,7 @@ class TrainConfig:
     resume_training_checkpoint_path: str | None = None  # wins over oi_model_latest.pth
     results_dir: str = "${results_dir}/train"
     optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: str = "contrastive"  # the only loss TAO defines
+    loss: str = Loss.CONTRASTIVE.value  # a Loss
     clip_grad_norm: float = 0.0  # 0 disables gradient clipping
     tensorboard: TensorBoardLogger = field(default_factory=TensorBoardLogger)
     pretrained_model_path: str | None = None  # weights only; training starts at epoch 0
@@ -212,7 +318,7 @@ class CalibrationConfig:
 
 @dataclass
 class TensorRTConfig:
-    data_type: str = "fp32"  # fp32 | fp16 | int8
+    data_type: str = TrtDataType.FP32.value  # a TrtDataType
     workspace_size: int = 1024  # MiB
     min_batch_size: int = 1
     opt_batch_size: int | None = None  # default dataset.batch_size
@@ -298,7 +404,7 @@ class RayConfig:
 class SearchDimension:
     """One entry of ``tune.search_space``: how a trial draws the value of its spec key."""
 
-    type: str = "choice"  # choice | grid | uniform | loguniform | quniform | randint
+    type: str = SearchType.CHOICE.value  # a SearchType
     values: list[Any] | None = None  # choice, grid
     low: float | None = None  # uniform, loguniform, quniform, randint (inclusive)
     high: float | None = None  # uniform, loguniform, quniform (inclusive); randint (exclusive)
@@ -307,7 +413,7 @@ class SearchDimension:
 
 @dataclass
 class TuneScheduler:
-    type: str = "asha"  # asha: stop weak trials early at validation epochs | none
+    type: str = SchedulerType.ASHA.value  # a SchedulerType
     grace_period: int = 1  # epochs every trial runs before it may be stopped
     reduction_factor: float = 2.0  # ASHA keeps 1/reduction_factor of the trials at each rung
 
@@ -329,9 +435,9 @@ class TuneConfig:
     search_space: dict[str, SearchDimension] = field(default_factory=dict)
     num_samples: int = 4  # trials; with grid entries, repeats of the whole grid
     metric: str = "val_auroc"  # a validation metric every epoch reports (see train's status.json)
-    mode: str = "max"  # max | min
+    mode: str = TuneMode.MAX.value  # a TuneMode
     scheduler: TuneScheduler = field(default_factory=TuneScheduler)
-    search_alg: str = "random"  # random (grid entries: every point) | optuna (needs the tune extra)
+    search_alg: str = SearchAlg.RANDOM.value  # a SearchAlg
     max_concurrent_trials: int | None = None  # default: as many as the cluster's CPUs/GPUs hold
     resources_per_trial: TuneTrialResources = field(default_factory=TuneTrialResources)
     # true: the images are decoded once for all trials; false: each trial decodes its own
@@ -371,7 +477,7 @@ class ServeConfig:
     app_name: str = "oi-ray"  # Ray Serve application name
     host: str = "127.0.0.1"  # HTTP bind address; 0.0.0.0 exposes the service to the network
     port: int = 8000
-    proxy_location: str = "EveryNode"  # Ray Serve HTTP proxies: EveryNode | HeadOnly | Disabled
+    proxy_location: str = ProxyLocation.EVERY_NODE.value  # a ProxyLocation
     route_prefix: str = "/"  # the API lives under {route_prefix}v1/...
     max_pairs_per_request: int = 64
     max_request_mb: float = 64.0  # larger request bodies are refused (413)

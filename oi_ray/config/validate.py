@@ -8,38 +8,42 @@ import dataclasses
 import functools
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from oi_ray.config.schema import (
+    Backbone,
+    CalibrationRule,
+    ConcatType,
     DatasetConfig,
     ExperimentConfig,
     ExportConfig,
+    Loss,
+    LrSchedule,
     ModelConfig,
+    ModelType,
+    OptimizerType,
+    ProxyLocation,
     RayConfig,
+    SchedulerType,
+    SearchAlg,
     ServeConfig,
     TensorRTConfig,
     TrainConfig,
+    TrtDataType,
     TuneConfig,
+    TuneMode,
 )
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPES = ("Siamese_3", "Siamese_1", "Siamese", "SiameseSpatial")
-CALIBRATION_RULES = ("defect_recall", "balanced_accuracy")
-CONCAT_TYPES = ("linear", "grid")
-OPTIMIZERS = ("Adam", "SGD")
-LR_SCHEDULES = ("constant", "cosine")
-TRT_DATA_TYPES = ("fp32", "fp16", "int8")
 MAX_PORT = 65535
 JOB_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 # What every training epoch reports (training/worker.py), the metrics a sweep can rank trials by
 TUNE_METRICS = ("val_auroc", "val_loss", "val_acc", "val_fpr", "val_defect_recall_fraction_of_defects",
                 "val_false_alarm_fraction_of_pass_pairs",
                 "val_false_alarm_fraction_of_pass_pairs_at_99_defect_recall", "train_loss")
-TUNE_SCHEDULERS = ("asha", "none")
-TUNE_SEARCH_ALGS = ("random", "grid", "optuna")
-SERVE_PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
 
 
 @dataclass(frozen=True)
@@ -151,9 +155,10 @@ class _Problems:
         if not ok:
             self.messages.append(f"{key}={value!r} is invalid: {allowed}")
 
-    def one_of(self, key: str, value: Any, choices: tuple[str, ...]) -> None:
-        if value not in choices:
-            self.messages.append(f"{key}={value!r} is not one of {list(choices)}")
+    def one_of(self, key: str, value: Any, choices: Iterable[str]) -> None:
+        allowed = [str(choice) for choice in choices]
+        if value not in allowed:
+            self.messages.append(f"{key}={value!r} is not one of {allowed}")
 
     def in_range(self, key: str, value: float, low: float, high: float) -> None:
         self.check(low <= value <= high, key, value, f"expected {low} <= value <= {high}")
@@ -184,8 +189,8 @@ def validate(config: ExperimentConfig) -> list[str]:
 
 
 def _check_model(p: _Problems, model: ModelConfig) -> None:
-    p.one_of("model.model_type", model.model_type, MODEL_TYPES)
-    p.one_of("model.model_backbone", model.model_backbone, ("custom",))
+    p.one_of("model.model_type", model.model_type, ModelType)
+    p.one_of("model.model_backbone", model.model_backbone, Backbone)
     p.at_least("model.embedding_vectors", model.embedding_vectors, 1)
     p.check(model.margin > 0, "model.margin", model.margin, "expected > 0")
     spatial = model.spatial
@@ -207,7 +212,7 @@ def _check_dataset(p: _Problems, dataset: DatasetConfig) -> None:
     p.at_least("dataset.image_width", dataset.image_width, 1)
     p.at_least("dataset.image_height", dataset.image_height, 1)
     p.at_least("dataset.num_input", dataset.num_input, 1)
-    p.one_of("dataset.concat_type", dataset.concat_type, CONCAT_TYPES)
+    p.one_of("dataset.concat_type", dataset.concat_type, ConcatType)
 
     lights = dataset.input_map
     if lights:
@@ -223,7 +228,7 @@ def _check_dataset(p: _Problems, dataset: DatasetConfig) -> None:
                 "without dataset.input_map there is one image per side, so num_input must be 1")
 
     grid = dataset.grid_map
-    if dataset.concat_type == "grid":
+    if dataset.concat_type == ConcatType.GRID:
         layout = "unset" if grid is None else f"x={grid.x}, y={grid.y}"
         p.check(grid is not None and grid.x >= 1 and grid.y >= 1
                 and grid.x * grid.y == dataset.num_input, "dataset.grid_map", layout,
@@ -256,15 +261,15 @@ def _check_train(p: _Problems, train: TrainConfig) -> None:
     p.at_least("train.num_epochs", train.num_epochs, 1)
     for name in ("checkpoint_interval", "validation_interval"):
         p.in_range(f"train.{name}", getattr(train, name), 1, train.num_epochs)
-    p.one_of("train.optim.type", train.optim.type, OPTIMIZERS)
+    p.one_of("train.optim.type", train.optim.type, OptimizerType)
     p.check(train.optim.lr > 0, "train.optim.lr", train.optim.lr, "expected > 0")
-    p.one_of("train.optim.lr_schedule", train.optim.lr_schedule, LR_SCHEDULES)
+    p.one_of("train.optim.lr_schedule", train.optim.lr_schedule, LrSchedule)
     p.in_range("train.optim.momentum", train.optim.momentum, 0, 1)
     p.at_least("train.optim.weight_decay", train.optim.weight_decay, 0)
-    p.one_of("train.loss", train.loss, ("contrastive",))
+    p.one_of("train.loss", train.loss, Loss)
     p.at_least("train.clip_grad_norm", train.clip_grad_norm, 0)
     calibration = train.calibration
-    p.one_of("train.calibration.rule", calibration.rule, CALIBRATION_RULES)
+    p.one_of("train.calibration.rule", calibration.rule, CalibrationRule)
     p.check(0 < calibration.target_recall <= 1, "train.calibration.target_recall", calibration.target_recall,
             "expected 0 < value <= 1 (a share of the validation defects)")
     p.check(0 <= calibration.safety_margin < 1, "train.calibration.safety_margin", calibration.safety_margin,
@@ -281,7 +286,7 @@ def _check_export(p: _Problems, export: ExportConfig) -> None:
 
 def _check_tensorrt(p: _Problems, trt: TensorRTConfig) -> None:
     prefix = "gen_trt_engine.tensorrt"
-    p.one_of(f"{prefix}.data_type", trt.data_type, TRT_DATA_TYPES)
+    p.one_of(f"{prefix}.data_type", trt.data_type, TrtDataType)
     p.at_least(f"{prefix}.workspace_size", trt.workspace_size, 0)
     p.at_least(f"{prefix}.min_batch_size", trt.min_batch_size, 1)
     for name in ("opt_batch_size", "max_batch_size"):
@@ -313,7 +318,7 @@ def _check_ray(p: _Problems, ray: RayConfig) -> None:
 def _check_serve(p: _Problems, serve: ServeConfig) -> None:
     p.check(bool(serve.app_name.strip()), "serve.app_name", serve.app_name, "expected a name")
     p.in_range("serve.port", serve.port, 1, MAX_PORT)
-    p.one_of("serve.proxy_location", serve.proxy_location, SERVE_PROXY_LOCATIONS)
+    p.one_of("serve.proxy_location", serve.proxy_location, ProxyLocation)
     p.check(serve.route_prefix.startswith("/"), "serve.route_prefix", serve.route_prefix,
             "expected a path starting with '/', e.g. / or /inspection")
     p.at_least("serve.max_pairs_per_request", serve.max_pairs_per_request, 1)
@@ -348,12 +353,12 @@ def _check_serve(p: _Problems, serve: ServeConfig) -> None:
 def _check_tune(p: _Problems, tune: TuneConfig) -> None:
     p.at_least("tune.num_samples", tune.num_samples, 1)
     p.one_of("tune.metric", tune.metric, TUNE_METRICS)
-    p.one_of("tune.mode", tune.mode, ("max", "min"))
-    p.one_of("tune.scheduler.type", tune.scheduler.type, TUNE_SCHEDULERS)
+    p.one_of("tune.mode", tune.mode, TuneMode)
+    p.one_of("tune.scheduler.type", tune.scheduler.type, SchedulerType)
     p.at_least("tune.scheduler.grace_period", tune.scheduler.grace_period, 1)
     p.check(tune.scheduler.reduction_factor > 1, "tune.scheduler.reduction_factor",
             tune.scheduler.reduction_factor, "expected > 1")
-    p.one_of("tune.search_alg", tune.search_alg, TUNE_SEARCH_ALGS)
+    p.one_of("tune.search_alg", tune.search_alg, SearchAlg)
     p.check(tune.max_concurrent_trials is None or tune.max_concurrent_trials >= 1,
             "tune.max_concurrent_trials", tune.max_concurrent_trials, "expected >= 1")
     resources = tune.resources_per_trial

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from oi_ray.config.schema import DatasetConfig
+from oi_ray.config.schema import ConcatType, DatasetConfig
 from oi_ray.errors import DataError, ImageSizeError
 
 # TAO's transforms: torchvision Resize (bilinear) for plain inputs, bicubic when augmenting.
@@ -42,7 +42,7 @@ class InputGeometry:
     @classmethod
     def from_config(cls, dataset: DatasetConfig) -> "InputGeometry":
         grid = None
-        if dataset.concat_type == "grid" and dataset.grid_map is not None:
+        if dataset.concat_type == ConcatType.GRID and dataset.grid_map is not None:
             grid = (dataset.grid_map.x, dataset.grid_map.y)
         aug = dataset.augmentation_config
         return cls(

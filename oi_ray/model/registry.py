@@ -17,12 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from oi_ray.config.schema import ExperimentConfig, ModelConfig
+from oi_ray.config.schema import ExperimentConfig, ModelConfig, ModelType
 from oi_ray.data.assemble import InputGeometry
 from oi_ray.model.siamese import SIAMESE_MODELS, embedding_distance
 from oi_ray.model.spatial import SiameseSpatial
 
-SPATIAL = "SiameseSpatial"  # the other model types are TAO's (SIAMESE_MODELS)
 EMBEDDING_OUTPUTS = ("output_1", "output_2")  # TAO's: the test and golden embeddings
 OUTPUT_MEANINGS = {  # as model cards explain the outputs
     EMBEDDING_OUTPUTS: "the test and golden embeddings (batch, embedding_dim); the pair's distance is "
@@ -45,7 +44,7 @@ class Architecture:
     @classmethod
     def of(cls, model: ModelConfig, geometry: InputGeometry) -> "Architecture":
         """The spec's model (``model`` section) for inputs assembled as ``geometry``."""
-        options = asdict(model.spatial) if model.model_type == SPATIAL else {}
+        options = asdict(model.spatial) if model.model_type == ModelType.SPATIAL else {}
         return cls(model.model_type, geometry.input_shape, geometry.tiles, model.embedding_vectors, options)
 
     @classmethod
@@ -56,7 +55,7 @@ class Architecture:
     @property
     def output_names(self) -> tuple[str, ...]:
         """The exported graph's outputs."""
-        return SiameseSpatial.output_names if self.model_type == SPATIAL else EMBEDDING_OUTPUTS
+        return SiameseSpatial.output_names if self.model_type == ModelType.SPATIAL else EMBEDDING_OUTPUTS
 
     @property
     def outputs_meaning(self) -> str:
@@ -65,7 +64,7 @@ class Architecture:
 
     def build(self) -> nn.Module:
         """A freshly initialised network (on torch's current default device)."""
-        if self.model_type == SPATIAL:
+        if self.model_type == ModelType.SPATIAL:
             return SiameseSpatial(self.tiles, **self.options)
         _, height, width = self.input_shape
         trunk_channels = 8

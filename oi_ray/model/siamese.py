@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from oi_ray.config.schema import ModelType
+
 DISTANCE_EPS = 1e-6  # torch.nn.functional.pairwise_distance's default, as TAO uses it
 
 
@@ -95,8 +97,8 @@ def siamese_1(num_features: int, embedding_dim: int) -> SiameseNet:
     ))
 
 
-SIAMESE_MODELS: dict[str, Callable[[int, int], SiameseNet]] = {
-    "Siamese_3": siamese_3,
-    "Siamese_1": siamese_1,
-    "Siamese": siamese_1,  # TAO builds Siamese_1 for any model_type but Siamese_3
+SIAMESE_MODELS: dict[ModelType, Callable[[int, int], SiameseNet]] = {
+    ModelType.SIAMESE_3: siamese_3,
+    ModelType.SIAMESE_1: siamese_1,
+    ModelType.SIAMESE: siamese_1,  # TAO builds Siamese_1 for any model_type but Siamese_3
 }

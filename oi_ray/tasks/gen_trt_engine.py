@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from oi_ray.config import save_resolved_spec
-from oi_ray.config.schema import ExperimentConfig
+from oi_ray.config.schema import ExperimentConfig, TrtDataType
 from oi_ray.crypto import is_encrypted_file, protected_output, read_plain
 from oi_ray.errors import ConfigError, DataError
 from oi_ray.fileio import atomic_output, sha256_of
@@ -30,7 +30,7 @@ def run(config: ExperimentConfig) -> None:
     section, trt_config = config.gen_trt_engine, config.gen_trt_engine.tensorrt
     if not section.onnx_file:
         raise ConfigError("gen_trt_engine.onnx_file is not set: give the .onnx that `oi-ray export` wrote")
-    if trt_config.data_type == "int8":
+    if trt_config.data_type == TrtDataType.INT8:
         raise ConfigError("gen_trt_engine.tensorrt.data_type='int8' is not supported yet (it needs a "
                           "calibration set); use fp16 or fp32")
     onnx_path = Path(section.onnx_file)
@@ -57,7 +57,7 @@ def run(config: ExperimentConfig) -> None:
 
     build = builder.create_builder_config()
     build.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, trt_config.workspace_size * MIB)
-    if trt_config.data_type == "fp16":
+    if trt_config.data_type == TrtDataType.FP16:
         build.set_flag(trt.BuilderFlag.FP16)
     if profile is not None:  # a fixed-batch network has static shapes and needs no profile
         shapes = builder.create_optimization_profile()

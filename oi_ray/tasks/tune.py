@@ -23,7 +23,14 @@ from omegaconf import OmegaConf
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from oi_ray.config.schema import ExperimentConfig, RayConfig, TuneTrialResources
+from oi_ray.config.schema import (
+    ExperimentConfig,
+    RayConfig,
+    SchedulerType,
+    SearchAlg,
+    SearchType,
+    TuneTrialResources,
+)
 from oi_ray.console import command
 from oi_ray.data.dataset import PipelineSpec, decode_cache
 from oi_ray.errors import BackendUnavailableError, ConfigError, OiRayError, TaskInterrupted
@@ -109,16 +116,16 @@ def _check_search(config: ExperimentConfig, base: dict[str, Any]) -> None:
                           "tune.search_space={model.margin: {type: uniform, low: 0.5, high: 3.0}}")
     problems = search_problems(settings.search_space, base, settings.share_decoded_images)
     for key, entry in settings.search_space.items():
-        if settings.search_alg == "grid" and entry.type != "grid":
+        if settings.search_alg == SearchAlg.GRID and entry.type != SearchType.GRID:
             problems.append(f"tune.search_space.{key}: grid search takes grid entries only, not {entry.type}")
-        if settings.search_alg == "optuna" and entry.type == "grid":
+        if settings.search_alg == SearchAlg.OPTUNA and entry.type == SearchType.GRID:
             problems.append(f"tune.search_space.{key}: optuna draws every value itself and takes no grid "
                             f"entries; use type choice")
     if settings.metric.startswith("val_") and not config.dataset.validation_dataset.csv_path:
         problems.append(f"tune.metric={settings.metric} needs dataset.validation_dataset")
     if problems:
         raise ConfigError("invalid sweep:\n" + "\n".join(f"  - {problem}" for problem in problems))
-    if settings.search_alg == "optuna":
+    if settings.search_alg == SearchAlg.OPTUNA:
         try:
             import optuna  # noqa: F401  (imported for the check; Ray's OptunaSearch imports it again)
         except ImportError:
@@ -174,12 +181,12 @@ def _concurrency(max_concurrent_trials: int | None, trial_ray: RayConfig, use_gp
 def _new_tuner(config: ExperimentConfig, trainable: Any, sweep_dir: Path, concurrent: int) -> tune.Tuner:
     settings = config.tune
     scheduler = None
-    if settings.scheduler.type == "asha":
+    if settings.scheduler.type == SchedulerType.ASHA:
         scheduler = ASHAScheduler(time_attr="epoch", max_t=config.train.num_epochs,
                                   grace_period=settings.scheduler.grace_period,
                                   reduction_factor=settings.scheduler.reduction_factor)
     search_alg = None
-    if settings.search_alg == "optuna":
+    if settings.search_alg == SearchAlg.OPTUNA:
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 

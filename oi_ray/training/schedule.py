@@ -8,14 +8,14 @@ import math
 
 import torch
 
-from oi_ray.config.schema import OptimConfig
+from oi_ray.config.schema import LrSchedule, OptimConfig
 
 
 def learning_rate(optim: OptimConfig, progress: float) -> float:
     """The rate after ``progress`` (0 at the first step, 1 at the end) of all training:
     ``constant`` (TAO's) is ``optim.lr`` throughout; ``cosine`` falls from ``optim.lr`` to 0
     along half a cosine."""
-    if optim.lr_schedule == "cosine":
+    if optim.lr_schedule == LrSchedule.COSINE:
         return optim.lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
     return optim.lr
 

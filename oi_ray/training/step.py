@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from oi_ray.config.schema import ExperimentConfig, OptimConfig
+from oi_ray.config.schema import ExperimentConfig, OptimConfig, OptimizerType
 from oi_ray.model.loss import contrastive_loss
 from oi_ray.training.schedule import learning_rate, set_learning_rate, training_progress
 
@@ -84,7 +84,7 @@ def training_steps(model: PairModel, optimizer: torch.optim.Optimizer, batches: 
 
 def make_optimizer(parameters: Iterable[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
     """TAO's rule: ``Adam`` -> Adam(lr) without weight decay; ``SGD`` -> SGD(lr, momentum, wd)."""
-    if optim.type == "Adam":
+    if optim.type == OptimizerType.ADAM:
         return torch.optim.Adam(parameters, lr=optim.lr)
     return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 

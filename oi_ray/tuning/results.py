@@ -23,6 +23,7 @@ import pandas as pd
 
 from oi_ray.checkpoint import LATEST_NAME, epoch_checkpoint_path, point_latest_to
 from oi_ray.config import config_from_mapping, save_resolved_spec
+from oi_ray.config.schema import TuneMode
 from oi_ray.errors import find_user_error
 from oi_ray.fileio import write_atomically
 from oi_ray.plots import write_sweep_plot
@@ -59,7 +60,7 @@ def summarize(results: Any, metric: str, mode: str, num_epochs: int) -> list[Tri
         epochs = int(result.metrics.get("epoch", 0)) if result.metrics else 0
         error = _error_text(result.error) if result.error else None
         status = "failed" if error else "completed" if epochs >= num_epochs else "early_stopped"
-        pick = max if mode == "max" else min
+        pick = max if mode == TuneMode.MAX else min
         summaries.append(TrialSummary(
             name=Path(result.path).name, params=dict(result.config), status=status,
             best=pick(values) if values else None, last=values[-1] if values else None, epochs=epochs,
@@ -81,7 +82,7 @@ def choose_best(summaries: list[TrialSummary], mode: str) -> TrialSummary | None
     scored = [summary for summary in summaries if summary.last is not None and math.isfinite(summary.last)]
     if not scored:
         return None
-    return (max if mode == "max" else min)(scored, key=lambda summary: summary.last)
+    return (max if mode == TuneMode.MAX else min)(scored, key=lambda summary: summary.last)
 
 
 def write_results(summaries: list[TrialSummary], metric: str, folder: Path,

@@ -16,10 +16,9 @@ from typing import Any
 from ray import tune
 
 from oi_ray.config import config_from_mapping
-from oi_ray.config.schema import SearchDimension
+from oi_ray.config.schema import SearchDimension, SearchType
 from oi_ray.errors import ConfigError
 
-SEARCH_TYPES = ("choice", "grid", "uniform", "loguniform", "quniform", "randint")
 SWEEPABLE_SECTIONS = ("model.", "train.", "dataset.")
 FIXED_KEYS = (  # prefixes a trial must share with the sweep
     "train.results_dir", "train.resume_training_checkpoint_path", "train.num_gpus", "train.gpu_ids",
@@ -61,30 +60,30 @@ def _shape_problem(key: str, dimension: SearchDimension, shared_decode: bool) ->
         return ("it changes the decoded images, which the trials share; set "
                 "tune.share_decoded_images=false to have each trial decode its own")
     kind, low, high = dimension.type, dimension.low, dimension.high
-    if kind not in SEARCH_TYPES:
-        return f"type {kind!r} is not one of {list(SEARCH_TYPES)}"
-    if kind in ("choice", "grid"):
+    if kind not in list(SearchType):
+        return f"type {kind!r} is not one of {[str(choice) for choice in SearchType]}"
+    if kind in (SearchType.CHOICE, SearchType.GRID):
         return None if dimension.values else f"type {kind} needs a non-empty list of values"
     if low is None or high is None:
         return f"type {kind} needs low and high"
-    if kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
+    if kind == SearchType.RANDINT and not (float(low).is_integer() and float(high).is_integer()):
         return f"randint needs integer bounds, got low={low}, high={high}"
     if low > high:
         return f"low={low} is above high={high}"
-    if kind == "randint" and low == high:
+    if kind == SearchType.RANDINT and low == high:
         return "randint needs low < high (high is excluded)"
-    if kind == "loguniform" and low <= 0:
+    if kind == SearchType.LOGUNIFORM and low <= 0:
         return f"loguniform needs low > 0 (the logarithm of {low} is undefined)"
-    if kind == "quniform" and (dimension.q is None or dimension.q <= 0):
+    if kind == SearchType.QUNIFORM and (dimension.q is None or dimension.q <= 0):
         return f"quniform needs a step q > 0, got {dimension.q}"
     return None
 
 
 def _edge_values(dimension: SearchDimension) -> list[Any]:
     """Values a trial can get that the schema must accept: every listed one, else the bounds."""
-    if dimension.type in ("choice", "grid"):
+    if dimension.type in (SearchType.CHOICE, SearchType.GRID):
         return list(dimension.values)
-    if dimension.type == "randint":
+    if dimension.type == SearchType.RANDINT:
         return [int(dimension.low), int(dimension.high) - 1]
     return [dimension.low, dimension.high]
 
@@ -96,15 +95,15 @@ def param_space(search_space: dict[str, SearchDimension]) -> dict[str, Any]:
 
 def _domain(dimension: SearchDimension) -> Any:
     kind, low, high = dimension.type, dimension.low, dimension.high
-    if kind == "choice":
+    if kind == SearchType.CHOICE:
         return tune.choice(list(dimension.values))
-    if kind == "grid":
+    if kind == SearchType.GRID:
         return tune.grid_search(list(dimension.values))
-    if kind == "uniform":
+    if kind == SearchType.UNIFORM:
         return tune.uniform(low, high)
-    if kind == "loguniform":
+    if kind == SearchType.LOGUNIFORM:
         return tune.loguniform(low, high)
-    if kind == "quniform":
+    if kind == SearchType.QUNIFORM:
         return tune.quniform(low, high, dimension.q)
     return tune.randint(int(low), int(high))
 
@@ -113,6 +112,6 @@ def grid_points(search_space: dict[str, SearchDimension]) -> int:
     """How many grid points the grid entries span (1 without grid entries)."""
     points = 1
     for dimension in search_space.values():
-        if dimension.type == "grid":
+        if dimension.type == SearchType.GRID:
             points *= len(dimension.values)
     return points
