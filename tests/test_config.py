@@ -360,3 +360,20 @@ def test_every_inert_key_is_a_schema_key():
         for part in filter(None, section.split(".")):
             node = getattr(node, part)
         assert hasattr(node, name), inert.key
+
+
+def test_validate_reads_the_config_and_leaves_deriving_to_resolve_derived():
+    import copy
+
+    from oi_ray.config.schema import ExperimentConfig
+    from oi_ray.config.validate import resolve_derived, validate
+
+    config = ExperimentConfig()
+    config.dataset.input_map = {"A": 0, "B": 1}
+    config.train.num_gpus, config.train.gpu_ids = 2, [0]
+    resolve_derived(config)
+    assert (config.dataset.num_input, config.train.num_gpus, config.train.gpu_ids) == (2, 2, [0, 1])
+    config.train.gpu_ids = [0]  # a mismatch again: validate reports or ignores it, and changes nothing
+    before = copy.deepcopy(config)
+    validate(config)
+    assert config == before

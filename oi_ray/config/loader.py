@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from oi_ray.config.schema import ExperimentConfig
-from oi_ray.config.validate import validate, warn_inert_keys
+from oi_ray.config.validate import resolve_derived, validate, warn_inert_keys
 from oi_ray.errors import ConfigError
 from oi_ray.fileio import write_atomically
 
@@ -83,6 +83,7 @@ def _typed_config(specs: list[tuple[DictConfig, str]], overrides: Sequence[str])
     except OmegaConfBaseException as error:
         raise ConfigError(_describe_type_error(error)) from None
 
+    resolve_derived(config)
     problems = validate(config)
     if problems:
         raise ConfigError(_bullet(f"invalid spec {source}", problems))

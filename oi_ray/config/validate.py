@@ -168,8 +168,8 @@ class _Problems:
 
 
 def validate(config: ExperimentConfig) -> list[str]:
-    """Return human-readable problems (empty when the config is valid)."""
-    resolve_derived(config)
+    """Return human-readable problems (empty when the config is valid); reads ``config`` only
+    (derive TAO's implied values first: :func:`resolve_derived`)."""
     p = _Problems()
     _check_model(p, config.model)
     _check_dataset(p, config.dataset)
