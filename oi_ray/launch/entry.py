@@ -10,8 +10,7 @@ import tempfile
 from pathlib import Path
 
 from oi_ray.cli import main as oi_ray
-
-SPEC_VARIABLE = "OI_RAY_JOB_SPEC"
+from oi_ray.launch.jobs import SPEC_VARIABLE
 
 
 def main(argv: list[str]) -> int:

@@ -23,10 +23,10 @@ from oi_ray.config import to_yaml
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.console import command
 from oi_ray.errors import ConfigError, OiRayError, TaskInterrupted
-from oi_ray.launch.entry import SPEC_VARIABLE
 
 log = logging.getLogger(__name__)
 Client = TypeVar("Client")
+SPEC_VARIABLE = "OI_RAY_JOB_SPEC"  # the job's resolved spec, as YAML, for oi_ray.launch.entry
 AGENT_WAIT_S = 60.0
 NO_AGENT = "No available agent to submit job"  # Ray's job server, before its agent is up
 TOKEN_HELP = ("give the cluster's token as RAY_AUTH_TOKEN, or in the file RAY_AUTH_TOKEN_PATH names "
