@@ -8,10 +8,10 @@ from contextlib import contextmanager
 
 import ray
 import ray.data
-from ray._private.services import canonicalize_bootstrap_address
 
 from oi_ray.config.schema import RayConfig
 from oi_ray.errors import ConfigError
+from oi_ray.ray_internals import bootstrap_address, metrics_export_port
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def ray_session(config: RayConfig) -> Iterator[None]:
             object_store_memory=memory * 1024 * 1024 if memory else None,
             include_dashboard=config.include_dashboard,
             dashboard_host="127.0.0.1",
-            _metrics_export_port=config.metrics_export_port,
+            **metrics_export_port(config.metrics_export_port),
             logging_level=logging.WARNING,
             # Workers' output stays in Ray's log files; the driver draws progress and summaries.
             log_to_driver=False,
@@ -80,7 +80,7 @@ def _join(address: str) -> None:
                           f"address (host:6379), ray://host:10001 or auto")
     try:
         target = address.removeprefix("ray://") if address.startswith("ray://") \
-            else canonicalize_bootstrap_address(address)
+            else bootstrap_address(address)
     except ConnectionError:  # auto, and no cluster runs here
         raise ConfigError(f"ray.address={address}: no Ray cluster runs on this machine (start one with "
                           f"`ray start --head`, or set ray.address: null for a private one)") from None

@@ -22,10 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.autoscaler.sdk import create_or_update_cluster, get_head_node_ip
 
 from oi_ray.errors import ConfigError
+from oi_ray.ray_internals import checked_cluster_config
 
 log = logging.getLogger(__name__)
 DASHBOARD_PORT = 8265  # Ray's default
@@ -59,7 +59,7 @@ def _read(cluster_yaml: Path) -> dict:
     if not isinstance(config, dict) or "cluster_name" not in config:
         raise ConfigError(f"--cluster {cluster_yaml}: not a Ray cluster-launcher YAML (no cluster_name)")
     try:
-        validate_config(prepare_config(dict(config)))
+        checked_cluster_config(config)
     except KeyError as error:  # a provider without defaults and a section left out
         raise ConfigError(f"--cluster {cluster_yaml}: missing section {error}") from None
     except Exception as error:  # jsonschema.ValidationError, ValueError: Ray's checks

@@ -15,7 +15,6 @@ import sys
 import time
 from typing import Any, TypeVar
 
-from ray._raylet import AuthenticationTokenLoader
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -23,12 +22,12 @@ from oi_ray.config import to_yaml
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.console import command
 from oi_ray.errors import ConfigError, OiRayError, TaskInterrupted
+from oi_ray.ray_internals import JOB_SDK_LOGGER, NO_JOB_AGENT_MESSAGE, auth_token
 
 log = logging.getLogger(__name__)
 Client = TypeVar("Client")
 SPEC_VARIABLE = "OI_RAY_JOB_SPEC"  # the job's resolved spec, as YAML, for oi_ray.launch.entry
 AGENT_WAIT_S = 60.0
-NO_AGENT = "No available agent to submit job"  # Ray's job server, before its agent is up
 TOKEN_HELP = ("give the cluster's token as RAY_AUTH_TOKEN, or in the file RAY_AUTH_TOKEN_PATH names "
               "(default ~/.ray/auth_token)")
 
@@ -77,10 +76,8 @@ def token_problem(error: AuthenticationError) -> str:
 
 def auth_headers() -> dict[str, str] | None:
     """The user's Ray token as an HTTP header, when there is one."""
-    loader = AuthenticationTokenLoader.instance()
-    if not loader.has_token(ignore_auth_mode=True):
-        return None
-    return {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True)}"}
+    token = auth_token()
+    return {"Authorization": f"Bearer {token}"} if token is not None else None
 
 
 def submit(client: JobSubmissionClient, task: str, config: ExperimentConfig, options: list[str]) -> str:
@@ -103,7 +100,7 @@ def submit(client: JobSubmissionClient, task: str, config: ExperimentConfig, opt
                               metadata={"oi_ray_task": task, "run_name": run_name})
             break
         except RuntimeError as error:  # a head that just started has no job agent for some seconds
-            if NO_AGENT not in str(error) or time.monotonic() > deadline:
+            if NO_JOB_AGENT_MESSAGE not in str(error) or time.monotonic() > deadline:
                 raise
             time.sleep(1)
     log.info("submitted job %s (oi-ray %s, run %s) to %s", submission_id, task, run_name,
@@ -160,7 +157,7 @@ def follow(client: JobSubmissionClient, submission_id: str, address: str) -> Non
 
 
 async def _print_logs(client: JobSubmissionClient, submission_id: str) -> None:
-    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed"
+    logging.getLogger(JOB_SDK_LOGGER).setLevel(logging.WARNING)  # "WebSocket closed"
     async for lines in client.tail_job_logs(submission_id):
         print(lines, end="", flush=True)
 

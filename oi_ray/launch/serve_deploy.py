@@ -11,11 +11,10 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.errors import OiRayError
 from oi_ray.launch.jobs import dashboard_client
+from oi_ray.ray_internals import serve_submission_client
 from oi_ray.serving.app import serve_config
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ def deploy_to_cluster(config: ExperimentConfig, address: str) -> None:
     if settings.auth_token_env:
         log.info("serve.auth_token_env=%s: the variable must be set on the cluster's nodes",
                  settings.auth_token_env)
-    client = dashboard_client(ServeSubmissionClient, address, "dashboard")
+    client = dashboard_client(serve_submission_client(), address, "dashboard")
     ours = serve_config(config)
     name = settings.app_name
     others = [app["deployed_app_config"] for app_name, app in _applications(client).items()
@@ -52,11 +51,11 @@ def deploy_to_cluster(config: ExperimentConfig, address: str) -> None:
           flush=True)
 
 
-def _applications(client: ServeSubmissionClient) -> dict[str, Any]:
+def _applications(client: Any) -> dict[str, Any]:
     return client.get_serve_details().get("applications") or {}
 
 
-def _wait_until_running(client: ServeSubmissionClient, name: str) -> None:
+def _wait_until_running(client: Any, name: str) -> None:
     deadline = time.monotonic() + DEPLOY_TIMEOUT_S
     while True:
         application = _applications(client).get(name, {})

@@ -19,6 +19,7 @@ from ray.serve import Application
 from oi_ray.config import config_from_mapping
 from oi_ray.config.schema import ExperimentConfig, ServeConfig
 from oi_ray.errors import OiRayError
+from oi_ray.ray_internals import start_serve
 from oi_ray.serving.model import resolve_served_model, served_model_path
 from oi_ray.serving.service import DEPLOYMENT_NAME, THRESHOLD_KEY, InspectionService, ServiceSettings
 
@@ -104,14 +105,10 @@ def deploy(config_dict: dict[str, Any], timeout_s: float = DEPLOY_TIMEOUT_S) -> 
     """Start Serve on the connected Ray (HTTP options from the config) and deploy the config's
     applications, as ``serve run config.yaml`` does; return once they run, or raise with
     Serve's reason."""
-    # What Ray's own `serve run <config>` calls: Ray 2.60 has no public Python API that deploys
-    # a config (serve.run takes an Application, which Serve cannot reconfigure in place).
-    from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config_dict)
-    client = serve_start(http_options=schema.http_options.model_dump(),
-                         proxy_location=schema.proxy_location)
+    client = start_serve(schema.http_options.model_dump(), schema.proxy_location)
     client.deploy_apps(schema)
     for application in schema.applications:
         wait_until_running(application.name, timeout_s)
