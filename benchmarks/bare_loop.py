@@ -25,7 +25,9 @@ from oi_ray.data.pairs import load_split
 from oi_ray.metrics import auroc
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.registry import Architecture
-from oi_ray.predictors import TorchPredictor, load_predictor
+from oi_ray.model_card import ModelCard
+from oi_ray.model_file import open_model_file
+from oi_ray.predictors import TorchPredictor
 from oi_ray.runtime import allocator_settings_unset
 from oi_ray.training.step import Precision, StepRule, make_optimizer, training_steps
 
@@ -100,7 +102,8 @@ def split_auroc_of_net(net: torch.nn.Module, config: ExperimentConfig) -> float:
 
 def split_auroc_of_checkpoint(path: Path, config: ExperimentConfig) -> float:
     """The same AUROC for a ``.pth`` that ``oi-ray train`` wrote."""
-    return _test_auroc(load_predictor(path, config), config)
+    model = open_model_file(path, config.encryption_key, ModelCard.expected_by(config))
+    return _test_auroc(model.load(), config)
 
 
 def _test_auroc(predictor, config: ExperimentConfig) -> float:

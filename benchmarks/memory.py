@@ -11,7 +11,7 @@ none of these steps starts Ray):
 - resume: the real ``oi-ray train`` with ``train.num_epochs`` equal to the checkpoint's epoch,
   which checks the checkpoint and stops with "training already complete" before any worker;
 - export: the real ``oi-ray export`` (it runs entirely in the driver), ONNX verification included;
-- evaluate checks: what evaluate and inference do before Ray starts, ``carried_threshold`` on
+- evaluate checks: what evaluate and inference do before Ray starts, ``open_model_file`` on
   the ``.pth`` and on the exported ``.onnx``;
 - baseline: ``torch.save(torch.load(checkpoint), copy)``.
 
@@ -140,10 +140,13 @@ def _export(spec: str, checkpoint: str, onnx_file: str) -> dict:
 
 def _checks(spec: str, checkpoint: str, onnx_file: str) -> dict:
     from oi_ray.config import load_config
-    from oi_ray.predictors import carried_threshold
+    from oi_ray.model_card import ModelCard
+    from oi_ray.model_file import open_model_file
 
     config = load_config(spec)
-    thresholds = [carried_threshold(checkpoint, config).value, carried_threshold(onnx_file, config).value]
+    expected = ModelCard.expected_by(config)
+    thresholds = [open_model_file(path, config.encryption_key, expected).carried.value
+                  for path in (checkpoint, onnx_file)]
     if thresholds != [0.5, 0.5]:
         raise SystemExit(f"unexpected thresholds {thresholds}")
     return _peak()

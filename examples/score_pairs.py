@@ -13,7 +13,8 @@ from oi_ray.config import load_config
 from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.pairs import first_configured_split, load_split
 from oi_ray.decision import CarriedThreshold, choose_threshold, decisions
-from oi_ray.predictors import load_predictor
+from oi_ray.model_card import ModelCard
+from oi_ray.model_file import open_model_file
 
 PAIRS_SHOWN = 8
 
@@ -27,8 +28,9 @@ def main(spec_path: str, *model_paths: str) -> None:
     # (B, H', W', 3) uint8 pictures, exactly what the Ray Data pipeline hands to predictors
     test = read_pictures(table.test_paths[: len(rows)], geometry)
     golden = read_pictures(table.golden_paths[: len(rows)], geometry)
+    expected = ModelCard.expected_by(config)  # the layout the spec's data has, checked against each model
     for model_path in model_paths:
-        predictor = load_predictor(model_path, config)
+        predictor = open_model_file(model_path, config.encryption_key, expected).load()
         # the decision rule evaluate, inference and serving use: the model's threshold, else margin
         threshold = choose_threshold(None, "", CarriedThreshold(predictor.threshold, model_path),
                                      config.model.margin).value

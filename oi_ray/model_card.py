@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oi_ray import __version__
 from oi_ray.config.schema import ExperimentConfig, ExportConfig
 from oi_ray.data.assemble import InputGeometry
 from oi_ray.errors import DataError
@@ -79,11 +80,15 @@ class ModelCard:
         return InputGeometry(num_lights=(total_height // height) * (total_width // width), height=height,
                              width=width, grid=self.grid_map, mean=self.rgb_mean, std=self.rgb_std)
 
-    def check_matches(self, config: ExperimentConfig, model_path: Path) -> None:
-        """Refuse a spec whose input layout differs from the one the model was exported for."""
-        provenance = ("batch_size", "opset_version", "oi_ray_version", "source_checkpoint",
-                      "source_checkpoint_sha256")
-        expected = ModelCard.describe(config, None, **{name: getattr(self, name) for name in provenance})
+    @classmethod
+    def expected_by(cls, config: ExperimentConfig) -> "ModelCard":
+        """The card of a model ``config`` would train, before any file exists: its layout, with
+        no threshold and no provenance (a checkpoint's, unexported)."""
+        return cls.describe(config, None, batch_size=-1, opset_version=None, oi_ray_version=__version__,
+                            source_checkpoint="", source_checkpoint_sha256="")
+
+    def check_matches(self, expected: "ModelCard", model_path: Path) -> None:
+        """Refuse a model whose input layout differs from the ``expected`` one (a spec's)."""
         layout = ("model_type", "model_options", "input_shape", "lights", "concat_type", "grid_map",
                   "image_size", "rgb_mean", "rgb_std")
         differences = [f"{name}: model {getattr(self, name)!r}, spec {getattr(expected, name)!r}"

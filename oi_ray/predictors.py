@@ -13,9 +13,8 @@ takes only some batch sizes (an ONNX export with a fixed batch, a TensorRT profi
 batches cut and padded to fit by :class:`BatchLimits`, the same code for every backend, so any
 batch size scores.
 
-The driver checks a model file without loading it (:func:`carried_threshold`): a ``.pth`` by
-its tensors' shapes against a model built on the ``meta`` device, an ONNX model or engine by
-its model card and the file's SHA-256.
+:func:`load_predictor` is the one factory: a model file, its card and a device. The driver
+checks the file first, without loading it (``oi_ray.model_file``).
 """
 
 import logging
@@ -27,16 +26,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from oi_ray.checkpoint import check_fits, load_checkpoint, restore_model
-from oi_ray.config.schema import ExperimentConfig
-from oi_ray.crypto import decrypt_into, is_encrypted_file, read_plain
+from oi_ray.checkpoint import load_checkpoint, restore_model
+from oi_ray.crypto import is_encrypted_file, read_plain
 from oi_ray.data.assemble import InputGeometry
-from oi_ray.decision import CarriedThreshold
 from oi_ray.errors import BackendUnavailableError, DataError
-from oi_ray.fileio import sha256_of
 from oi_ray.model.inputs import InputNormalizer
-from oi_ray.model.registry import EMBEDDING_OUTPUTS, Architecture, distance_from_outputs
-from oi_ray.model_card import INPUT_NAMES, ModelCard, card_path, read_card
+from oi_ray.model.registry import EMBEDDING_OUTPUTS, distance_from_outputs
+from oi_ray.model_card import INPUT_NAMES, ModelCard
 
 log = logging.getLogger(__name__)
 ONNX_SUFFIXES = (".onnx",)
@@ -105,23 +101,6 @@ class TorchPredictor:
         finally:
             self.model.train(was_training)
         return scores.float().cpu().numpy()
-
-
-def load_torch_predictor(path: str | Path, config: ExperimentConfig,
-                         device: torch.device | str = "cpu") -> TorchPredictor:
-    """A :class:`TorchPredictor` for the ``.pth`` at ``path``, checked against the spec's model.
-
-    The weights are the checkpoint's own tensors (memory-mapped from a plain file), not a copy."""
-    geometry = InputGeometry.from_config(config.dataset)
-    architecture = Architecture.of(config.model, geometry)
-    return _torch_predictor(Path(path), config.encryption_key, architecture, geometry, device)
-
-
-def _torch_predictor(path: Path, key: str | None, architecture: Architecture, geometry: InputGeometry,
-                     device: torch.device | str) -> TorchPredictor:
-    checkpoint = load_checkpoint(path, key)
-    model = restore_model(checkpoint, path, architecture)
-    return TorchPredictor(model.to(device), geometry, device=device, threshold=checkpoint.threshold)
 
 
 class OnnxPredictor:
@@ -225,63 +204,18 @@ def import_tensorrt():
     return tensorrt
 
 
-def carried_threshold(path: str | Path, config: ExperimentConfig) -> CarriedThreshold:
-    """Check, without loading it, that the model file fits the spec and is intact, and return
-    the decision threshold it carries with where it was read.
-
-    A ``.pth``: its tensors' shapes against the spec's model built on the ``meta`` device (the
-    file is memory-mapped, its weights never read). An ONNX model or engine: its model card
-    against the spec and the file against the card's SHA-256; an encrypted file is also
-    decrypted in a streaming pass that keeps nothing, which proves the key."""
-    path = Path(path)
-    if path.suffix == ".pth":
-        checkpoint = load_checkpoint(path, config.encryption_key)
-        check_fits(checkpoint, path, Architecture.of_spec(config))
-        return CarriedThreshold(checkpoint.threshold, f"the checkpoint {path}", checkpoint.threshold_rule)
-    card = _checked_card(path, config)
-    check_model_file(path, card, config.encryption_key)
-    return CarriedThreshold(card.threshold, f"the model card {card_path(path)}", card.threshold_rule)
-
-
-def check_model_file(path: Path, card: ModelCard, key: str | None) -> None:
-    """Fail with one clear error when the ONNX model or engine at ``path`` is not the file its
-    card describes (truncated, corrupt, replaced), or cannot be decrypted with ``key``."""
-    encrypted = is_encrypted_file(path)
-    if card.model_sha256 is not None:
-        if sha256_of(path) != card.model_sha256:
-            raise DataError(f"{path} does not match its model card {card_path(path).name} (SHA-256 differs): "
-                            f"the file is truncated, corrupt or was replaced; export it again")
-    elif not encrypted and path.suffix in ONNX_SUFFIXES:  # a card without the digest (older oi-ray)
-        _check_onnx_graph(path)
-    if encrypted:
-        decrypt_into(path, key, None)
-
-
-def _check_onnx_graph(path: Path) -> None:
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as error:  # onnx raises ValidationError and protobuf decode errors
-        raise DataError(f"cannot load ONNX model {path}: {str(error).strip()}") from None
-
-
-def load_predictor(path: str | Path, config: ExperimentConfig, use_gpu: bool = False) -> Predictor:
-    """The predictor for ``path`` by its suffix, checked against the spec's model and input layout."""
-    path = Path(path)
-    if path.suffix == ".pth":
-        return load_torch_predictor(path, config, "cuda" if use_gpu else "cpu")
-    return predictor_for_card(path, _checked_card(path, config), config.encryption_key, use_gpu)
-
-
-def predictor_for_card(path: Path, card: ModelCard, key: str | None, use_gpu: bool = False, *,
-                       threads: int | None = None) -> Predictor:
-    """The predictor for the model file at ``path``, laid out as its ``card`` says (for a
-    ``.pth``, a card :meth:`ModelCard.describe` wrote from its spec). ``threads``: ONNX Runtime's
-    intra-op threads (default: one per core)."""
+def load_predictor(path: Path, card: ModelCard, key: str | None, use_gpu: bool = False, *,
+                   threads: int | None = None) -> Predictor:
+    """The predictor for the model file at ``path`` (decrypted with ``key`` when encrypted), laid
+    out as its ``card`` says, on a GPU when ``use_gpu``; ``threads``: ONNX Runtime's intra-op
+    threads (default: one per core). The driver opens the file first (``oi_ray.model_file``),
+    which checks it and gives a ``.pth`` its card."""
     geometry = card.geometry()
-    if path.suffix == ".pth":
-        return _torch_predictor(path, key, card.architecture(), geometry, "cuda" if use_gpu else "cpu")
+    if path.suffix == ".pth":  # the checkpoint's own tensors (memory-mapped from a plain file), not a copy
+        device = "cuda" if use_gpu else "cpu"
+        checkpoint = load_checkpoint(path, key)
+        model = restore_model(checkpoint, path, card.architecture())
+        return TorchPredictor(model.to(device), geometry, device=device, threshold=checkpoint.threshold)
     if path.suffix in ONNX_SUFFIXES:
         model = read_plain(path, key) if is_encrypted_file(path) else path  # ONNX Runtime reads a path itself
         return OnnxPredictor(model, geometry, threshold=card.threshold, use_gpu=use_gpu, source=path,
@@ -300,13 +234,3 @@ def onnxruntime_has_cuda() -> bool:
 def is_tensorrt_file(path: str | Path) -> bool:
     """Whether ``path`` names a TensorRT engine."""
     return Path(path).suffix in TENSORRT_SUFFIXES
-
-
-def _checked_card(path: Path, config: ExperimentConfig) -> ModelCard:
-    if path.suffix not in ONNX_SUFFIXES + TENSORRT_SUFFIXES:
-        raise DataError(f"{path}: unknown model file type; expected .pth, .onnx or .engine")
-    if not path.is_file():
-        raise DataError(f"model not found: {path}")
-    card = read_card(path)
-    card.check_matches(config, path)
-    return card

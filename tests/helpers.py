@@ -1,5 +1,5 @@
-"""Small hand-made TAO-layout datasets for tests that need exact control over files, and
-running a command until Ctrl-C."""
+"""Small hand-made TAO-layout datasets for tests that need exact control over files, a model
+file opened as a spec expects it, and running a command until Ctrl-C."""
 
 import os
 import signal
@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from oi_ray.config.schema import ExperimentConfig
 from oi_ray.model.registry import Architecture
+from oi_ray.model_card import ModelCard
+from oi_ray.model_file import ModelFile, open_model_file
 
 LIGHTS = ("LowAngleLight", "SolderLight")
 # TAO's published example specs, verbatim (TAO's documented fields and values, placeholder paths).
@@ -21,6 +24,11 @@ def tao_architecture(model_type: str, input_shape: tuple[int, int, int],
                      embedding_dim: int = 5) -> Architecture:
     """One of TAO's models (their layers do not depend on the lighting tiles)."""
     return Architecture(model_type, input_shape, (1, 1), embedding_dim)
+
+
+def spec_model(path: Path, config: ExperimentConfig) -> ModelFile:
+    """The model file at ``path``, checked as ``evaluate`` with ``config`` checks it."""
+    return open_model_file(path, config.encryption_key, ModelCard.expected_by(config))
 
 
 def write_pair_dataset(

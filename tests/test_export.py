@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
-from helpers import tao_architecture
+from helpers import spec_model, tao_architecture
 
 from oi_ray.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from oi_ray.cli import main
@@ -22,7 +22,8 @@ from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.errors import DataError
 from oi_ray.model_card import ModelCard, card_path, read_card
-from oi_ray.predictors import BatchLimits, carried_threshold, load_predictor
+from oi_ray.model_file import open_model_file
+from oi_ray.predictors import BatchLimits
 
 INPUT_SHAPE = (3, 32, 16)  # 2 lightings of 16x16, linear
 HAS_GPU = torch.cuda.is_available()
@@ -117,8 +118,8 @@ def test_fixed_batch_export_scores_like_the_dynamic_one_pair_by_pair(spec, tmp_p
     rows = range(30)  # not a multiple of 4
     test = read_pictures([table.test_paths[row] for row in rows], geometry)
     golden = read_pictures([table.golden_paths[row] for row in rows], geometry)
-    expected = torch.from_numpy(load_predictor(dynamic, config).distances(test, golden))
-    predictor = load_predictor(fixed, config)
+    expected = torch.from_numpy(spec_model(dynamic, config).load().distances(test, golden))
+    predictor = spec_model(fixed, config).load()
     assert predictor.limits == BatchLimits(4, 4)
     assert read_card(fixed).batch_size == 4
     for size in (1, 3, 7, 30):
@@ -211,21 +212,21 @@ def test_fixed_batch_model_scores_every_pair_of_a_split(ray_local, spec, tmp_pat
 def test_driver_checks_model_files_without_loading_them(spec, tmp_path):
     config = load_config(spec)
     checkpoint = _checkpoint(tmp_path)
-    assert carried_threshold(checkpoint, config).value == 0.25
-    assert carried_threshold(checkpoint, config).source == f"the checkpoint {checkpoint}"
+    assert spec_model(checkpoint, config).carried.value == 0.25
+    assert spec_model(checkpoint, config).carried.source == f"the checkpoint {checkpoint}"
     onnx_file = tmp_path / "m.onnx"
     assert _export(spec, checkpoint, onnx_file) == 0
-    carried = carried_threshold(onnx_file, config)
+    carried = spec_model(onnx_file, config).carried
     assert (carried.value, carried.source) == (0.25, f"the model card {card_path(onnx_file)}")
 
     engine = tmp_path / "m.engine"  # checked by its card's digest: no GPU needed
     engine.write_bytes(b"serialized engine bytes")
     card = dataclasses.replace(read_card(onnx_file), model_sha256=_sha256(engine))
     card.write(engine)
-    assert carried_threshold(engine, config).value == 0.25
+    assert spec_model(engine, config).carried.value == 0.25
     engine.write_bytes(b"serialized engine byte")
     with pytest.raises(DataError, match=r"m.engine does not match its model card m.engine.json \(SHA-256"):
-        carried_threshold(engine, config)
+        spec_model(engine, config)
 
     legacy = tmp_path / "legacy.onnx"  # a card from before model_sha256: the graph is checked instead
     legacy.write_bytes(onnx_file.read_bytes()[:-100])
@@ -233,7 +234,7 @@ def test_driver_checks_model_files_without_loading_them(spec, tmp_path):
                                              if k != "model_sha256"}))
     assert read_card(legacy).model_sha256 is None
     with pytest.raises(DataError, match=f"cannot load ONNX model {legacy}"):
-        carried_threshold(legacy, config)
+        spec_model(legacy, config)
 
 
 def test_encrypted_model_with_a_wrong_key_is_refused_by_the_driver(spec, tmp_path):
@@ -241,16 +242,17 @@ def test_encrypted_model_with_a_wrong_key_is_refused_by_the_driver(spec, tmp_pat
     onnx_file = tmp_path / "enc.onnx"
     assert _export(spec, checkpoint, onnx_file, "encryption_key=k") == 0
     assert read_card(onnx_file).model_sha256 == _sha256(onnx_file), "the digest of the encrypted bytes"
-    assert carried_threshold(onnx_file, load_config(spec, ["encryption_key=k"])).value == 0.25
+    assert spec_model(onnx_file, load_config(spec, ["encryption_key=k"])).carried.value == 0.25
     for path in (checkpoint, onnx_file):
         with pytest.raises(DataError, match=f"cannot decrypt {path}: wrong encryption_key"):
-            carried_threshold(path, load_config(spec, ["encryption_key=guess"]))
+            spec_model(path, load_config(spec, ["encryption_key=guess"]))
     config = load_config(spec, ["encryption_key=k"])
     geometry = InputGeometry.from_config(config.dataset)
     table = load_split(config.dataset, "test_dataset")
     test, golden = (read_pictures(paths, geometry) for paths in (table.test_paths, table.golden_paths))
-    torch.testing.assert_close(torch.from_numpy(load_predictor(onnx_file, config).distances(test, golden)),
-                               torch.from_numpy(load_predictor(checkpoint, config).distances(test, golden)),
+    onnx_distances, torch_distances = (spec_model(path, config).load().distances(test, golden)
+                                       for path in (onnx_file, checkpoint))
+    torch.testing.assert_close(torch.from_numpy(onnx_distances), torch.from_numpy(torch_distances),
                                rtol=1e-4, atol=1e-5)
 
 
@@ -297,3 +299,21 @@ def test_tensorrt_batch_profile(spec, overrides, card_batch, expected):
     card = ModelCard.describe(config, None, batch_size=card_batch, opset_version=17, oi_ray_version="x",
                               source_checkpoint="c", source_checkpoint_sha256="0" * 64)
     assert _batch_profile(config, card) == expected
+
+
+def test_opening_a_model_file_checks_type_presence_and_layout(spec, tmp_path):
+    config = load_config(spec)
+    with pytest.raises(DataError, match=r"m\.bin: unknown model file type; expected \.pth, \.onnx or \.engine"):
+        spec_model(tmp_path / "m.bin", config)
+    with pytest.raises(DataError, match=f"model not found: {tmp_path / 'absent.onnx'}"):
+        spec_model(tmp_path / "absent.onnx", config)
+    checkpoint = _checkpoint(tmp_path)
+    opened = spec_model(checkpoint, config)
+    assert (opened.backend, opened.card.threshold, opened.card.source_checkpoint) == ("torch", 0.25, str(checkpoint))
+    assert opened.name == f"{checkpoint.name}@{_sha256(checkpoint)[:12]}"
+    onnx_file = tmp_path / "m.onnx"
+    assert _export(spec, checkpoint, onnx_file) == 0
+    other = load_config(spec, ["dataset.image_width=64"])
+    with pytest.raises(DataError, match=r"m\.onnx was exported for another input layout than the spec's: input_shape"):
+        spec_model(onnx_file, other)
+    assert open_model_file(onnx_file, None, None).card == read_card(onnx_file), "serving: the card decides"

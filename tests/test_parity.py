@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import spec_model
 
 from oi_ray.checkpoint import Checkpoint, save_checkpoint
 from oi_ray.cli import main
@@ -22,7 +23,7 @@ from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.registry import Architecture
-from oi_ray.predictors import BatchLimits, load_predictor
+from oi_ray.predictors import BatchLimits
 from oi_ray.training.step import Precision, StepRule, make_optimizer, training_steps
 
 HAS_GPU = torch.cuda.is_available()
@@ -97,8 +98,8 @@ def test_onnx_scores_like_torch_pair_by_pair(spec, tmp_path, model_type, layout)
     expected_shape = {"linear": (3, 64, 16), "grid": (3, 32, 32)}[layout]
     assert InputGeometry.from_config(config.dataset).input_shape == expected_shape
     test, golden = _test_pairs(config)
-    torch_distances = torch.from_numpy(load_predictor(checkpoint, config).distances(test, golden))
-    onnx_distances = torch.from_numpy(load_predictor(onnx_file, config).distances(test, golden))
+    torch_distances = torch.from_numpy(spec_model(checkpoint, config).load().distances(test, golden))
+    onnx_distances = torch.from_numpy(spec_model(onnx_file, config).load().distances(test, golden))
     assert torch_distances.shape == (len(test),) and torch_distances.std() > 1e-3
     torch.testing.assert_close(onnx_distances, torch_distances, rtol=1e-4, atol=1e-5)
 
@@ -121,9 +122,9 @@ def test_tensorrt_scores_like_torch_pair_by_pair(spec, tmp_path, model_type, lay
     assert cache.stat().st_size > 0, "the timing cache is saved after the build"
     assert main(build) == 0, "and read by the next build"
     test, golden = _test_pairs(config)
-    predictor = load_predictor(engine, config, use_gpu=True)
+    predictor = spec_model(engine, config).load(use_gpu=True)
     assert predictor.limits == BatchLimits(4, 4)
-    torch_distances = torch.from_numpy(load_predictor(checkpoint, config).distances(test, golden))
+    torch_distances = torch.from_numpy(spec_model(checkpoint, config).load().distances(test, golden))
     trt_distances = torch.from_numpy(predictor.distances(test[:11], golden[:11]))
     # TensorRT may use TF32 for fp32 matrix products on Ampere and newer GPUs.
     torch.testing.assert_close(trt_distances, torch_distances[:11], rtol=5e-3, atol=1e-3)

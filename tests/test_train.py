@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import spec_model
 
 from oi_ray.checkpoint import load_checkpoint
 from oi_ray.cli import main
@@ -16,7 +17,6 @@ from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.metrics import auroc, calibrate
-from oi_ray.predictors import load_predictor
 
 pytestmark = pytest.mark.ray
 FAST = ["dataset.batch_size=8", "ray.num_workers=1"]
@@ -62,7 +62,7 @@ def test_train_writes_tao_checkpoints_then_resumes_and_stops(spec, tmp_path, cap
     assert config.train.num_epochs == 2 and config.results_dir == str(results), "the resolved spec is saved"
     table = load_split(config.dataset, "validation_dataset")
     geometry = InputGeometry.from_config(config.dataset)
-    distances = load_predictor(train_dir / "oi_model_latest.pth", config).distances(
+    distances = spec_model(train_dir / "oi_model_latest.pth", config).load().distances(
         read_pictures(table.test_paths, geometry), read_pictures(table.golden_paths, geometry))
     assert epochs[1]["val_auroc"] == pytest.approx(auroc(distances, table.targets), abs=1e-6)
     # the default rule: every validation defect is caught, with the safety margin below the weakest

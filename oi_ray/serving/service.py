@@ -36,7 +36,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from oi_ray.decision import NO_PASS, DecisionThreshold, choose_threshold, decisions
-from oi_ray.serving.model import ServedModel
+from oi_ray.model_file import ModelFile
 from oi_ray.serving.uploads import (
     PairUpload,
     RequestError,
@@ -136,7 +136,7 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
 class InspectionService:
     """One predictor, the HTTP API, batching and metrics (one instance per replica)."""
 
-    def __init__(self, model: ServedModel, settings: ServiceSettings) -> None:
+    def __init__(self, model: ModelFile, settings: ServiceSettings) -> None:
         torch.set_num_threads(settings.threads)
         self.model = model
         self.settings = settings

@@ -18,8 +18,9 @@ from oi_ray.config.schema import ExperimentConfig, TrtDataType
 from oi_ray.crypto import is_encrypted_file, protected_output, read_plain
 from oi_ray.errors import ConfigError, DataError
 from oi_ray.fileio import atomic_output, sha256_of
-from oi_ray.model_card import INPUT_NAMES, ModelCard, read_card
-from oi_ray.predictors import check_model_file, import_tensorrt
+from oi_ray.model_card import INPUT_NAMES, ModelCard
+from oi_ray.model_file import open_model_file
+from oi_ray.predictors import import_tensorrt
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
@@ -36,10 +37,8 @@ def run(config: ExperimentConfig) -> None:
     onnx_path = Path(section.onnx_file)
     if not onnx_path.is_file():
         raise DataError(f"ONNX model not found: {onnx_path}")
-    card = read_card(onnx_path)
-    card.check_matches(config, onnx_path)
+    card = open_model_file(onnx_path, config.encryption_key, ModelCard.expected_by(config)).card
     profile = _batch_profile(config, card)
-    check_model_file(onnx_path, card, config.encryption_key)
     engine_path = Path(section.trt_engine or onnx_path.with_suffix(".engine")).resolve()
     trt = import_tensorrt()
 

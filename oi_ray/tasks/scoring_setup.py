@@ -12,13 +12,9 @@ from oi_ray.data.dataset import PipelineSpec
 from oi_ray.data.pairs import PairTable, first_configured_split, load_split
 from oi_ray.decision import choose_threshold
 from oi_ray.errors import BackendUnavailableError, ConfigError
-from oi_ray.predictors import (
-    ONNX_SUFFIXES,
-    carried_threshold,
-    is_tensorrt_file,
-    load_predictor,
-    onnxruntime_has_cuda,
-)
+from oi_ray.model_card import ModelCard
+from oi_ray.model_file import open_model_file
+from oi_ray.predictors import ONNX_SUFFIXES, is_tensorrt_file, onnxruntime_has_cuda
 from oi_ray.runtime import ray_session, torch_threads, uses_gpus
 from oi_ray.scoring import Scores, score_table
 
@@ -51,9 +47,9 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *, r
     table = load_split(config.dataset, split, require_labels=require_labels)
     for key, column in (columns or {}).items():
         table.require_column(column, key)
-    checkpoint = Path(model_file)
-    threshold = choose_threshold(section.threshold, f"{task}.threshold",
-                                 carried_threshold(checkpoint, config), config.model.margin)
+    model = open_model_file(model_file, config.encryption_key, ModelCard.expected_by(config))
+    checkpoint = model.path
+    threshold = choose_threshold(section.threshold, f"{task}.threshold", model.carried, config.model.margin)
     batch_size = section.batch_size if section.batch_size > 0 else config.dataset.batch_size
     if batch_size == 1 and len(table) > SLOW_SINGLE_PAIR_ROWS:
         log.info("%s.batch_size=1 (TAO's default) scores one pair per call; %s.batch_size=%d gives the "
@@ -70,7 +66,7 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *, r
         if use_gpu and checkpoint.suffix in ONNX_SUFFIXES and not onnxruntime_has_cuda():
             log.warning("onnxruntime here has no CUDA provider: the GPU replicas run %s on their CPUs; "
                         "install the gpu extra (pip install -e '.[gpu]') to run it on them", checkpoint.name)
-        load = functools.partial(load_predictor, checkpoint, config, use_gpu)
+        load = functools.partial(model.load, use_gpu)
         scores = score_table(table, PipelineSpec.from_config(config.dataset), load,
                              batch_size=batch_size, use_gpu=use_gpu, actors=actors,
                              threads=torch_threads(config.ray, actors))

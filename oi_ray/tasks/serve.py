@@ -21,9 +21,10 @@ from oi_ray.config.schema import ExperimentConfig, ServeConfig
 from oi_ray.decision import choose_threshold
 from oi_ray.errors import ConfigError
 from oi_ray.fileio import write_atomically
+from oi_ray.model_file import ModelFile
 from oi_ray.runtime import ray_session
 from oi_ray.serving.app import deploy, serve_config
-from oi_ray.serving.model import ServedModel, resolve_served_model
+from oi_ray.serving.model import resolve_served_model
 from oi_ray.serving.uploads import UploadLayout
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def _check_capacity(settings: ServeConfig) -> None:
                               f"{per_replica * replicas:g} {name}s; the Ray cluster has {available:g}")
 
 
-def _banner(config: ExperimentConfig, model: ServedModel) -> str:
+def _banner(config: ExperimentConfig, model: ModelFile) -> str:
     settings = config.serve
     host = socket.gethostname() if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"http://{host}:{settings.port}{settings.route_prefix.rstrip('/')}"
