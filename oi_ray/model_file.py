@@ -54,19 +54,22 @@ class ModelFile:
         return load_predictor(self.path, self.card, self.encryption_key, use_gpu, threads=threads)
 
 
-def open_model_file(path: str | Path, encryption_key: str | None, expected: ModelCard | None) -> ModelFile:
+def open_model_file(path: str | Path, encryption_key: str | None, expected: ModelCard | None, *,
+                    checkpoint_digest: bool = False) -> ModelFile:
     """Check the model file at ``path`` without loading it.
 
     ``expected``: the layout the caller's spec describes (:meth:`ModelCard.expected_by`). A
     ``.pth`` needs it (its card is made from it); an export's own card is checked against it,
-    unless it is None (serving, whose spec need not name a dataset)."""
+    unless it is None (serving, whose spec need not name a dataset). ``checkpoint_digest``: put
+    a ``.pth``'s SHA-256 in its card (serving names the model by it), a full read of the file
+    that scoring a split does not need (an export's card holds its digest already)."""
     path = Path(path)
     if path.suffix not in BACKENDS:
         raise DataError(f"{path}: unknown model file type; expected .pth, .onnx or .engine")
     if path.suffix == ".pth":  # the checkpoint's reader names a missing or foreign file itself
         if expected is None:
             raise ValueError("a .pth checkpoint is checked against the layout its spec expects")
-        return _checkpoint_file(path, encryption_key, expected)
+        return _checkpoint_file(path, encryption_key, expected, checkpoint_digest)
     if not path.is_file():
         raise DataError(f"model not found: {path}")
     card = read_card(path)
@@ -77,12 +80,12 @@ def open_model_file(path: str | Path, encryption_key: str | None, expected: Mode
     return ModelFile(path, card, carried, encryption_key)
 
 
-def _checkpoint_file(path: Path, encryption_key: str | None, expected: ModelCard) -> ModelFile:
+def _checkpoint_file(path: Path, encryption_key: str | None, expected: ModelCard, digest: bool) -> ModelFile:
     checkpoint = load_checkpoint(path, encryption_key)
     check_fits(checkpoint, path, expected.architecture())
     card = dataclasses.replace(expected, threshold=checkpoint.threshold,
                                threshold_rule=checkpoint.threshold_rule, source_checkpoint=str(path),
-                               source_checkpoint_sha256=sha256_of(path))
+                               source_checkpoint_sha256=sha256_of(path) if digest else "")
     carried = CarriedThreshold(checkpoint.threshold, f"the checkpoint {path}", checkpoint.threshold_rule)
     return ModelFile(path, card, carried, encryption_key)
 

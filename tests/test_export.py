@@ -310,7 +310,9 @@ def test_opening_a_model_file_checks_type_presence_and_layout(spec, tmp_path):
     checkpoint = _checkpoint(tmp_path)
     opened = spec_model(checkpoint, config)
     assert (opened.backend, opened.card.threshold, opened.card.source_checkpoint) == ("torch", 0.25, str(checkpoint))
-    assert opened.name == f"{checkpoint.name}@{_sha256(checkpoint)[:12]}"
+    assert opened.card.source_checkpoint_sha256 == "", "scoring a split reads no digest"
+    served = open_model_file(checkpoint, None, ModelCard.expected_by(config), checkpoint_digest=True)
+    assert served.name == f"{checkpoint.name}@{_sha256(checkpoint)[:12]}"
     onnx_file = tmp_path / "m.onnx"
     assert _export(spec, checkpoint, onnx_file) == 0
     other = load_config(spec, ["dataset.image_width=64"])

@@ -35,4 +35,4 @@ def resolve_served_model(config: ExperimentConfig) -> ModelFile:
         raise BackendUnavailableError(f"{path} is a TensorRT engine, which runs on a GPU: set serve.num_gpus "
                                       f"(e.g. 1, or 0.5 to share one), or serve the .onnx model")
     expected = ModelCard.expected_by(config) if path.suffix == ".pth" else None
-    return open_model_file(path, config.encryption_key, expected)
+    return open_model_file(path, config.encryption_key, expected, checkpoint_digest=True)
