@@ -256,6 +256,14 @@ def test_encrypted_model_with_a_wrong_key_is_refused_by_the_driver(spec, tmp_pat
                                rtol=1e-4, atol=1e-5)
 
 
+def test_gen_trt_engine_names_a_model_that_is_not_an_onnx_export(spec, tmp_path, capsys):
+    checkpoint = _checkpoint(tmp_path)
+    for wrong, message in ((checkpoint, f"gen_trt_engine.onnx_file={str(checkpoint)!r}: expected the .onnx model"),
+                           (tmp_path / "absent.onnx", f"model not found: {tmp_path / 'absent.onnx'}")):
+        assert main(["gen_trt_engine", "-e", str(spec), f"gen_trt_engine.onnx_file={wrong}"]) == 1
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the message on machines without an NVIDIA GPU")
 def test_gen_trt_engine_without_gpu_says_what_is_missing(spec, tmp_path, capsys):
     onnx_file = tmp_path / "m.onnx"

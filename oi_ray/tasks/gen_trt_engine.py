@@ -20,7 +20,7 @@ from oi_ray.errors import ConfigError, DataError
 from oi_ray.fileio import atomic_output, sha256_of
 from oi_ray.model_card import INPUT_NAMES, ModelCard
 from oi_ray.model_file import open_model_file
-from oi_ray.predictors import import_tensorrt
+from oi_ray.predictors import ONNX_SUFFIXES, import_tensorrt
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
@@ -35,8 +35,9 @@ def run(config: ExperimentConfig) -> None:
         raise ConfigError("gen_trt_engine.tensorrt.data_type='int8' is not supported yet (it needs a "
                           "calibration set); use fp16 or fp32")
     onnx_path = Path(section.onnx_file)
-    if not onnx_path.is_file():
-        raise DataError(f"ONNX model not found: {onnx_path}")
+    if onnx_path.suffix not in ONNX_SUFFIXES:
+        raise DataError(f"gen_trt_engine.onnx_file={str(onnx_path)!r}: expected the .onnx model "
+                        f"that `oi-ray export` wrote")
     card = open_model_file(onnx_path, config.encryption_key, ModelCard.expected_by(config)).card
     profile = _batch_profile(config, card)
     engine_path = Path(section.trt_engine or onnx_path.with_suffix(".engine")).resolve()
