@@ -17,6 +17,14 @@ JOB_SDK_LOGGER = "ray.dashboard.modules.job.sdk"
 METRICS_EXPORT_PORT_ARGUMENT = "_metrics_export_port"
 
 
+def exception_line(message: str) -> str | None:
+    """The exception a Ray failure message ends with (``"ValueError: ..."``), or None for an
+    empty message: a task's error (``RayTaskError``), a Tune trial's error and a Serve
+    deployment's status message print the traceback first and the exception on the last line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
 def bootstrap_address(address: str) -> str:
     """The GCS address ``ray.init(address=...)`` would join (``auto`` -> the local cluster's);
     ``ConnectionError`` when ``auto`` finds none."""

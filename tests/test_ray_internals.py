@@ -7,9 +7,11 @@ import ipaddress
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import ray
+import ray.exceptions
 
 from oi_ray import ray_internals
 
@@ -66,3 +68,15 @@ def test_rays_job_server_still_says_no_agent_and_its_sdk_logger_exists():
 def test_the_dashboards_serve_client_reads_and_deploys_applications():
     client = ray_internals.serve_submission_client()
     assert callable(client.get_serve_details) and callable(client.deploy_applications)
+
+
+def test_a_ray_task_error_ends_with_the_users_exception_line():
+    try:
+        raise ValueError("train.csv row 3: no golden_path")
+    except ValueError as cause:
+        error = ray.exceptions.RayTaskError("score_batch", traceback.format_exc(), cause)
+    assert "Traceback" in str(error) or "File " in str(error)  # Ray prints the traceback first
+    assert ray_internals.exception_line(str(error)) == "ValueError: train.csv row 3: no golden_path"
+    assert ray_internals.exception_line(str(error.as_instanceof_cause())) == \
+        "ValueError: train.csv row 3: no golden_path"
+    assert ray_internals.exception_line(" \n\n") is None

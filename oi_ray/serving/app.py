@@ -19,7 +19,7 @@ from ray.serve import Application
 from oi_ray.config import config_from_mapping
 from oi_ray.config.schema import ExperimentConfig, ServeConfig
 from oi_ray.errors import OiRayError
-from oi_ray.ray_internals import start_serve
+from oi_ray.ray_internals import exception_line, start_serve
 from oi_ray.serving.model import resolve_served_model, served_model_path
 from oi_ray.serving.service import DEPLOYMENT_NAME, THRESHOLD_KEY, InspectionService, ServiceSettings
 
@@ -136,7 +136,7 @@ def _reason(status: Any) -> str:
     deployment's message (its exception), else the application's own message."""
     messages = [deployment.message for deployment in status.deployments.values() if deployment.message]
     for message in [*messages, status.message]:
-        lines = [line.strip() for line in message.splitlines() if line.strip()]
-        if lines:
-            return lines[-1].removeprefix("oi_ray.errors.")
+        line = exception_line(message)
+        if line:
+            return line.removeprefix("oi_ray.errors.")
     return "no reason given"

@@ -31,16 +31,19 @@ RAY_CHECKPOINT_FILE = "checkpoint.pth"
 
 
 def restore(net: torch.nn.Module, architecture: Architecture, *, resume_from: Path | None,
-            pretrained: str | None, key: str | None) -> Checkpoint:
-    """Load the weights to start from into ``net`` and return that checkpoint (its epoch,
-    optimizer state, threshold): Ray Train's checkpoint after a worker-group restart, else
-    ``resume_from``, else the ``pretrained`` weights (epoch 0), else ``net``'s fresh weights."""
+            pretrained: str | None, key: str | None) -> tuple[Checkpoint, bool]:
+    """Load the weights to start from into ``net``; return that checkpoint (its epoch, optimizer
+    state, threshold) and whether Ray Train restarted this worker group after a failure. The
+    weights: Ray Train's last checkpoint after such a restart, else ``resume_from``, else the
+    ``pretrained`` weights (epoch 0), else ``net``'s fresh weights."""
     ray_checkpoint = ray.train.get_checkpoint()
     if ray_checkpoint is not None:
         with ray_checkpoint.as_directory() as folder:
             path = Path(folder) / RAY_CHECKPOINT_FILE
             checkpoint = load_checkpoint(path, key)
-    elif resume_from is not None:
+            load_weights(net, checkpoint, path, architecture)
+        return checkpoint, True
+    if resume_from is not None:
         path, checkpoint = resume_from, load_checkpoint(resume_from, key)
     elif pretrained:
         path = Path(pretrained)
@@ -48,14 +51,9 @@ def restore(net: torch.nn.Module, architecture: Architecture, *, resume_from: Pa
         checkpoint = Checkpoint(model_state=weights.model_state, model_type=weights.model_type,
                                 input_shape=weights.input_shape, model_options=weights.model_options)
     else:
-        return Checkpoint(model_state=net.state_dict())
+        return Checkpoint(model_state=net.state_dict()), False
     load_weights(net, checkpoint, path, architecture)
-    return checkpoint
-
-
-def restarted() -> bool:
-    """Whether this worker group continues a run Ray Train restarted after a failure."""
-    return ray.train.get_checkpoint() is not None
+    return checkpoint, False
 
 
 def epoch_checkpoint(net: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,

@@ -21,3 +21,12 @@ def status_lines(results_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def copy_status(source_dir: Path, destination_dir: Path, last_epoch: int) -> None:
+    """Write ``source_dir``'s lines of epochs up to ``last_epoch`` as ``destination_dir``'s status
+    file (nothing when ``source_dir`` has none)."""
+    lines = [line for line in status_lines(source_dir) if line["epoch"] <= last_epoch]
+    if lines:
+        (destination_dir / STATUS_FILE).write_text("".join(f"{json.dumps(line)}\n" for line in lines),
+                                                   encoding="utf-8")

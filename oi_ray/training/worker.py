@@ -20,7 +20,7 @@ from oi_ray.config.schema import CuDNNConfig
 from oi_ray.data.epochs import CacheReader, epoch_plan, training_batches
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.registry import Architecture
-from oi_ray.training.checkpointing import epoch_checkpoint, report_with_checkpoint, restarted, restore
+from oi_ray.training.checkpointing import epoch_checkpoint, report_with_checkpoint, restore
 from oi_ray.training.epoch import EpochRunner
 from oi_ray.training.job import TrainJob
 from oi_ray.training.status import append_status
@@ -57,9 +57,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     architecture = Architecture.of(config.model, job.pipeline.geometry)
     net = architecture.build()
-    state = restore(net, architecture, resume_from=job.resume_from, pretrained=train.pretrained_model_path,
-                    key=config.encryption_key)
-    if lead and restarted():
+    state, restarted = restore(net, architecture, resume_from=job.resume_from,
+                               pretrained=train.pretrained_model_path, key=config.encryption_key)
+    if lead and restarted:
         job.progress.note(f"worker group restarted: continuing after epoch {state.epoch} "
                           f"from the last Ray Train checkpoint")
     net.to(device)

@@ -11,7 +11,6 @@ checkpoint of that epoch. (A trial that the scheduler stopped can have finished 
 before its training ended; that epoch's files stay in the trial's folder, unjudged.)
 """
 
-import json
 import math
 import os
 import shutil
@@ -27,7 +26,8 @@ from oi_ray.config.schema import TuneMode
 from oi_ray.errors import find_user_error
 from oi_ray.fileio import write_atomically
 from oi_ray.plots import write_sweep_plot
-from oi_ray.training.status import STATUS_FILE
+from oi_ray.ray_internals import exception_line
+from oi_ray.training.status import copy_status
 
 BEST_DIR = "best"
 
@@ -73,8 +73,7 @@ def _error_text(error: BaseException) -> str:
     user_error = find_user_error(error)
     if user_error is not None:
         return str(user_error)
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    return exception_line(str(error)) or type(error).__name__
 
 
 def choose_best(summaries: list[TrialSummary], mode: str) -> TrialSummary | None:
@@ -110,10 +109,7 @@ def write_best(best: TrialSummary, base: dict[str, Any], trials_dir: Path, folde
     checkpoint, epochs = _judged_checkpoint(trial_dir, best.epochs)
     _link_or_copy(checkpoint, staging / checkpoint.name)
     point_latest_to(staging / checkpoint.name)
-    status = trial_dir / STATUS_FILE
-    if status.exists():
-        lines = [line for line in status.read_text().splitlines() if json.loads(line)["epoch"] <= epochs]
-        (staging / STATUS_FILE).write_text("".join(f"{line}\n" for line in lines))
+    copy_status(trial_dir, staging, epochs)
     latest = str(target / LATEST_NAME)
     config = config_from_mapping(base, f"best trial {best.name}", {
         **best.params, "train.results_dir": str(target),
