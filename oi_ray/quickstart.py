@@ -79,7 +79,7 @@ def run_quickstart(spec: QuickstartSpec) -> Path:
         lines += [
             f"This was TAO's {spec.model_type}. oi-ray's SiameseSpatial compares the sides position by "
             "position: on real PCB scans it ranks defects far better (AUROC 0.999 against 0.79), trains "
-            "faster on a CPU and has tens of thousands of weights instead of millions (README, 'Models'). "
+            "faster on a CPU and has tens of thousands of weights instead of millions (docs/models.md). "
             "Try it:",
             "  " + command("quickstart", "--model", ModelType.SPATIAL, "--output", f"{output}-spatial"),
         ]

@@ -128,8 +128,9 @@ class SpatialModelConfig:
 
 @dataclass
 class ModelConfig:
-    # Siamese_3 | Siamese_1 | Siamese (alias of Siamese_1) | SiameseSpatial (oi-ray's, see README)
-    model_type: str = ModelType.SIAMESE_3.value  # a ModelType
+    # a ModelType: TAO's Siamese_3 and Siamese_1 (Siamese is TAO's alias of Siamese_1), or
+    # oi-ray's SiameseSpatial (docs/models.md)
+    model_type: str = ModelType.SIAMESE_3.value
     model_backbone: str = Backbone.CUSTOM.value  # a Backbone
     embedding_vectors: int = 5  # embedding size of each branch (TAO's models)
     margin: float = 2.0  # contrastive-loss margin; also TAO's decision threshold
