@@ -72,3 +72,22 @@ def serve_submission_client() -> type:
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     return ServeSubmissionClient
+
+
+def serve_replica(app_name: str, deployment: str, replica_id: str) -> Any:
+    """The actor of one Serve replica (the id ``serve.get_replica_context()`` gives it), found by
+    the name Serve registers it under; the tests kill one to see it replaced."""
+    import ray
+    from ray.serve._private.common import DeploymentID, ReplicaID
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    replica = ReplicaID(replica_id, DeploymentID(name=deployment, app_name=app_name))
+    return ray.get_actor(replica.to_full_id_str(), namespace=SERVE_NAMESPACE)
+
+
+def ongoing_requests(replica: Any) -> int:
+    """How many requests a replica actor holds now (Serve's own queue-length probe, answered
+    beside the user's code, so a replica busy scoring still answers)."""
+    import ray
+
+    return ray.get(replica.get_num_ongoing_requests.remote())

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -61,18 +62,38 @@ def write_pair_dataset(
     return csv_path
 
 
+def _default_sigint() -> None:
+    """In a child before it runs its command: a Python child installs its KeyboardInterrupt
+    handler only where SIGINT is not ignored at its start."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_interruptible(command: list[str], **popen: Any) -> subprocess.Popen:
+    """Start ``command`` in a process group of its own that the test can Ctrl-C
+    (``os.killpg(process.pid, signal.SIGINT)``), with SIGINT's default handling even where this
+    process ignores it (a job in the background of a CI script), as a shell in a terminal gives it."""
+    return subprocess.Popen(command, start_new_session=True, preexec_fn=_default_sigint, **popen)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the group ``start_interruptible`` made, if its leader still runs: what a failed
+    test started does not outlive it."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
 def ctrl_c_once_logged(command: list[str], log: Path, marker: str, timeout_s: float = 300.0,
                        answer: str | None = None) -> str:
     """Run ``command`` in a process group of its own (output to ``log``) until ``marker`` shows
     in its output, send the group SIGINT, as a terminal's Ctrl-C does, and return the output
-    once it exited with 130. With ``answer``, its standard input is a terminal (a pseudo-terminal)
-    and ``answer`` is typed there once the command asks its question (a line ending in "] ").
+    once it exited with 130 (started by ``start_interruptible``). With ``answer``, its standard input is a terminal (a pseudo-terminal) and ``answer`` is
+    typed there once the command asks its question (a line ending in "] ").
     The group is killed if anything goes wrong."""
     terminal, typing = os.openpty() if answer is not None else (None, None)
     with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
-                                   stdin=typing if typing is not None else subprocess.DEVNULL,
-                                   start_new_session=True)
+        process = start_interruptible(command, stdout=output, stderr=subprocess.STDOUT,
+                                      stdin=typing if typing is not None else subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout_s
         while marker not in log.read_text():
@@ -86,8 +107,7 @@ def ctrl_c_once_logged(command: list[str], log: Path, marker: str, timeout_s: fl
             os.write(terminal, f"{answer}\n".encode())
         assert process.wait(timeout=120) == 130, log.read_text()
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_group(process)
         for descriptor in (terminal, typing):
             if descriptor is not None:
                 os.close(descriptor)

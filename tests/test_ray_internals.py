@@ -80,3 +80,12 @@ def test_a_ray_task_error_ends_with_the_users_exception_line():
     assert ray_internals.exception_line(str(error.as_instanceof_cause())) == \
         "ValueError: train.csv row 3: no golden_path"
     assert ray_internals.exception_line(" \n\n") is None
+
+
+def test_serve_replicas_are_named_actors_that_report_their_queue():
+    """On a real replica: tests/test_serve.py kills one and waits for a request to reach one."""
+    from ray.serve._private.replica import ReplicaActor
+
+    assert callable(ReplicaActor.get_num_ongoing_requests)
+    assert inspect.signature(ray_internals.serve_replica).parameters.keys() == {"app_name", "deployment",
+                                                                               "replica_id"}

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,9 +26,11 @@ import ray
 import requests
 import torch
 import yaml
+from helpers import kill_group, start_interruptible
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
+from oi_ray import ray_internals
 from oi_ray.cli import main
 from oi_ray.config import load_config
 from oi_ray.config.schema import CalibrationRuleConfig
@@ -263,38 +266,63 @@ def test_bearer_token_is_required_when_configured(service):
         serve.delete("secured")
 
 
+@dataclass
+class HeldRequest:
+    """A request sent from a thread that the app's replica holds (waiting out the batch window)."""
+
+    replica_id: str
+    replica: Any  # the replica's actor
+    thread: threading.Thread
+    status: list[int]  # its status code, once answered
+
+
+def _hold_one_request(service: Service, app_name: str, prefix: str) -> HeldRequest:
+    """Send one request and return once the app's (only) replica holds it."""
+    replica_id = requests.get(service.url("/healthz", prefix), timeout=HTTP_TIMEOUT_S).json()["replica"]
+    replica = ray_internals.serve_replica(app_name, DEPLOYMENT_NAME, replica_id)
+    deadline = time.monotonic() + HTTP_TIMEOUT_S
+    while ray_internals.ongoing_requests(replica) != 0:  # the health check has left
+        assert time.monotonic() < deadline, "the replica never went idle"
+        time.sleep(0.05)
+    status: list[int] = []
+    request = threading.Thread(target=lambda: status.append(_inspect_row(service, 0, prefix).status_code))
+    request.start()
+    while ray_internals.ongoing_requests(replica) != 1:
+        assert request.is_alive() and time.monotonic() < deadline, f"the request never reached the replica: {status}"
+        time.sleep(0.05)
+    return HeldRequest(replica_id, replica, request, status)
+
+
 def test_overload_is_refused_with_503_not_queued(service):
+    """One request held by the replica (max_ongoing_requests=1) and one queued for it
+    (max_queued_requests=1): every further request is refused at once, and the two are answered."""
     app = service.config("serve.app_name=narrow", "serve.route_prefix=/narrow", "serve.max_ongoing_requests=1",
-                         "serve.max_queued_requests=1", "serve.batching.batch_wait_timeout_s=1.0")
+                         "serve.max_queued_requests=1", "serve.batching.batch_wait_timeout_s=5.0")
     deploy(serve_config(app))
     try:
-        with ThreadPoolExecutor(6) as pool:
-            statuses = list(pool.map(lambda _: _inspect_row(service, 0, "/narrow").status_code, range(6)))
-        assert statuses.count(503) >= 1 and statuses.count(200) >= 1 and set(statuses) <= {200, 503}
+        held = _hold_one_request(service, "narrow", "/narrow")
+        with ThreadPoolExecutor(5) as pool:
+            statuses = list(pool.map(lambda _: _inspect_row(service, 0, "/narrow").status_code, range(5)))
+        held.thread.join(HTTP_TIMEOUT_S)
+        assert held.status == [200] and sorted(statuses) == [200, 503, 503, 503, 503]
     finally:
         serve.delete("narrow")
 
 
 def test_a_killed_replica_is_replaced_and_nothing_hangs(service):
     app = service.config("serve.app_name=fragile", "serve.route_prefix=/fragile",
-                         "serve.batching.batch_wait_timeout_s=1.0")
+                         "serve.batching.batch_wait_timeout_s=10.0")
     deploy(serve_config(app))
     try:
-        replica = requests.get(service.url("/healthz", "/fragile"), timeout=HTTP_TIMEOUT_S).json()["replica"]
-        in_flight: list[int] = []
-        request = threading.Thread(target=lambda: in_flight.append(_inspect_row(service, 0, "/fragile").status_code))
-        request.start()
-        time.sleep(0.3)  # the request now waits in the replica's batch
-        ray.kill(ray.get_actor(f"SERVE_REPLICA::fragile#{DEPLOYMENT_NAME}#{replica}", namespace="serve"),
-                 no_restart=True)
-        request.join(HTTP_TIMEOUT_S + 5)
-        assert not request.is_alive() and len(in_flight) == 1
-        assert in_flight[0] >= 500 or in_flight[0] == 200  # failed with the replica, or finished just before
+        held = _hold_one_request(service, "fragile", "/fragile")
+        ray.kill(held.replica, no_restart=True)
+        held.thread.join(HTTP_TIMEOUT_S + 5)
+        assert not held.thread.is_alive() and held.status == [500]  # failed with its replica, well before the batch window
         deadline = time.monotonic() + 120
         while True:
             try:
                 health = requests.get(service.url("/healthz", "/fragile"), timeout=HTTP_TIMEOUT_S)
-                if health.status_code == 200 and health.json()["replica"] != replica:
+                if health.status_code == 200 and health.json()["replica"] != held.replica_id:
                     break
             except requests.ConnectionError:
                 pass
@@ -421,6 +449,7 @@ def test_cli_refuses_before_starting(service, tmp_path, capsys, overrides, messa
     assert error.startswith("oi-ray serve: error: ") and message.format(**values) in error, error
 
 
+@pytest.mark.slow
 def test_cli_serves_until_interrupted_beside_another_ray(service, tmp_path):
     """A real `oi-ray serve` process with its own embedded Ray (the test's Ray keeps running),
     from a spec that names only the model: its card holds everything else."""
@@ -429,8 +458,8 @@ def test_cli_serves_until_interrupted_beside_another_ray(service, tmp_path):
     spec.write_text(f"serve:\n  model: {service.exported.onnx}\n  port: {port}\nray:\n  num_cpus: 2\n")
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "oi_ray.cli", "serve", "-e", str(spec)],
-                                   stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
+        process = start_interruptible([sys.executable, "-m", "oi_ray.cli", "serve", "-e", str(spec)],
+                                      stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         banner = _read_until(process, "Press Ctrl-C to stop.", log, timeout_s=240)
         assert re.search(rf"oi_model\.onnx@\w+ \(onnxruntime, 1 CPU per replica, 1\.\.1 replicas\) at "
@@ -441,9 +470,7 @@ def test_cli_serves_until_interrupted_beside_another_ray(service, tmp_path):
         assert process.wait(timeout=120) == 0, log.read_text()
         assert "stopped" in log.read_text() and "Traceback" not in log.read_text()
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+        kill_group(process)
 
 
 def _read_until(process: subprocess.Popen, marker: str, log: Path, timeout_s: float) -> str:

@@ -209,6 +209,7 @@ def spec(tmp_path_factory) -> Path:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_it_trains_resumes_exports_and_scores_alike_on_every_backend(spec, tmp_path):
     results = tmp_path / "run"
     latest = results / "train" / "oi_model_latest.pth"

@@ -39,6 +39,7 @@ def _status(results: Path) -> list[dict]:
     return [json.loads(line) for line in (results / "train/status.json").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_writes_tao_checkpoints_then_resumes_and_stops(spec, tmp_path, capsys):
     results = tmp_path / "run"
     assert _train(spec, results, "train.num_epochs=2") == 0
@@ -81,6 +82,7 @@ def test_train_writes_tao_checkpoints_then_resumes_and_stops(spec, tmp_path, cap
     assert len(_status(results)) == 3
 
 
+@pytest.mark.slow
 def test_resume_path_override_checkpoint_interval_and_pretrained(spec, tmp_path):
     first = tmp_path / "first"
     assert _train(spec, first, "train.num_epochs=3", "train.checkpoint_interval=2",

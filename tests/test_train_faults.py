@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from helpers import kill_group, start_interruptible
 from ray.util.state import list_actors
 
 from oi_ray.checkpoint import load_checkpoint
@@ -56,6 +57,7 @@ def _own_train_worker_pids() -> list[int]:
     return sorted(actor.pid for actor in actors if actor.class_name == "RayTrainWorker")
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_last_checkpoint(spec, tmp_path, capsys):
     """Two gloo workers; one is SIGKILLed mid-run; the group restarts from the last checkpoint."""
     results = tmp_path / "ft"
@@ -105,20 +107,19 @@ def test_diverging_loss_stops_at_once_and_keeps_the_last_good_checkpoint(spec, t
     assert [line["epoch"] for line in _status(results)] == [1, 2], "the diverged epoch is not logged"
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(spec, tmp_path):
     """SIGINT to the process group, as a terminal's Ctrl-C sends it, then the same command again."""
     results = tmp_path / "interrupted"
     command = [sys.executable, "-m", "oi_ray.cli", "train", "-e", str(spec), f"results_dir={results}",
                "train.num_epochs=60", *FAST]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = start_interruptible(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert _wait_for(results / "train/model_epoch_002.pth", lambda: process.poll() is None)
         os.killpg(process.pid, signal.SIGINT)
         _, err = process.communicate(timeout=120)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_group(process)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     final = err.strip().splitlines()[-1]

@@ -115,6 +115,7 @@ def sweep_data(tmp_path_factory) -> Path:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_random_sweep_with_asha_stops_trials_early_and_delivers_the_best(ray_with_state_api, sweep_data, tmp_path,
                                                                          capsys):
     """One trial at a time, so ASHA sees the rungs in a fixed order: two learning trials (lr 2e-3),
@@ -167,6 +168,7 @@ def test_random_sweep_with_asha_stops_trials_early_and_delivers_the_best(ray_wit
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_grid_sweep_runs_every_point_once(ray_with_state_api, sweep_data, tmp_path):
     """Each trial decodes its own images here, so the image size is one of the grid's keys."""
     from oi_ray.checkpoint import load_checkpoint
@@ -191,6 +193,7 @@ def test_grid_sweep_runs_every_point_once(ray_with_state_api, sweep_data, tmp_pa
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_optuna_sweep_draws_within_the_bounds(ray_with_state_api, sweep_data, tmp_path):
     pytest.importorskip("optuna", reason="the tune extra (optuna) is not installed")
     results = tmp_path / "results"
@@ -215,6 +218,7 @@ def test_optuna_refuses_grid_entries(capsys, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_resume_finishes_an_interrupted_sweep_without_redoing_trials(sweep_data, tmp_path):
     """Ctrl-C (SIGINT to the process group this test started) after the first trial, then --resume."""
     command = [sys.executable, "-m", "oi_ray.cli", "tune", "-e", str(sweep_data), f"results_dir={tmp_path}",

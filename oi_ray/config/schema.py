@@ -387,7 +387,7 @@ class RayConfig:
     num_workers: int | None = None  # training workers; default train.num_gpus with GPUs, else 1
     use_gpu: bool | None = None  # default: use GPUs when the cluster has them
     cpus_per_worker: float = 1.0
-    torch_threads: int | None = None  # per worker; default: embedded Ray cores // workers, else 1
+    torch_threads: int | None = None  # per worker; default: local cores // workers, cluster cpus_per_worker
     gpus_per_worker: float = 1.0
     storage_path: str = "${train.results_dir}/ray"  # Ray Train storage (shared by all nodes)
     max_failures: int = 0  # worker-group restarts from the last checkpoint
