@@ -78,11 +78,16 @@ def serve_replica(app_name: str, deployment: str, replica_id: str) -> Any:
     """The actor of one Serve replica (the id ``serve.get_replica_context()`` gives it), found by
     the name Serve registers it under; the tests kill one to see it replaced."""
     import ray
-    from ray.serve._private.common import DeploymentID, ReplicaID
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    replica = ReplicaID(replica_id, DeploymentID(name=deployment, app_name=app_name))
-    return ray.get_actor(replica.to_full_id_str(), namespace=SERVE_NAMESPACE)
+    return ray.get_actor(serve_replica_name(app_name, deployment, replica_id), namespace=SERVE_NAMESPACE)
+
+
+def serve_replica_name(app_name: str, deployment: str, replica_id: str) -> str:
+    """The actor name Serve gives a replica (``SERVE_REPLICA::app#deployment#id`` in Ray 2.60)."""
+    from ray.serve._private.common import DeploymentID, ReplicaID
+
+    return ReplicaID(replica_id, DeploymentID(name=deployment, app_name=app_name)).to_full_id_str()
 
 
 def ongoing_requests(replica: Any) -> int:

@@ -87,9 +87,9 @@ def ctrl_c_once_logged(command: list[str], log: Path, marker: str, timeout_s: fl
                        answer: str | None = None) -> str:
     """Run ``command`` in a process group of its own (output to ``log``) until ``marker`` shows
     in its output, send the group SIGINT, as a terminal's Ctrl-C does, and return the output
-    once it exited with 130 (started by ``start_interruptible``). With ``answer``, its standard input is a terminal (a pseudo-terminal) and ``answer`` is
-    typed there once the command asks its question (a line ending in "] ").
-    The group is killed if anything goes wrong."""
+    once it exited with 130 (started by ``start_interruptible``). With ``answer``, its standard
+    input is a terminal (a pseudo-terminal) and ``answer`` is typed there once the command asks
+    its question (a line ending in "] "). The group is killed if anything goes wrong."""
     terminal, typing = os.openpty() if answer is not None else (None, None)
     with log.open("w") as output:
         process = start_interruptible(command, stdout=output, stderr=subprocess.STDOUT,

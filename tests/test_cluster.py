@@ -161,7 +161,8 @@ def test_ctrl_c_leaves_the_job_running_and_job_commands_reach_it(cluster, spec, 
         assert main(["job", "logs", "long", "--address", cluster.address]) == 0
         assert "epoch 1/500" in capsys.readouterr().out
         # following it again from a terminal: Ctrl-C asks; "n" leaves it running, "y" stops it
-        follow = [sys.executable, "-m", "oi_ray.cli", "job", "logs", "long", "--follow", "--address", cluster.address]
+        follow = [sys.executable, "-m", "oi_ray.cli", "job", "logs", "long", "--follow",
+                  "--address", cluster.address]
         logs = ctrl_c_once_logged(follow, tmp_path / "no.log", "epoch 1/500", timeout_s=120, answer="n")
         assert "stop job long on the cluster? [y/N] " in logs and "job long is left running" in logs
         assert main(["job", "status", "long", "--address", cluster.address]) == 0

@@ -87,5 +87,5 @@ def test_serve_replicas_are_named_actors_that_report_their_queue():
     from ray.serve._private.replica import ReplicaActor
 
     assert callable(ReplicaActor.get_num_ongoing_requests)
-    assert inspect.signature(ray_internals.serve_replica).parameters.keys() == {"app_name", "deployment",
-                                                                               "replica_id"}
+    name = ray_internals.serve_replica_name("fragile", "InspectionService", "r1x")
+    assert name.endswith("fragile#InspectionService#r1x") and name != "fragile#InspectionService#r1x"
