@@ -5,6 +5,7 @@ processes of that node stay in it), so a test stops exactly the nodes it started
 process group ids, never by stopping Ray by name. ``kill_node`` is a node failure (SIGKILL).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -72,7 +73,9 @@ class LoopbackCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def add_node(self, name: str, num_cpus: int = 1, prefix: list[str] | None = None) -> None:
-        """Start a worker node; ``prefix`` wraps its command (e.g. in another mount namespace)."""
+        """Start a worker node; ``prefix`` wraps its command (e.g. in another mount namespace).
+        One at a time: nodes registering together overload the GCS of a 2-core machine (their
+        registration times out)."""
         count = len(self.alive_nodes())
         self._start(name, [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}",
                            f'--resources={{"{name}": 1}}'], prefix)
@@ -94,24 +97,30 @@ class LoopbackCluster:
         return [node for node in nodes if node["state"] == "ALIVE"]
 
     def shutdown(self) -> None:
-        """Stop every node this cluster started (workers first), then remove its files."""
-        for name in [name for name in self.nodes if name != "head"] + ["head"]:
-            self._stop(name)
+        """Stop every node this cluster started (the workers together, then the head), then
+        remove its files."""
+        self._stop(*[name for name in self.nodes if name != "head"])
+        self._stop("head")
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-    def _stop(self, name: str) -> None:
-        """SIGTERM to the node's process group (SIGKILL if it lingers)."""
-        process = self.nodes.pop(name, None)
-        if process is None:
-            return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=10)
-        except ProcessLookupError:  # the group is gone already
-            return
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+    def _stop(self, *names: str) -> None:
+        """SIGTERM to each named node's process group at once, then wait for them all (SIGKILL
+        to a group that lingers)."""
+        stopping = []
+        for name in names:
+            process = self.nodes.pop(name, None)
+            with contextlib.suppress(ProcessLookupError):  # the group is gone already
+                if process is not None:
+                    os.killpg(process.pid, signal.SIGTERM)
+                    stopping.append(process)
+        deadline = time.monotonic() + 10
+        for process in stopping:
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
 
     def _start(self, name: str, arguments: list[str], prefix: list[str] | None = None) -> None:
         # every node's dashboard agent needs its own HTTP port on this one machine (Ray's default is fixed)

@@ -120,27 +120,27 @@ def test_random_sweep_with_asha_stops_trials_early_and_delivers_the_best(ray_wit
                                                                          capsys):
     """One trial at a time, so ASHA sees the rungs in a fixed order: two learning trials (lr 2e-3),
     one that barely moves from its initial weights (lr 1e-9: val AUROC 0.86 after epoch 1, where
-    the learning ones mostly reach 0.92-0.97) and a diverging one, twice. ASHA stops a trial at a
-    rung when it is below the median of the trials there before it, so each barely-moving trial
-    is stopped at the first rung, and the first trial (first at every rung) is never stopped."""
+    the learning ones reach 0.99) and a diverging one. ASHA stops a trial at a rung when it is
+    below the median of the trials there before it, so the barely-moving trial is stopped at the
+    first rung, and the first trial (first at every rung) is never stopped."""
     import ray
 
     results = tmp_path / "results"
     assert main(["tune", "-e", str(sweep_data), f"results_dir={results}", "train.num_epochs=4",
-                 "dataset.batch_size=8", "tune.num_samples=2", "tune.max_concurrent_trials=1",
+                 "dataset.batch_size=8", "tune.num_samples=1", "tune.max_concurrent_trials=1",
                  "tune.search_space={model.margin: {type: uniform, low: 1.0, high: 2.5}, "
                  "train.optim.lr: {type: grid, values: [0.002, 0.0021, 1.0e-9, 1.0e+30]}}"]) == 0
     sweep = results / "tune" / "sweep"
     table = pd.read_csv(sweep / "results.csv", keep_default_na=False)
-    assert list(table["train.optim.lr"]) == [0.002, 0.0021, 1e-9, 1e30] * 2  # the order the trials ran in
-    assert table["model.margin"].between(1.0, 2.5).all() and table["model.margin"].nunique() == 8
+    assert list(table["train.optim.lr"]) == [0.002, 0.0021, 1e-9, 1e30]  # the order the trials ran in
+    assert table["model.margin"].between(1.0, 2.5).all() and table["model.margin"].nunique() == 4
     first, still = table.iloc[0], table[table["train.optim.lr"] == 1e-9]
     assert (first["status"], first["epochs"]) == ("completed", 4)
     # stopped at the first rung; the stop reaches a running trial asynchronously, so a fast epoch
     # can still be reported after it
-    assert (still["status"] == "early_stopped").all() and (still["epochs"] <= 2).all()
+    assert len(still) == 1 and (still["status"] == "early_stopped").all() and (still["epochs"] <= 2).all()
     diverged = table[table["train.optim.lr"] == 1.0e30]
-    assert len(diverged) == 2 and (diverged["status"] == "failed").all()
+    assert len(diverged) == 1 and (diverged["status"] == "failed").all()
     assert diverged["error"].str.contains("training diverged: the loss became NaN or infinite").all()
     finished = table[table["status"] != "failed"]
     best_row = finished.loc[finished["last_val_auroc"].astype(float).idxmax()]
@@ -198,14 +198,14 @@ def test_optuna_sweep_draws_within_the_bounds(ray_with_state_api, sweep_data, tm
     pytest.importorskip("optuna", reason="the tune extra (optuna) is not installed")
     results = tmp_path / "results"
     assert main(["tune", "-e", str(sweep_data), f"results_dir={results}", "train.num_epochs=1",
-                 "dataset.batch_size=8", "tune.num_samples=3", "tune.search_alg=optuna", "tune.scheduler.type=none",
+                 "dataset.batch_size=8", "tune.num_samples=2", "tune.search_alg=optuna", "tune.scheduler.type=none",
                  "tune.max_concurrent_trials=2",
                  "tune.search_space={model.margin: {type: uniform, low: 0.5, high: 3.0}, "
                  "dataset.fpratio_sampling: {type: choice, values: [0.2, 0.5]}}"]) == 0
     table = pd.read_csv(results / "tune" / "sweep" / "results.csv")
-    assert len(table) == 3 and (table["status"] == "completed").all()
+    assert len(table) == 2 and (table["status"] == "completed").all()
     assert table["model.margin"].between(0.5, 3.0).all() and set(table["dataset.fpratio_sampling"]) <= {0.2, 0.5}
-    assert table["model.margin"].nunique() == 3  # drawn by optuna, one value per trial
+    assert table["model.margin"].nunique() == 2  # drawn by optuna, one value per trial
 
 
 def test_optuna_refuses_grid_entries(capsys, tmp_path):
@@ -222,7 +222,7 @@ def test_optuna_refuses_grid_entries(capsys, tmp_path):
 def test_resume_finishes_an_interrupted_sweep_without_redoing_trials(sweep_data, tmp_path):
     """Ctrl-C (SIGINT to the process group this test started) after the first trial, then --resume."""
     command = [sys.executable, "-m", "oi_ray.cli", "tune", "-e", str(sweep_data), f"results_dir={tmp_path}",
-               "train.num_epochs=2", "dataset.batch_size=8", "tune.num_samples=3", "tune.max_concurrent_trials=1",
+               "train.num_epochs=2", "dataset.batch_size=8", "tune.num_samples=2", "tune.max_concurrent_trials=1",
                "tune.scheduler.type=none", "ray.num_cpus=2",
                "tune.search_space={model.margin: {type: uniform, low: 0.5, high: 3.0}}"]
     logs = ctrl_c_once_logged(command, tmp_path / "first.log", ": completed, val_auroc")
@@ -235,6 +235,6 @@ def test_resume_finishes_an_interrupted_sweep_without_redoing_trials(sweep_data,
     done = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     table = pd.read_csv(tmp_path / "tune" / "sweep" / "results.csv")
-    assert len(table) == 3 and (table["status"] == "completed").all()
+    assert len(table) == 2 and (table["status"] == "completed").all()
     for name, status in first.items():  # finished trials were not run again
         assert (trials / name / "status.json").read_text() == status
