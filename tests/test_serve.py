@@ -201,13 +201,16 @@ def _bad_requests(table: PairTable) -> dict[str, tuple[dict, int, str]]:
                            "body_too_large"),
         "malformed JSON": ({"data": b'{"pairs": [', "headers": {"content-type": "application/json"}}, 400,
                            "malformed_json"),
+        "deeply nested JSON": ({"data": b"[" * 20_000 + b"]" * 20_000,
+                                "headers": {"content-type": "application/json"}}, 400, "malformed_json"),
         "wrong content type": ({"data": b"hello", "headers": {"content-type": "text/plain"}}, 415,
                                "unsupported_media_type"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing lighting", "extra lighting", "undecodable image", "truncated image",
-                                  "too many pairs", "oversized body", "malformed JSON", "wrong content type"])
+                                  "too many pairs", "oversized body", "malformed JSON", "deeply nested JSON",
+                                  "wrong content type"])
 def test_bad_requests_get_a_json_4xx_and_the_service_keeps_answering(service, case):
     kwargs, status, code = _bad_requests(service.exported.table)[case]
     response = requests.post(service.url("/v1/inspect"), timeout=HTTP_TIMEOUT_S, **kwargs)
@@ -217,6 +220,17 @@ def test_bad_requests_get_a_json_4xx_and_the_service_keeps_answering(service, ca
     if code in ("missing_image", "unknown_lighting", "undecodable_image"):
         assert error["pair"] == 0 and error["lighting"] in (*LIGHTS, "UVLight")
     assert _inspect_row(service, 1).status_code == 200
+
+
+def test_every_oversized_body_gets_its_413_not_a_reset(service):
+    """A client still sending when the refusal is ready: the service reads the rest and answers,
+    so the client sees the JSON error (answering at once reset some of these connections)."""
+    body = b"x" * (2 * 2**20)  # 40x serve.max_request_mb
+    for declared in (True, False) * 10:
+        data = body if declared else iter([body[:2**20], body[2**20:]])  # chunked: no content-length
+        response = requests.post(service.url("/v1/inspect"), data=data, timeout=HTTP_TIMEOUT_S,
+                                 headers={"content-type": "application/json"})
+        assert (response.status_code, response.json()["error"]["code"]) == (413, "body_too_large")
 
 
 def test_request_errors_are_counted_by_code(service):

@@ -51,6 +51,7 @@ DEPLOYMENT_NAME = "InspectionService"
 THRESHOLD_KEY = "threshold"  # the user_config entry
 THRESHOLD_OVERRIDE = "serve.threshold (user_config)"
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+DRAIN_LIMIT_BYTES = 256 * 2**20  # read and dropped of an oversized body, so that its 413 arrives
 DISTANCE_STEPS = [0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0]  # x the threshold at start
 
 api = FastAPI(title="oi-ray inspection", summary="PASS / NO_PASS for test-golden image pairs")
@@ -112,18 +113,25 @@ def _token(variable: str | None) -> str | None:
 
 
 async def _bounded_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
+    """The request body, refused (413) once it is known to exceed ``limit`` bytes.
+
+    The rest of an oversized body is read and dropped before the refusal (up to
+    ``DRAIN_LIMIT_BYTES``): a server that answers while the client is still sending closes a
+    connection with unread data, the client sees a reset instead of the 413."""
     too_large = RequestError(413, "body_too_large", f"the request body exceeds {limit} bytes "
                              "(serve.max_request_mb)")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
     chunks, size = [], 0
+    if declared.isdigit() and int(declared) > limit:
+        size = limit + 1
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+        if size > limit + DRAIN_LIMIT_BYTES:
+            break
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise too_large
     return b"".join(chunks)
 
 

@@ -76,6 +76,9 @@ def pairs_from_json(body: bytes, layout: UploadLayout) -> list[PairUpload]:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RequestError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
+    except RecursionError:  # the parser recurses per bracket: a hostile body nests thousands deep
+        raise RequestError(400, "malformed_json", "the body's JSON nests too deeply; a request is a pair, "
+                           "a list of pairs or {\"pairs\": [...]}") from None
     if isinstance(document, dict) and "pairs" in document:
         extra = sorted(set(document) - {"pairs"})
         if extra:
