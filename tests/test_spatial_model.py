@@ -210,7 +210,7 @@ def spec(tmp_path_factory) -> Path:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_it_trains_resumes_exports_and_scores_alike_on_every_backend(spec, tmp_path):
+def test_it_trains_resumes_exports_and_scores_alike_on_every_backend(ray_local, spec, tmp_path):
     results = tmp_path / "run"
     latest = results / "train" / "oi_model_latest.pth"
     onnx = results / "export" / "oi_model.onnx"
