@@ -27,6 +27,22 @@ def test_registry_builds_every_accepted_model_type():
         assert isinstance(net, SiameseSpatial if model_type == ModelType.SPATIAL else SiameseNet), model_type
 
 
+@pytest.mark.parametrize("model_type", sorted(ModelType))
+def test_a_golden_embedded_once_scores_every_test_shot_as_the_whole_pair_does(model_type):
+    """The two halves a golden library needs: ``embed`` one side, ``compare`` two sides' outputs."""
+    torch.manual_seed(0)
+    shape = (3, 32, 16)  # 2 lightings of 16x16, linear
+    options = asdict(SpatialModelConfig()) if model_type == ModelType.SPATIAL else {}
+    model = Architecture(model_type, shape, (2, 1), 5, options).build().eval()
+    tests, golden = torch.randn(6, *shape), torch.randn(1, *shape)
+    with torch.no_grad():
+        whole = model.distance(tests, golden.expand(6, -1, -1, -1))
+        kept = model.embed(golden)  # once, then reused for every test shot
+        halves = model.compare(model.embed(tests), kept.repeat(6, *[1] * (kept.dim() - 1)))
+    assert halves.shape == (6,) and whole.min() > 0
+    assert torch.allclose(halves, whole, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("model_type", sorted(SIAMESE_MODELS))
 def test_forward_backward_shapes(model_type):
     torch.manual_seed(0)

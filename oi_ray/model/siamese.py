@@ -63,15 +63,19 @@ class SiameseNet(nn.Module):
         self.fc1 = head
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H', W')`` assembled inputs -> ``(B, embedding_dim)`` embeddings."""
+        """One side: ``(B, 3, H', W')`` assembled inputs -> ``(B, embedding_dim)`` embeddings."""
         return self.fc1(torch.flatten(self.cnn1(images), 1))
+
+    def compare(self, test_embedding: torch.Tensor, golden_embedding: torch.Tensor) -> torch.Tensor:
+        """The pair distance ``(B,)`` of two sides' :meth:`embed` outputs."""
+        return embedding_distance(test_embedding, golden_embedding)
 
     def forward(self, test: torch.Tensor, golden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.embed(test), self.embed(golden)
 
     def distance(self, test: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
         """Per-pair defect score ``(B,)``: larger means more different from the golden."""
-        return embedding_distance(*self(test, golden))
+        return self.compare(*self(test, golden))
 
 
 def embedding_distance(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

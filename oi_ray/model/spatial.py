@@ -65,8 +65,9 @@ class SiameseSpatial(nn.Module):
                                    *(layer for _ in range(blocks) for layer in _block(width, width, 1)))
         self.project = nn.Conv2d(width, features, kernel_size=1)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H', W')`` assembled inputs -> ``(B * tiles, features, h, w)`` per-tile maps."""
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """One side: ``(B, 3, H', W')`` assembled inputs -> ``(B * tiles, features, h, w)`` per-tile
+        maps. A golden's maps can be kept and compared with many test shots (:meth:`compare`)."""
         rows, columns = self.tiles
         _, channels, height, width = images.shape
         tile_height, tile_width = height // rows, width // columns
@@ -76,14 +77,16 @@ class SiameseSpatial(nn.Module):
         # run along contiguous memory
         return self.project(self.trunk(tiles.contiguous(memory_format=torch.channels_last)))
 
+    def compare(self, test_maps: torch.Tensor, golden_maps: torch.Tensor) -> torch.Tensor:
+        """The pair distance ``(B,)`` of two sides' :meth:`embed` maps (``(B * tiles, ...)`` each)."""
+        squared = torch.maximum(self._nearest(test_maps, golden_maps), self._nearest(golden_maps, test_maps))
+        per_pair = squared.reshape(-1, self.tiles[0] * self.tiles[1] * squared[0].numel()).amax(dim=1)
+        return torch.sqrt(per_pair + SQUARED_EPS)
+
     def forward(self, test: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
         """Per-pair defect score ``(B,)``: larger means more different from the golden."""
-        both = self.features(torch.cat([test, golden]))  # one pass: shared BatchNorm statistics
-        test_features, golden_features = both.chunk(2)
-        squared = torch.maximum(self._nearest(test_features, golden_features),
-                                self._nearest(golden_features, test_features))
-        per_pair = squared.reshape(test.shape[0], -1).amax(dim=1)
-        return torch.sqrt(per_pair + SQUARED_EPS)
+        both = self.embed(torch.cat([test, golden]))  # one pass: shared BatchNorm statistics
+        return self.compare(*both.chunk(2))
 
     def distance(self, test: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
         """The same as calling the model: the per-pair distance ``(B,)``."""
