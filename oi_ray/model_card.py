@@ -49,6 +49,10 @@ class ModelCard:
     output_names: tuple[str, ...] = EMBEDDING_OUTPUTS  # the graph's outputs
     outputs_meaning: str = OUTPUT_MEANINGS[EMBEDDING_OUTPUTS]
     threshold_rule: str | None = None  # how the threshold was calibrated (None: not recorded)
+    # the model's halves (oi_ray.model.parts), "embed" and "compare": each one's file name beside
+    # the model and SHA-256; {} in cards of older oi-ray versions and of checkpoints
+    parts: dict[str, dict[str, str]] = field(default_factory=dict)
+    features_per_pair: tuple[int, ...] | None = None  # the shape of one side's features
 
     @classmethod
     def describe(cls, config: ExperimentConfig, threshold: float | None, *, threshold_rule: str | None = None,
@@ -110,6 +114,11 @@ def export_destination(export: ExportConfig) -> Path:
     return Path(export.onnx_file or Path(export.results_dir) / "oi_model.onnx").resolve()
 
 
+def part_path(model_path: Path, part: str) -> Path:
+    """``oi_model.onnx`` -> ``oi_model.embed.onnx`` (``part``: one of the model's halves)."""
+    return model_path.with_name(f"{model_path.stem}.{part}{model_path.suffix}")
+
+
 def card_path(model_path: Path) -> Path:
     """``oi_model.onnx`` -> ``oi_model.onnx.json``."""
     return model_path.with_name(model_path.name + CARD_SUFFIX)
@@ -121,7 +130,7 @@ def read_card(model_path: Path) -> ModelCard:
     try:
         fields = json.loads(path.read_text())
         for name in ("input_shape", "lights", "grid_map", "image_size", "rgb_mean", "rgb_std",
-                     "output_names"):
+                     "output_names", "features_per_pair"):
             if fields.get(name) is not None:
                 fields[name] = tuple(fields[name])
         return ModelCard(**fields)

@@ -78,7 +78,10 @@ def test_export_has_tao_interface_and_a_model_card(spec, tmp_path, capsys):
     assert card["rgb_mean"] == [0.485, 0.456, 0.406] and card["concat_type"] == "linear"
     assert card["source_checkpoint_sha256"] == _sha256(checkpoint)
     assert card["model_sha256"] == _sha256(onnx_file)
-    assert sorted(p.name for p in onnx_file.parent.iterdir()) == ["oi_model.onnx", "oi_model.onnx.json", "spec.yaml"]
+    assert card["parts"] == {name: {"file": f"oi_model.{name}.onnx", "sha256": _sha256(onnx_file.with_name(
+        f"oi_model.{name}.onnx"))} for name in ("embed", "compare")} and card["features_per_pair"] == [1, 5]
+    assert sorted(p.name for p in onnx_file.parent.iterdir()) == [
+        "oi_model.compare.onnx", "oi_model.embed.onnx", "oi_model.onnx", "oi_model.onnx.json", "spec.yaml"]
 
 
 def test_export_verbose_prints_the_exported_graph(spec, tmp_path, capfd):
@@ -151,6 +154,8 @@ def test_encryption_key_protects_checkpoints_and_models(spec, tmp_path, capsys):
     onnx_file = tmp_path / "enc.onnx"
     assert _export(spec, checkpoint, onnx_file, "encryption_key=s3cret") == 0
     assert onnx_file.read_bytes().startswith(MAGIC)
+    for half in ("enc.embed.onnx", "enc.compare.onnx"):
+        assert (tmp_path / half).read_bytes().startswith(MAGIC), half
     assert _export(spec, checkpoint, tmp_path / "x.onnx", "encryption_key=wrong") == 1
     err = capsys.readouterr().err
     assert f"error: cannot decrypt {checkpoint}: wrong encryption_key" in err and "Traceback" not in err

@@ -10,6 +10,7 @@ from the exported ``.onnx`` (and, on a GPU, from a TensorRT engine).
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from helpers import spec_model
@@ -21,8 +22,10 @@ from oi_ray.config.schema import ExperimentConfig, ModelType, OptimConfig
 from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
+from oi_ray.fileio import sha256_of
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.registry import Architecture
+from oi_ray.model_card import read_card
 from oi_ray.predictors import BatchLimits
 from oi_ray.training.step import Precision, StepRule, make_optimizer, training_steps
 
@@ -102,6 +105,32 @@ def test_onnx_scores_like_torch_pair_by_pair(spec, tmp_path, model_type, layout)
     onnx_distances = torch.from_numpy(spec_model(onnx_file, config).load().distances(test, golden))
     assert torch_distances.shape == (len(test),) and torch_distances.std() > 1e-3
     torch.testing.assert_close(onnx_distances, torch_distances, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("model_type", "layout"), CASES)
+def test_the_exported_halves_score_each_test_against_a_kept_golden_like_the_whole_pair(spec, tmp_path,
+                                                                                        model_type, layout):
+    """``oi_model.embed.onnx`` embeds the golden once; ``oi_model.compare.onnx`` compares every
+    test shot's features with it: the distance of the whole pair, within 1e-5."""
+    config, checkpoint, onnx_file = _trained_and_exported(spec, tmp_path, _overrides(model_type, layout))
+    card = read_card(onnx_file)
+    assert set(card.parts) == {"embed", "compare"}
+    sessions = {}
+    for name, part in card.parts.items():
+        path = onnx_file.with_name(part["file"])
+        assert path.name == f"trained.{name}.onnx" and part["sha256"] == sha256_of(path)
+        sessions[name] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    test, golden = _test_pairs(config)
+    normalize = InputNormalizer(InputGeometry.from_config(config.dataset))
+    kept = sessions["embed"].run(None, {"images": normalize(golden[:1]).numpy()})[0]  # one golden, once
+    assert kept.shape == card.features_per_pair
+    assert kept.shape[0] == (4 if model_type == ModelType.SPATIAL else 1)  # a row per lighting tile, or one
+    tests = sessions["embed"].run(None, {"images": normalize(test).numpy()})[0]
+    goldens = np.concatenate([kept] * len(test))
+    halves = sessions["compare"].run(None, {"test_features": tests, "golden_features": goldens})[0]
+    whole = spec_model(checkpoint, config).load().distances(test, np.repeat(golden[:1], len(test), axis=0))
+    assert halves.shape == (len(test),) and whole.std() > 1e-3
+    np.testing.assert_allclose(halves, whole, rtol=0, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,8 @@ named ``batch`` (TAO's ``batch_size: -1``) or a fixed batch. Before the file tak
 ``onnx.checker`` and an ONNX Runtime vs torch comparison must pass, or the command fails. The
 comparison runs on the first pairs of the spec's dataset (real inputs keep the embeddings at
 their trained scale), or on random pictures when the spec names no dataset; the tolerance is
-1e-4 x max(1, largest |output|).
+1e-4 x max(1, largest |output|). The model's two halves (:mod:`oi_ray.model.parts`: one side
+-> features, two sides' features -> distance) are written beside it and checked the same way.
 
 Memory: the checkpoint is memory-mapped and its tensors become the model's weights (model built
 on the ``meta`` device); the exporter writes into the atomic write's temp file, which the
@@ -37,8 +38,9 @@ from oi_ray.data.pairs import first_configured_split, load_split
 from oi_ray.errors import ConfigError, DataError
 from oi_ray.fileio import atomic_output, sha256_of
 from oi_ray.model.inputs import InputNormalizer
+from oi_ray.model.parts import COMPARE, EMBED, features_per_pair, model_parts
 from oi_ray.model.registry import Architecture
-from oi_ray.model_card import INPUT_NAMES, ModelCard, export_destination
+from oi_ray.model_card import INPUT_NAMES, ModelCard, export_destination, part_path
 
 log = logging.getLogger(__name__)
 DYNAMIC_BATCH = "batch"
@@ -67,13 +69,15 @@ def run(config: ExperimentConfig) -> None:
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     if onnx_path.exists():
         log.info("replacing %s", onnx_path)
+    parts = write_parts(model, onnx_path, export, test, golden, config.encryption_key)
     with atomic_output(onnx_path) as out:
         difference = _write_verified(model, architecture, export, test, golden, out, config.encryption_key)
     card = ModelCard.describe(
         config, checkpoint.threshold, threshold_rule=checkpoint.threshold_rule, batch_size=export.batch_size,
         opset_version=export.opset_version, oi_ray_version=__version__,
         source_checkpoint=str(source.resolve()), source_checkpoint_sha256=sha256_of(source),
-        model_sha256=sha256_of(onnx_path),
+        model_sha256=sha256_of(onnx_path), parts=parts,
+        features_per_pair=features_per_pair(model, geometry.input_shape),
     ).write(onnx_path)
     spec = save_resolved_spec(config, export.results_dir)
     threshold = "none (model.margin decides)" if checkpoint.threshold is None \
@@ -83,6 +87,8 @@ def run(config: ExperimentConfig) -> None:
              "threshold %s; model card %s", onnx_path, config.model.model_type,
              "x".join(map(str, geometry.input_shape)), batch_text, export.opset_version,
              ", encrypted" if config.encryption_key else "", difference, threshold, card)
+    log.info("and its halves for scoring against kept goldens: %s (one side -> features), %s "
+             "(features of both sides -> distance)", *(parts[name]["file"] for name in (EMBED, COMPARE)))
     # Its own results folder: the .pth's metrics.json in evaluate.results_dir stays for comparison.
     log.info("score with it: %s", command("evaluate", "-e", spec, f"evaluate.checkpoint={onnx_path}",
                                           f"evaluate.results_dir={onnx_path.parent / 'evaluate'}"))
@@ -113,11 +119,18 @@ def write_onnx(model: torch.nn.Module, architecture: Architecture, batch: int, o
     example = torch.zeros(batch, *architecture.input_shape)
     output_names = architecture.output_names
     axes = {name: {0: DYNAMIC_BATCH} for name in (*INPUT_NAMES, *output_names)} if dynamic else None
+    _trace(model, (example, example), INPUT_NAMES, output_names, out, axes, opset=opset,
+           constant_folding=constant_folding, verbose=verbose)
+
+
+def _trace(module: torch.nn.Module, examples: tuple[torch.Tensor, ...], input_names: tuple[str, ...],
+           output_names: tuple[str, ...], out: BinaryIO | str, axes: dict | None, *, opset: int,
+           constant_folding: bool, verbose: bool = False) -> None:
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation and folding notices
         warnings.simplefilter("ignore")
         # dynamo=False: torch's TorchScript-based exporter needs no onnxscript and exports
         # these plain conv/linear layers exactly.
-        torch.onnx.export(model, (example, example), out, input_names=list(INPUT_NAMES),
+        torch.onnx.export(module, examples, out, input_names=list(input_names),
                           output_names=list(output_names), dynamic_axes=axes, opset_version=opset,
                           do_constant_folding=constant_folding, verbose=verbose, dynamo=False)
 
@@ -154,6 +167,44 @@ def verify_onnx(onnx_model: str | bytes, model: torch.nn.Module, architecture: A
                         f"on {', '.join(architecture.output_names)} (allowed {allowed:.1e}); "
                         f"nothing was written")
     return difference
+
+
+def write_parts(model: torch.nn.Module, onnx_path: Path, export: ExportConfig, test: torch.Tensor,
+                golden: torch.Tensor, key: str | None) -> dict[str, dict[str, str]]:
+    """Write the model's two halves beside ``onnx_path`` (``oi_model.embed.onnx``,
+    ``oi_model.compare.onnx``; always a dynamic first axis) once ONNX Runtime scores ``test``
+    against ``golden`` through them as torch scores the whole pair (else nothing is written);
+    return the card's ``parts`` entry: each half's file name and SHA-256."""
+    graphs, sessions = {}, {}
+    for part in model_parts(model):
+        buffer = io.BytesIO()
+        _trace(part.module, part.examples(test), part.input_names, part.output_names, buffer,
+               {name: {0: axis} for name, axis in part.first_axes.items()}, opset=export.opset_version,
+               constant_folding=export.do_constant_folding)
+        graphs[part.name] = buffer.getvalue()
+        try:
+            onnx.checker.check_model(graphs[part.name], full_check=True)
+        except onnx.checker.ValidationError as error:
+            raise DataError(f"the exported {part.name} half fails onnx.checker: {error}") from None
+        sessions[part.name] = ort.InferenceSession(graphs[part.name], providers=["CPUExecutionProvider"])
+    embed, compare = sessions[EMBED], sessions[COMPARE]
+    features = [embed.run(None, {embed.get_inputs()[0].name: side.numpy()})[0] for side in (test, golden)]
+    actual = compare.run(None, dict(zip((entry.name for entry in compare.get_inputs()), features,
+                                        strict=True)))[0]
+    with torch.inference_mode():
+        expected = model.distance(test, golden).numpy()
+    difference = float(np.abs(actual - expected).max())
+    allowed = TOLERANCE * max(1.0, float(np.abs(expected).max()))
+    if not difference <= allowed:
+        raise DataError(f"the exported embed and compare halves disagree with torch: max |difference| "
+                        f"{difference:.2e} on the distance (allowed {allowed:.1e}); nothing was written")
+    written = {}
+    for name, graph in graphs.items():
+        path = part_path(onnx_path, name)
+        with atomic_output(path) as out, protected_output(out, key) as sink:
+            sink.write(graph)
+        written[name] = {"file": path.name, "sha256": sha256_of(path)}
+    return written
 
 
 def _verification_inputs(config: ExperimentConfig, geometry: InputGeometry,
