@@ -30,7 +30,9 @@ from oi_ray.checkpoint import load_checkpoint, restore_model
 from oi_ray.crypto import is_encrypted_file, read_plain
 from oi_ray.data.assemble import InputGeometry
 from oi_ray.errors import BackendUnavailableError, DataError
+from oi_ray.fileio import sha256_of
 from oi_ray.model.inputs import InputNormalizer
+from oi_ray.model.parts import COMPARE, EMBED
 from oi_ray.model.registry import EMBEDDING_OUTPUTS, distance_from_outputs
 from oi_ray.model_card import INPUT_NAMES, ModelCard
 
@@ -48,6 +50,20 @@ class Predictor(Protocol):
 
     def distances(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
         """``(B, H', W', 3)`` uint8 test and golden pictures -> ``(B,)`` float32 distances, any B."""
+        ...
+
+
+class HalvesPredictor(Protocol):
+    """A model scored in its two halves (``oi_ray.model.parts``): a golden's features are
+    computed once and compared with many test shots."""
+
+    def embed(self, pictures: np.ndarray) -> np.ndarray:
+        """``(B, H', W', 3)`` uint8 pictures of one side -> their float32 features
+        (``B`` times the card's ``features_per_pair`` first axis)."""
+        ...
+
+    def compare(self, test_features: np.ndarray, golden_features: np.ndarray) -> np.ndarray:
+        """Two sides' features, pair by pair -> ``(B,)`` float32 distances."""
         ...
 
 
@@ -102,13 +118,27 @@ class TorchPredictor:
             self.model.train(was_training)
         return scores.float().cpu().numpy()
 
+    @torch.inference_mode()
+    def embed(self, pictures: np.ndarray) -> np.ndarray:
+        """One side's features (:class:`HalvesPredictor`); the model is in eval mode."""
+        return self.model.eval().embed(self.normalize(pictures)).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def compare(self, test_features: np.ndarray, golden_features: np.ndarray) -> np.ndarray:
+        """Distances of two sides' features (:class:`HalvesPredictor`)."""
+        device = self.normalize.device
+        return self.model.eval().compare(torch.from_numpy(test_features).to(device),
+                                         torch.from_numpy(golden_features).to(device)).float().cpu().numpy()
+
 
 class OnnxPredictor:
     """An exported oi-ray / TAO ONNX model on ONNX Runtime, from its path or its bytes."""
 
     def __init__(self, model: bytes | str | Path, geometry: InputGeometry, *, threshold: float | None,
                  use_gpu: bool = False, source: str | Path = "model", threads: int | None = None,
-                 output_names: tuple[str, ...] = EMBEDDING_OUTPUTS) -> None:
+                 output_names: tuple[str, ...] = EMBEDDING_OUTPUTS, expects_pictures: bool = True) -> None:
+        """``expects_pictures``: the graph's first input is an assembled side (checked against
+        ``geometry``); False for the compare half, which takes features."""
         import onnxruntime as ort
 
         wanted = ["CPUExecutionProvider"]
@@ -129,7 +159,7 @@ class OnnxPredictor:
         if use_gpu and "CUDAExecutionProvider" not in self.providers:
             log.warning("%s: ONNX Runtime runs on CPU (no usable CUDA provider)", source)
         batch, *shape = self.session.get_inputs()[0].shape
-        if tuple(shape) != geometry.input_shape:
+        if expects_pictures and tuple(shape) != geometry.input_shape:
             raise DataError(f"{source} takes inputs of {tuple(shape)}, "
                             f"the spec assembles {geometry.input_shape}")
         # A symbolic batch dimension ("batch") takes any size; a number is a fixed batch.
@@ -145,6 +175,25 @@ class OnnxPredictor:
         outputs = self.session.run(list(self.output_names), dict(zip(
             INPUT_NAMES, (self.normalize(test).numpy(), self.normalize(golden).numpy()), strict=True)))
         return distance_from_outputs(outputs)
+
+
+class OnnxHalvesPredictor:
+    """The two halves an export writes beside the model (``parts`` in its card), on ONNX Runtime."""
+
+    def __init__(self, embed: OnnxPredictor, compare: OnnxPredictor) -> None:
+        self.embed_session, self.compare_session = embed.session, compare.session
+        self.normalize = embed.normalize
+        self.compare_inputs = [entry.name for entry in self.compare_session.get_inputs()]
+
+    def embed(self, pictures: np.ndarray) -> np.ndarray:
+        """One side's features (:class:`HalvesPredictor`)."""
+        images = self.embed_session.get_inputs()[0].name
+        return self.embed_session.run(None, {images: self.normalize(pictures).numpy()})[0]
+
+    def compare(self, test_features: np.ndarray, golden_features: np.ndarray) -> np.ndarray:
+        """Distances of two sides' features (:class:`HalvesPredictor`)."""
+        return self.compare_session.run(None, dict(zip(self.compare_inputs, (test_features, golden_features),
+                                                       strict=True)))[0]
 
 
 class TensorRTPredictor:
@@ -222,6 +271,32 @@ def load_predictor(path: Path, card: ModelCard, key: str | None, use_gpu: bool =
                              threads=threads, output_names=card.output_names)
     return TensorRTPredictor(read_plain(path, key), geometry, threshold=card.threshold, source=path,
                              output_names=card.output_names)
+
+
+def load_halves_predictor(path: Path, card: ModelCard, key: str | None, use_gpu: bool = False, *,
+                          threads: int | None = None) -> HalvesPredictor:
+    """The two halves of the model at ``path``: a ``.pth``'s own network, or the ONNX halves its
+    card names beside an exported model (each checked against its SHA-256 in the card)."""
+    if path.suffix == ".pth":
+        return load_predictor(path, card, key, use_gpu, threads=threads)
+    if path.suffix not in ONNX_SUFFIXES:
+        raise BackendUnavailableError(f"{path}: scoring against kept golden features takes an .onnx export "
+                                      "or a .pth; TensorRT engines of the halves are not built yet")
+    if set(card.parts) != {EMBED, COMPARE}:
+        raise DataError(f"{path} was exported without its embed and compare halves (an older oi-ray); "
+                        "export it again to score against kept goldens")
+    sessions = {}
+    for name, part in card.parts.items():
+        part_file = path.with_name(part["file"])
+        if not part_file.is_file():
+            raise DataError(f"{part_file} is missing: the {name} half of {path.name}, as its model card says")
+        if sha256_of(part_file) != part["sha256"]:
+            raise DataError(f"{part_file} does not match the model card of {path.name} (SHA-256 differs): "
+                            "export the model again")
+        graph = read_plain(part_file, key) if is_encrypted_file(part_file) else part_file
+        sessions[name] = OnnxPredictor(graph, card.geometry(), threshold=card.threshold, use_gpu=use_gpu,
+                                       source=part_file, threads=threads, expects_pictures=name == EMBED)
+    return OnnxHalvesPredictor(sessions[EMBED], sessions[COMPARE])
 
 
 def onnxruntime_has_cuda() -> bool:

@@ -7,6 +7,7 @@ initialisation; then oi-ray's own predictors score the same real pairs from the 
 from the exported ``.onnx`` (and, on a GPU, from a TensorRT engine).
 """
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,12 @@ from oi_ray.config.schema import ExperimentConfig, ModelType, OptimConfig
 from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
+from oi_ray.errors import DataError
 from oi_ray.fileio import sha256_of
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.registry import Architecture
 from oi_ray.model_card import read_card
-from oi_ray.predictors import BatchLimits
+from oi_ray.predictors import BatchLimits, load_halves_predictor
 from oi_ray.training.step import Precision, StepRule, make_optimizer, training_steps
 
 HAS_GPU = torch.cuda.is_available()
@@ -131,6 +133,25 @@ def test_the_exported_halves_score_each_test_against_a_kept_golden_like_the_whol
     whole = spec_model(checkpoint, config).load().distances(test, np.repeat(golden[:1], len(test), axis=0))
     assert halves.shape == (len(test),) and whole.std() > 1e-3
     np.testing.assert_allclose(halves, whole, rtol=0, atol=1e-5)
+    for model in (checkpoint, onnx_file):  # oi-ray's own predictors of the halves, from either file
+        predictor = load_halves_predictor(model, card, None)
+        kept = predictor.embed(golden[:1])
+        scored = predictor.compare(predictor.embed(test), np.concatenate([kept] * len(test)))
+        np.testing.assert_allclose(scored, whole, rtol=0, atol=1e-5)
+
+
+def test_halves_of_an_export_that_lacks_them_or_was_changed_are_refused(spec, tmp_path):
+    config, _, onnx_file = _trained_and_exported(spec, tmp_path, _overrides("Siamese_3", "linear"))
+    card = read_card(onnx_file)
+    embed = onnx_file.with_name(card.parts["embed"]["file"])
+    embed.write_bytes(embed.read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"trained.embed.onnx does not match the model card of trained.onnx"):
+        load_halves_predictor(onnx_file, card, None)
+    embed.unlink()
+    with pytest.raises(DataError, match=r"trained.embed.onnx is missing: the embed half of trained.onnx"):
+        load_halves_predictor(onnx_file, card, None)
+    with pytest.raises(DataError, match=r"exported without its embed and compare halves .*export it again"):
+        load_halves_predictor(onnx_file, dataclasses.replace(card, parts={}), None)
 
 
 @pytest.mark.gpu
