@@ -1,0 +1,70 @@
+"""The golden library's store on a local folder (the same pyarrow filesystem calls as a bucket)."""
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+
+from oi_ray.serving.goldens import GoldenIdError, GoldenStore, check_golden_id
+
+LIGHTS = ("WhiteLight", "SolderLight")
+
+
+def _shot(tag: str) -> tuple[bytes, ...]:
+    return tuple(f"{tag}-{light}".encode() for light in LIGHTS)
+
+
+def test_a_golden_set_is_kept_whole_and_read_back_in_lighting_order(tmp_path):
+    store = GoldenStore(str(tmp_path / "goldens"))
+    golden = store.put("C12", LIGHTS, [_shot("a"), _shot("b")])
+    assert (golden.id, golden.shots, golden.lights) == ("C12", 2, LIGHTS)
+    again = GoldenStore(str(tmp_path / "goldens")).get("C12")  # another replica, the same store
+    assert again == golden
+    assert store.images(again) == [_shot("a"), _shot("b")]
+    assert store.get("C13") is None
+
+
+def test_replacing_a_golden_leaves_only_the_new_version(tmp_path):
+    store = GoldenStore(str(tmp_path))
+    first = store.put("0603-10k", LIGHTS, [_shot("old")])
+    second = store.put("0603-10k", LIGHTS, [_shot("new")])
+    assert second.version != first.version and store.images(store.get("0603-10k")) == [_shot("new")]
+    assert {path.name for path in (tmp_path / "0603-10k").iterdir()} == {"golden.json", second.version}
+
+
+def test_features_are_kept_per_model(tmp_path):
+    store = GoldenStore(str(tmp_path))
+    golden = store.put("R1", LIGHTS, [_shot("a")])
+    features = np.arange(12, dtype=np.float32).reshape(2, 6)
+    assert store.features(golden, "sha-a") is None
+    store.keep_features(golden, "sha-a", features)
+    np.testing.assert_array_equal(store.features(golden, "sha-a"), features)
+    assert store.features(golden, "sha-b") is None  # another model computes its own
+
+
+def test_ids_are_listed_in_pages_and_deleted_at_once(tmp_path):
+    store = GoldenStore(str(tmp_path))
+    for golden_id in ("C3", "C1", "C2", "U7"):
+        store.put(golden_id, LIGHTS, [_shot(golden_id)])
+    (tmp_path / "C0" / "halfway").mkdir(parents=True)  # an upload that has not written its manifest
+    assert store.ids(limit=2) == ["C1", "C2"]
+    assert store.ids(after="C2", limit=2) == ["C3", "U7"]
+    assert store.delete("C2") and not store.delete("C2")
+    assert store.ids() == ["C1", "C3", "U7"] and not (tmp_path / "C2").exists()
+
+
+def test_two_uploads_of_one_id_at_once_leave_one_whole_golden(tmp_path):
+    store = GoldenStore(str(tmp_path))
+    uploads = {f"v{index}": [_shot(f"v{index}-{shot}") for shot in range(3)] for index in range(8)}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda shots: store.put("C12", LIGHTS, shots), uploads.values()))
+    kept = store.images(store.get("C12"))
+    assert kept in uploads.values()  # all three shots of one upload, never a mix
+
+
+@pytest.mark.parametrize("golden_id", ["", ".", "..", "a/b", "../C12", "C 12", "-C12", "x" * 129, "C12\n"])
+def test_an_id_that_is_not_one_safe_path_segment_is_refused(golden_id, tmp_path):
+    with pytest.raises(GoldenIdError, match="is not a part reference"):
+        check_golden_id(golden_id)
+    with pytest.raises(GoldenIdError):
+        GoldenStore(str(tmp_path)).put(golden_id, LIGHTS, [_shot("a")])
