@@ -5,6 +5,7 @@ import concurrent.futures
 import numpy as np
 import pytest
 
+from oi_ray.serving.feature_cache import FeatureCache
 from oi_ray.serving.goldens import GoldenIdError, GoldenStore, check_golden_id
 
 LIGHTS = ("WhiteLight", "SolderLight")
@@ -68,3 +69,20 @@ def test_an_id_that_is_not_one_safe_path_segment_is_refused(golden_id, tmp_path)
         check_golden_id(golden_id)
     with pytest.raises(GoldenIdError):
         GoldenStore(str(tmp_path)).put(golden_id, LIGHTS, [_shot("a")])
+
+
+def test_the_feature_cache_holds_its_bound_under_a_stream_of_distinct_goldens():
+    cache = FeatureCache(max_bytes=10 * 4_000)  # ten goldens of 1,000 float32 features
+    for index in range(100):
+        cache.put(f"C{index}", np.full(1_000, index, np.float32))
+        assert cache.bytes <= cache.max_bytes
+        if index == 50:
+            assert cache.get("C45") is not None  # used now: it outlives goldens added after it
+        if index == 59:
+            assert cache.get("C50") is None and cache.get("C45") is not None
+    assert len(cache) == 10 and cache.bytes == 40_000
+    assert cache.get("C89") is None and cache.get("C90")[0] == 90 and cache.get("C45") is None
+    cache.put("huge", np.zeros(20_000, np.float32))  # larger than the bound: not kept, nothing dropped
+    assert cache.get("huge") is None and len(cache) == 10
+    cache.discard("C99")
+    assert cache.get("C99") is None and cache.bytes == 36_000
