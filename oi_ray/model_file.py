@@ -23,7 +23,14 @@ from oi_ray.decision import CarriedThreshold
 from oi_ray.errors import DataError
 from oi_ray.fileio import sha256_of
 from oi_ray.model_card import ModelCard, card_path, read_card
-from oi_ray.predictors import ONNX_SUFFIXES, TENSORRT_SUFFIXES, Predictor, load_predictor
+from oi_ray.predictors import (
+    ONNX_SUFFIXES,
+    TENSORRT_SUFFIXES,
+    HalvesPredictor,
+    Predictor,
+    load_halves_predictor,
+    load_predictor,
+)
 
 BACKENDS = {".pth": "torch", **dict.fromkeys(ONNX_SUFFIXES, "onnxruntime"),
             **dict.fromkeys(TENSORRT_SUFFIXES, "tensorrt")}
@@ -44,14 +51,22 @@ class ModelFile:
         return BACKENDS[self.path.suffix]
 
     @property
+    def sha256(self) -> str:
+        """The model file's SHA-256 (a checkpoint's when the card describes a ``.pth``)."""
+        return self.card.model_sha256 or self.card.source_checkpoint_sha256
+
+    @property
     def name(self) -> str:
         """File name and the first 12 hex digits of its SHA-256: which model answered."""
-        digest = self.card.model_sha256 or self.card.source_checkpoint_sha256
-        return f"{self.path.name}@{digest[:12]}"
+        return f"{self.path.name}@{self.sha256[:12]}"
 
     def load(self, use_gpu: bool = False, threads: int | None = None) -> Predictor:
         """The predictor, in the process that scores; ``threads``: ONNX Runtime's intra-op threads."""
         return load_predictor(self.path, self.card, self.encryption_key, use_gpu, threads=threads)
+
+    def load_halves(self, use_gpu: bool = False, threads: int | None = None) -> HalvesPredictor:
+        """The model's embed and compare halves (:func:`~oi_ray.predictors.load_halves_predictor`)."""
+        return load_halves_predictor(self.path, self.card, self.encryption_key, use_gpu, threads=threads)
 
 
 def open_model_file(path: str | Path, encryption_key: str | None, expected: ModelCard | None, *,

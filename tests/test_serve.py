@@ -450,14 +450,20 @@ def _assert_scores_like_onnx_offline(service: Service, prefix: str) -> None:
      "serve.auth_token_env='OI_RAY_TEST_UNSET_TOKEN': the environment variable OI_RAY_TEST_UNSET_TOKEN is not set"),
     (["serve.model={engine}"], "is a TensorRT engine, which runs on a GPU: set serve.num_gpus"),
     (["serve.port={busy}"], "cannot listen on 127.0.0.1:{busy}"),
+    (["serve.model={older}", "serve.golden_store={tmp}"],
+     "serve.golden_store: {older} was exported without its embed and compare halves (an older oi-ray)"),
 ])
 def test_cli_refuses_before_starting(service, tmp_path, capsys, overrides, message):
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not really an engine")
+    older = tmp_path / "older.onnx"  # an export of an oi-ray that wrote no halves
+    older.write_bytes(service.exported.onnx.read_bytes())
+    card = json.loads(Path(f"{service.exported.onnx}.json").read_text())
+    Path(f"{older}.json").write_text(json.dumps({**card, "parts": {}}))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        values = {"engine": engine, "busy": busy.getsockname()[1]}
+        values = {"engine": engine, "busy": busy.getsockname()[1], "older": older, "tmp": tmp_path}
         code = main(["serve", "-e", str(service.exported.spec), f"results_dir={service.exported.results}",
                      *(override.format(**values) for override in overrides)])
     assert code == 1
@@ -504,3 +510,130 @@ def _read_until(process: subprocess.Popen, marker: str, log: Path, timeout_s: fl
         assert time.monotonic() < deadline, f"no {marker!r} within {timeout_s} s: {''.join(lines)}"
         time.sleep(0.5)
     return "".join(lines)
+
+
+# The golden library (serve.golden_store): register a part's golden once, send only test shots.
+
+def _deploy_beside_the_module_service(service: Service, *applications: list[str]) -> None:
+    """Deploy applications (each given by its spec overrides) beside the module's service: a
+    Serve config names every application that runs, so it names the module's too."""
+    config = serve_config(service.config())
+    for overrides in applications:
+        config["applications"] += serve_config(service.config(*overrides))["applications"]
+    deploy(config)
+
+
+@pytest.fixture(scope="module")
+def library_overrides(tmp_path_factory) -> list[str]:
+    return ["serve.app_name=library", "serve.route_prefix=/lib",
+            f"serve.golden_store={tmp_path_factory.mktemp('goldens')}"]
+
+
+@pytest.fixture(scope="module")
+def library(service, library_overrides) -> str:
+    """The same model as a second application that keeps goldens in a folder; its route prefix."""
+    _deploy_beside_the_module_service(service, library_overrides)
+    yield "/lib"
+    serve.delete("library")
+
+
+def _golden_files(table: PairTable, rows: list[int]) -> list[tuple[str, tuple[str, bytes]]]:
+    """A golden's PUT form: ``golden.<Light>`` for one shot, ``<shot>.golden.<Light>`` for a set."""
+    prefix = (lambda shot: f"{shot}.") if len(rows) > 1 else (lambda shot: "")
+    return [(f"{prefix(shot)}golden.{light}", (Path(path).name, Path(path).read_bytes()))
+            for shot, row in enumerate(rows) for light, path in zip(LIGHTS, table.golden_paths[row], strict=True)]
+
+
+def _test_only(table: PairTable, row: int, golden_id: str) -> dict:
+    return {"id": f"row{row}", "golden_id": golden_id,
+            "test": {light: base64.b64encode(Path(path).read_bytes()).decode()
+                     for light, path in zip(LIGHTS, table.test_paths[row], strict=True)}}
+
+
+def test_registered_goldens_score_every_test_row_like_uploaded_ones(service, library):
+    table, offline = service.exported.table, service.exported.offline
+    for row in range(len(table)):  # one golden per row: the part reference is the row here
+        response = requests.put(service.url(f"/v1/goldens/P{row}", library), files=_golden_files(table, [row]),
+                                timeout=HTTP_TIMEOUT_S)
+        assert response.status_code == 201, response.text
+        assert response.json()["shots"] == 1 and response.json()["model"].startswith("oi_model.onnx@")
+    answers = []
+    for start in range(0, len(table), MAX_PAIRS):
+        pairs = [_test_only(table, row, f"P{row}") for row in range(start, min(start + MAX_PAIRS, len(table)))]
+        response = requests.post(service.url("/v1/inspect", library), json={"pairs": pairs}, timeout=HTTP_TIMEOUT_S)
+        assert response.status_code == 200, response.text
+        answers += response.json()["results"]
+    assert [answer["golden_id"] for answer in answers] == [f"P{row}" for row in range(len(table))]
+    assert {answer["golden_shot"] for answer in answers} == {0}
+    np.testing.assert_allclose([answer["distance"] for answer in answers], offline["siamese_score"], atol=1e-5, rtol=0)
+    assert [answer["decision"] for answer in answers] == list(offline["decision"])
+    # a request may mix both kinds of pair
+    mixed = requests.post(service.url("/v1/inspect", library), timeout=HTTP_TIMEOUT_S,
+                          json=[_json_pair(table, 2), _test_only(table, 3, "P3")]).json()["results"]
+    assert [answer.get("golden_id") for answer in mixed] == [None, "P3"]
+    np.testing.assert_allclose([answer["distance"] for answer in mixed], offline["siamese_score"][2:4], atol=1e-5)
+
+
+def test_a_golden_set_scores_against_its_nearest_shot(service, library):
+    table, offline = service.exported.table, service.exported.offline
+    assert requests.put(service.url("/v1/goldens/0603-10k", library), files=_golden_files(table, [4, 5, 6]),
+                        timeout=HTTP_TIMEOUT_S).json()["shots"] == 3
+    answer = requests.post(service.url("/v1/inspect", library), json=_test_only(table, 5, "0603-10k"),
+                           timeout=HTTP_TIMEOUT_S).json()["results"][0]
+    assert answer["golden_shot"] == 1  # row 5's own golden is the set's second shot
+    assert answer["distance"] <= offline["siamese_score"][5] + 1e-5
+    described = requests.get(service.url("/v1/goldens/0603-10k", library), timeout=HTTP_TIMEOUT_S).json()
+    assert (described["golden_id"], described["shots"], described["lights"]) == ("0603-10k", 3, list(LIGHTS))
+
+
+def test_goldens_are_listed_in_pages_and_deleted(service, library):
+    for golden_id in ("L1", "L2", "L3"):
+        requests.put(service.url(f"/v1/goldens/{golden_id}", library), files=_golden_files(
+            service.exported.table, [0]), timeout=HTTP_TIMEOUT_S).raise_for_status()
+    first = requests.get(service.url("/v1/goldens?after=Kz&limit=2", library), timeout=HTTP_TIMEOUT_S).json()
+    assert first == {"goldens": ["L1", "L2"], "next": "L2"}
+    assert requests.get(service.url("/v1/goldens?after=L2&limit=2", library),
+                        timeout=HTTP_TIMEOUT_S).json()["goldens"][0] == "L3"
+    assert requests.delete(service.url("/v1/goldens/L2", library), timeout=HTTP_TIMEOUT_S).json() == {"deleted": "L2"}
+    gone = requests.post(service.url("/v1/inspect", library), json=_test_only(service.exported.table, 0, "L2"),
+                         timeout=HTTP_TIMEOUT_S)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "unknown_golden" and "'L2'" in gone.text
+
+
+@pytest.mark.parametrize("case", ["missing lighting", "undecodable image", "bad id", "no library"])
+def test_a_golden_that_cannot_be_kept_is_refused_and_nothing_is_stored(service, library, case):
+    table = service.exported.table
+    files = _golden_files(table, [0])
+    golden_id, prefix, status, code = "R9", library, 422, {
+        "missing lighting": "missing_image", "undecodable image": "undecodable_image",
+        "bad id": "bad_golden_id", "no library": "no_golden_library"}[case]
+    if case == "missing lighting":
+        files = files[:-1]
+    elif case == "undecodable image":
+        files = [files[0], (files[1][0], ("x.png", b"not an image"))]
+    elif case == "bad id":
+        golden_id = "R 9"
+    else:
+        prefix, status = "", 404  # the module's service has no golden_store
+    response = requests.put(service.url(f"/v1/goldens/{golden_id}", prefix), files=files, timeout=HTTP_TIMEOUT_S)
+    assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text
+    lookup = requests.get(service.url("/v1/goldens/R9", library), timeout=HTTP_TIMEOUT_S)
+    assert lookup.status_code == 404 and lookup.json()["error"]["code"] == "unknown_golden"
+
+
+def test_a_redeployed_service_on_the_same_store_serves_every_registered_golden(service, library, library_overrides,
+                                                                               tmp_path):
+    table, offline = service.exported.table, service.exported.offline
+    store = tmp_path / "store"
+    overrides = ["serve.app_name=again", "serve.route_prefix=/again", f"serve.golden_store={store}"]
+    _deploy_beside_the_module_service(service, library_overrides, overrides)
+    requests.put(service.url("/v1/goldens/C12", "/again"), files=_golden_files(table, [7]),
+                 timeout=HTTP_TIMEOUT_S).raise_for_status()
+    serve.delete("again")
+    _deploy_beside_the_module_service(service, library_overrides, overrides)  # new replicas, the same store
+    try:
+        answer = requests.post(service.url("/v1/inspect", "/again"), json=_test_only(table, 7, "C12"),
+                               timeout=HTTP_TIMEOUT_S).json()["results"][0]
+        assert answer["distance"] == pytest.approx(offline["siamese_score"][7], abs=1e-5)
+    finally:
+        serve.delete("again")

@@ -14,6 +14,8 @@ from oi_ray.serving.uploads import (
     RequestError,
     UploadLayout,
     decode_pairs,
+    golden_from_form,
+    golden_from_json,
     pairs_from_form,
     pairs_from_json,
 )
@@ -128,3 +130,43 @@ def test_decoding_matches_the_file_pipeline_and_refuses_bad_images(tmp_path):
     error = _error(decode_pairs, [larger], GEOMETRY, LIGHTS, allow_resize=False)
     assert (error.code, error.where["lighting"]) == ("wrong_image_size", "SolderLight")
     assert "is 16x12 pixels; the model takes 8x6" in error.message
+
+
+def test_a_pair_may_name_a_registered_golden_instead_of_uploading_it():
+    named = {"id": "n", "golden_id": "C12", "test": _json_pair()["test"]}
+    pairs = pairs_from_json(json.dumps([_json_pair("u"), named]).encode(), LAYOUT)
+    assert [(pair.golden_id, len(pair.golden)) for pair in pairs] == [(None, 2), ("C12", 0)]
+    form = pairs_from_form([("golden_id", "0603-10k"), ("test.WhiteLight", b"t0"), ("test.SolderLight", b"t1")],
+                           LAYOUT)
+    assert (form[0].golden_id, form[0].test, form[0].golden) == ("0603-10k", (b"t0", b"t1"), ())
+    test, golden = decode_pairs(pairs, GEOMETRY, LIGHTS, allow_resize=False)
+    assert test.shape == (2, 12, 8, 3) and golden.shape == (1, 12, 8, 3)  # only the uploaded golden
+    both = {**_json_pair(), "golden_id": "C12"}
+    assert _error(pairs_from_json, json.dumps(both).encode(), LAYOUT).code == "bad_pair"
+    error = _error(pairs_from_json, json.dumps({**named, "golden_id": "../C12"}).encode(), LAYOUT)
+    assert (error.status, error.code, error.where) == (422, "bad_golden_id", {"pair": 0})
+
+
+def test_a_golden_body_holds_one_shot_or_a_set_in_lighting_order():
+    shot = _json_pair()["golden"]
+    assert golden_from_json(json.dumps({"golden": shot}).encode(), LAYOUT) == [(_png(1), _png(11))]
+    assert len(golden_from_json(json.dumps({"golden": [shot, shot]}).encode(), LAYOUT)) == 2
+    fields = [("1.golden.SolderLight", b"b1"), ("0.golden.WhiteLight", b"a0"), ("0.golden.SolderLight", b"a1"),
+              ("1.golden.WhiteLight", b"b0")]
+    assert golden_from_form(fields, LAYOUT) == [(b"a0", b"a1"), (b"b0", b"b1")]
+    assert golden_from_form([("golden.WhiteLight", b"w"), ("golden.SolderLight", b"s")], LAYOUT) == [(b"w", b"s")]
+
+
+@pytest.mark.parametrize("call, body, status, code", [
+    (golden_from_json, json.dumps({"pairs": []}).encode(), 422, "bad_golden"),
+    (golden_from_json, json.dumps({"golden": []}).encode(), 422, "bad_golden"),
+    (golden_from_json, json.dumps({"golden": [{"WhiteLight": ""}] * 4}).encode(), 413, "too_many_shots"),
+    (golden_from_json, json.dumps({"golden": {"WhiteLight": base64.b64encode(b"x").decode()}}).encode(), 422,
+     "missing_image"),
+    (golden_from_form, [("test.WhiteLight", b"t")], 422, "unknown_field"),
+    (golden_from_form, [("golden.WhiteLight", "text")], 422, "bad_image"),
+    (golden_from_form, [("golden.WhiteLight", b"w"), ("golden.UVLight", b"u")], 422, "unknown_lighting"),
+])
+def test_golden_bodies_that_cannot_be_kept_are_refused(call, body, status, code):
+    error = _error(call, body, LAYOUT)
+    assert (error.status, error.code) == (status, code), error.message

@@ -492,6 +492,10 @@ class ServeConfig:
     threshold: float | None = None  # decision threshold; None: the model's calibrated one, else margin
     auth_token_env: str | None = None  # env var holding a bearer token every request must carry
     resize_images: bool = True  # True: other image sizes are resized as in training; False: refused
+    # the golden library (PUT /v1/goldens/{id}): a folder or a URI (s3://, gs://) every replica
+    # shares; None: pairs upload their goldens
+    golden_store: str | None = None
+    golden_cache_mb: float = 256.0  # per replica: golden features kept in memory, least recently used out
 
 
 @dataclass

@@ -53,6 +53,8 @@ def service_settings(serve_config: ServeConfig) -> ServiceSettings:
         use_gpu=serve_config.num_gpus > 0,
         threads=max(1, int(serve_config.num_cpus)),
         auth_token_env=serve_config.auth_token_env,
+        golden_store=serve_config.golden_store,
+        golden_cache_bytes=int(serve_config.golden_cache_mb * 2**20),
     )
 
 

@@ -2,28 +2,34 @@
 
 from collections import OrderedDict
 from collections.abc import Hashable
+from typing import Protocol
 
-import numpy as np
+
+class Sized(Protocol):
+    """What the cache holds: anything that says its size (a numpy array, kept features)."""
+
+    @property
+    def nbytes(self) -> int: ...
 
 
 class FeatureCache:
-    """Features by key (a golden's id and version), at most ``max_bytes`` of arrays in all.
+    """Features by key (a golden's id), at most ``max_bytes`` of them in all.
 
-    An array larger than the whole bound is not kept (the caller still has it)."""
+    A value larger than the whole bound is not kept (the caller still has it)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._entries: OrderedDict[Hashable, Sized] = OrderedDict()
 
-    def get(self, key: Hashable) -> np.ndarray | None:
+    def get(self, key: Hashable) -> Sized | None:
         """The features kept under ``key`` (now the most recently used), or None."""
         features = self._entries.get(key)
         if features is not None:
             self._entries.move_to_end(key)
         return features
 
-    def put(self, key: Hashable, features: np.ndarray) -> None:
+    def put(self, key: Hashable, features: Sized) -> None:
         """Keep ``features`` under ``key``, dropping the least recently used beyond the bound."""
         self.discard(key)
         if features.nbytes > self.max_bytes:

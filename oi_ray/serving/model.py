@@ -10,9 +10,10 @@ from pathlib import Path
 
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.errors import BackendUnavailableError, DataError
+from oi_ray.model.parts import COMPARE, EMBED
 from oi_ray.model_card import ModelCard, export_destination
 from oi_ray.model_file import BACKENDS, ModelFile, open_model_file
-from oi_ray.predictors import TENSORRT_SUFFIXES
+from oi_ray.predictors import ONNX_SUFFIXES, TENSORRT_SUFFIXES
 
 
 def served_model_path(config: ExperimentConfig) -> Path:
@@ -35,4 +36,17 @@ def resolve_served_model(config: ExperimentConfig) -> ModelFile:
         raise BackendUnavailableError(f"{path} is a TensorRT engine, which runs on a GPU: set serve.num_gpus "
                                       f"(e.g. 1, or 0.5 to share one), or serve the .onnx model")
     expected = ModelCard.expected_by(config) if path.suffix == ".pth" else None
-    return open_model_file(path, config.encryption_key, expected, checkpoint_digest=True)
+    model = open_model_file(path, config.encryption_key, expected, checkpoint_digest=True)
+    if config.serve.golden_store is not None:
+        _check_halves(model)
+    return model
+
+
+def _check_halves(model: ModelFile) -> None:
+    """A golden library scores with the model's two halves: an export must have written them."""
+    if model.path.suffix in TENSORRT_SUFFIXES:
+        raise BackendUnavailableError(f"serve.golden_store: {model.path} is a TensorRT engine; engines of "
+                                      "the embed and compare halves are not built yet: serve the .onnx model")
+    if model.path.suffix in ONNX_SUFFIXES and set(model.card.parts) != {EMBED, COMPARE}:
+        raise DataError(f"serve.golden_store: {model.path} was exported without its embed and compare halves "
+                        f"(an older oi-ray); export it again")

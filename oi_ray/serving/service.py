@@ -3,7 +3,12 @@
 Routes (under the application's route prefix):
 
 - ``POST /v1/inspect``: pairs in (see :mod:`oi_ray.serving.uploads`), one answer per pair out:
-  ``{"model", "results": [{"id", "distance", "decision", "threshold", "model"}]}``.
+  ``{"model", "results": [{"id", "distance", "decision", "threshold", "model"}]}``; a pair that
+  names a registered golden (``golden_id``) also gets ``golden_id`` and ``golden_shot``, the
+  golden set's shot nearest to its test (the smallest distance decides).
+- ``PUT /v1/goldens/{id}``, ``GET /v1/goldens`` (``?after=<id>&limit=<n>``), ``GET`` and
+  ``DELETE /v1/goldens/{id}``: the golden library (``serve.golden_store``,
+  :mod:`oi_ray.serving.library`).
 - ``GET /v1/model``: the model card, the threshold in force and where it comes from.
 - ``GET /healthz``: 200 while this replica's model scores; names the replica.
 
@@ -37,11 +42,15 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from oi_ray.decision import NO_PASS, DecisionThreshold, choose_threshold, decisions
 from oi_ray.model_file import ModelFile
+from oi_ray.serving.goldens import GoldenIdError, GoldenStore, check_golden_id
+from oi_ray.serving.library import GoldenLibrary, KeptGolden
 from oi_ray.serving.uploads import (
     PairUpload,
     RequestError,
     UploadLayout,
     decode_pairs,
+    golden_from_form,
+    golden_from_json,
     pairs_from_form,
     pairs_from_json,
 )
@@ -70,6 +79,8 @@ class ServiceSettings:
     use_gpu: bool
     threads: int
     auth_token_env: str | None
+    golden_store: str | None = None
+    golden_cache_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,25 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
+async def _form_fields(request: Request, body: bytes) -> list[tuple[str, bytes | str]]:
+    """A multipart body's fields: files as bytes, text fields as str."""
+    try:
+        form = await MultiPartParser(request.headers, _once(body), max_part_size=len(body) + 1).parse()
+    except MultiPartException as error:
+        raise RequestError(400, "malformed_multipart", f"cannot parse the multipart body: {error}") from None
+    fields = [(name, await value.read() if isinstance(value, UploadFile) else value)
+              for name, value in form.multi_items()]
+    await form.close()
+    return fields
+
+
+def _checked_id(golden_id: str) -> str:
+    try:
+        return check_golden_id(golden_id)
+    except GoldenIdError as error:
+        raise RequestError(422, "bad_golden_id", str(error)) from None
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class InspectionService:
@@ -159,7 +189,20 @@ class InspectionService:
         self._score.set_max_batch_size(settings.max_batch_size)
         self._score.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.metrics = _Metrics(self.threshold.value)
+        self.library = self._library(settings)
         log.info("serving %s (%s) at threshold %.4g", model.name, model.backend, self.threshold.value)
+
+    def _library(self, settings: ServiceSettings) -> GoldenLibrary | None:
+        if settings.golden_store is None:
+            return None
+        halves = self.predictor if self.model.backend == "torch" else self.model.load_halves(
+            settings.use_gpu, settings.threads)
+        library = GoldenLibrary(GoldenStore(settings.golden_store), halves, self.model.sha256, self.geometry,
+                                self.layout.lights, cache_bytes=settings.golden_cache_bytes,
+                                allow_resize=settings.resize_images)
+        log.info("golden library %s: %d goldens ready for %s", settings.golden_store, library.warm(),
+                 self.model.name)
+        return library
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a new ``user_config`` (the threshold) without restarting the replica."""
@@ -193,14 +236,21 @@ class InspectionService:
             pairs = await self._read_pairs(request)
             test, golden = await asyncio.to_thread(decode_pairs, pairs, self.geometry, self.layout.lights,
                                                    allow_resize=self.settings.resize_images)
+            kept = await asyncio.to_thread(self._kept_goldens, pairs)
         except RequestError as error:
             return self._refuse(error)
-        step = self.settings.max_batch_size
-        await self.model_idle.wait()
+        uploaded = [index for index, pair in enumerate(pairs) if pair.golden_id is None]
+        named = [index for index, pair in enumerate(pairs) if pair.golden_id is not None]
+        distances, shots = np.zeros(len(pairs), np.float32), {}
         try:
-            distances = np.concatenate(await asyncio.gather(*(
-                self._score(_Pictures(test[start:start + step], golden[start:start + step]))
-                for start in range(0, len(pairs), step))))
+            if uploaded:
+                distances[uploaded] = await self._score_uploaded(test[uploaded], golden)
+            if named:
+                async with self.model_lock:
+                    nearest, shot = await asyncio.to_thread(
+                        self._score_kept, test[named], [kept[pairs[index].golden_id] for index in named])
+                distances[named] = nearest
+                shots = dict(zip(named, shot.tolist(), strict=True))
         except Exception:  # a model failure: say so in JSON, count it, keep serving
             log.exception("scoring %d pairs failed", len(pairs))
             return self._refuse(RequestError(500, "internal_error", "the model failed to score the pairs; "
@@ -209,9 +259,96 @@ class InspectionService:
         verdicts = decisions(distances, threshold)
         self.metrics.record(distances, verdicts)
         name = self.model.name
-        return JSONResponse({"model": name, "results": [
-            {"id": pair.id, "distance": float(distance), "decision": str(verdict), "threshold": threshold,
-             "model": name} for pair, distance, verdict in zip(pairs, distances, verdicts, strict=True)]})
+        results = []
+        for index, (pair, distance, verdict) in enumerate(zip(pairs, distances, verdicts, strict=True)):
+            result = {"id": pair.id, "distance": float(distance), "decision": str(verdict),
+                      "threshold": threshold, "model": name}
+            if pair.golden_id is not None:
+                result.update(golden_id=pair.golden_id, golden_shot=shots[index])
+            results.append(result)
+        return JSONResponse({"model": name, "results": results})
+
+    async def _score_uploaded(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
+        """Pairs that uploaded their goldens, in ``@serve.batch`` batches with other requests' pairs."""
+        step = self.settings.max_batch_size
+        await self.model_idle.wait()
+        return np.concatenate(await asyncio.gather(*(
+            self._score(_Pictures(test[start:start + step], golden[start:start + step]))
+            for start in range(0, len(test), step))))
+
+    def _kept_goldens(self, pairs: list[PairUpload]) -> dict[str, KeptGolden]:
+        named = sorted({pair.golden_id for pair in pairs if pair.golden_id is not None})
+        if named and self.library is None:
+            raise RequestError(404, "no_golden_library", "this service keeps no goldens (serve.golden_store "
+                               "is not set): upload each pair's golden images")
+        return {golden_id: self.library.kept(golden_id) for golden_id in named}
+
+    def _score_kept(self, test: np.ndarray, kept: list[KeptGolden]) -> tuple[np.ndarray, np.ndarray]:
+        """Each test against every shot of its golden, one compare call: the smallest distance
+        and which shot gave it."""
+        halves = self.library.halves
+        features = halves.embed(test)
+        rows = len(features) // len(test)
+        test_rows = np.concatenate([np.tile(features[index * rows:(index + 1) * rows],
+                                            (one.golden.shots, *[1] * (features.ndim - 1)))
+                                    for index, one in enumerate(kept)])
+        golden_rows = np.concatenate([one.features for one in kept])
+        per_shot = halves.compare(test_rows, golden_rows)
+        bounds = np.cumsum([0, *(one.golden.shots for one in kept)])
+        shot = np.array([int(np.argmin(per_shot[start:end])) for start, end in zip(bounds[:-1], bounds[1:],
+                                                                                  strict=True)])
+        return per_shot[bounds[:-1] + shot], shot
+
+    @api.put("/v1/goldens/{golden_id}")
+    async def register_golden(self, golden_id: str, request: Request) -> JSONResponse:
+        """Register (or replace) a golden: one shot, or several (a golden set)."""
+        try:
+            self._authorize(request)
+            library = self._require_library()
+            _checked_id(golden_id)
+            shots = await self._read_golden(request)
+            golden = await asyncio.to_thread(library.register, golden_id, shots)
+        except RequestError as error:
+            return self._refuse(error)
+        return JSONResponse({**golden.describe(), "model": self.model.name}, status_code=201)
+
+    @api.get("/v1/goldens")
+    async def list_goldens(self, request: Request, after: str | None = None,
+                           limit: int = 100) -> JSONResponse:
+        """The registered ids, a page at a time (``after``: the last id of the previous page)."""
+        try:
+            self._authorize(request)
+            library = self._require_library()
+            if not 1 <= limit <= 1000:
+                raise RequestError(422, "bad_limit", f"limit={limit}: expected 1 to 1000")
+            page = await asyncio.to_thread(library.store.ids, after, limit)
+        except RequestError as error:
+            return self._refuse(error)
+        return JSONResponse({"goldens": page, "next": page[-1] if len(page) == limit else None})
+
+    @api.get("/v1/goldens/{golden_id}")
+    async def describe_golden(self, golden_id: str, request: Request) -> JSONResponse:
+        """What is registered as ``golden_id``."""
+        try:
+            self._authorize(request)
+            library = self._require_library()
+            kept = await asyncio.to_thread(library.kept, _checked_id(golden_id))
+        except RequestError as error:
+            return self._refuse(error)
+        return JSONResponse({**kept.golden.describe(), "model": self.model.name})
+
+    @api.delete("/v1/goldens/{golden_id}")
+    async def delete_golden(self, golden_id: str, request: Request) -> JSONResponse:
+        """Unregister ``golden_id``."""
+        try:
+            self._authorize(request)
+            library = self._require_library()
+            if not await asyncio.to_thread(library.store.delete, _checked_id(golden_id)):
+                raise RequestError(404, "unknown_golden", f"no golden is registered as {golden_id!r}")
+            library.forget(golden_id)
+        except RequestError as error:
+            return self._refuse(error)
+        return JSONResponse({"deleted": golden_id})
 
     @api.get("/v1/model")
     async def describe(self, request: Request) -> JSONResponse:
@@ -262,22 +399,29 @@ class InspectionService:
                                f"with the token in ${self.settings.auth_token_env}")
 
     async def _read_pairs(self, request: Request) -> list[PairUpload]:
+        media_type, body = await self._read_body(request)
+        if media_type == "application/json":
+            return await asyncio.to_thread(pairs_from_json, body, self.layout)
+        return pairs_from_form(await _form_fields(request, body), self.layout)
+
+    async def _read_golden(self, request: Request) -> list[tuple[bytes, ...]]:
+        media_type, body = await self._read_body(request)
+        if media_type == "application/json":
+            return await asyncio.to_thread(golden_from_json, body, self.layout)
+        return golden_from_form(await _form_fields(request, body), self.layout)
+
+    async def _read_body(self, request: Request) -> tuple[str, bytes]:
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type not in ("application/json", "multipart/form-data"):
             raise RequestError(415, "unsupported_media_type", f"content type {media_type or 'none'!r}; send "
                                "multipart/form-data (test.<Light>, golden.<Light> files) or application/json")
-        body = await _bounded_body(request, self.settings.max_request_bytes)
-        if media_type == "application/json":
-            return await asyncio.to_thread(pairs_from_json, body, self.layout)
-        try:
-            form = await MultiPartParser(request.headers, _once(body), max_part_size=len(body) + 1).parse()
-        except MultiPartException as error:
-            raise RequestError(400, "malformed_multipart",
-                               f"cannot parse the multipart body: {error}") from None
-        fields = [(name, await value.read() if isinstance(value, UploadFile) else value)
-                  for name, value in form.multi_items()]
-        await form.close()
-        return pairs_from_form(fields, self.layout)
+        return media_type, await _bounded_body(request, self.settings.max_request_bytes)
+
+    def _require_library(self) -> GoldenLibrary:
+        if self.library is None:
+            raise RequestError(404, "no_golden_library", "this service keeps no goldens: set "
+                               "serve.golden_store (a folder or a bucket URI) and deploy again")
+        return self.library
 
     def _refuse(self, error: RequestError) -> JSONResponse:
         self.metrics.request_errors.inc(tags={"code": error.code})

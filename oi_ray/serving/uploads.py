@@ -10,6 +10,11 @@ A pair is one image per lighting per side, named by lighting as in the model car
   {...}}`` (``"test": "<base64>"`` for one image per side), a list of pairs, or
   ``{"pairs": [...]}``.
 
+A pair may name a registered golden instead of uploading one: ``"golden_id": "C12"`` in JSON,
+a text field ``golden_id`` (``0.golden_id``) in a form. The body of ``PUT /v1/goldens/{id}``
+is a pair's golden side alone: ``{"golden": {...}}`` or, for a golden set of several shots,
+``{"golden": [{...}, {...}]}``; in a form ``golden.<Light>`` fields, or ``<shot>.golden.<Light>``.
+
 Every problem is a :class:`RequestError` naming the pair index, side and lighting. Decoding
 is :func:`oi_ray.data.assemble.read_image` and :func:`~oi_ray.data.assemble.assemble`, the
 functions evaluate and inference decode and tile with.
@@ -26,6 +31,7 @@ import numpy as np
 
 from oi_ray.data.assemble import InputGeometry, assemble, read_image
 from oi_ray.errors import DataError, ImageSizeError
+from oi_ray.serving.goldens import GoldenIdError, check_golden_id
 
 SIDES = ("test", "golden")
 
@@ -47,11 +53,13 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class PairUpload:
-    """One pair as uploaded: encoded images in the model's lighting order."""
+    """One pair as uploaded: encoded images in the model's lighting order, the golden's or the
+    id of a registered golden (then ``golden`` is empty)."""
 
     id: str | None
     test: tuple[bytes, ...]
     golden: tuple[bytes, ...]
+    golden_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,13 +80,7 @@ class UploadLayout:
 
 def pairs_from_json(body: bytes, layout: UploadLayout) -> list[PairUpload]:
     """Parse a JSON body: one pair, a list of pairs, or ``{"pairs": [...]}``."""
-    try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
-    except RecursionError:  # the parser recurses per bracket: a hostile body nests thousands deep
-        raise RequestError(400, "malformed_json", "the body's JSON nests too deeply; a request is a pair, "
-                           "a list of pairs or {\"pairs\": [...]}") from None
+    document = _json_document(body)
     if isinstance(document, dict) and "pairs" in document:
         extra = sorted(set(document) - {"pairs"})
         if extra:
@@ -90,16 +92,26 @@ def pairs_from_json(body: bytes, layout: UploadLayout) -> list[PairUpload]:
     return [_json_pair(index, item, layout) for index, item in enumerate(items)]
 
 
+def _json_document(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
+    except RecursionError:  # the parser recurses per bracket: a hostile body nests thousands deep
+        raise RequestError(400, "malformed_json", "the body's JSON nests too deeply") from None
+
+
 def _json_pair(index: int, item: Any, layout: UploadLayout) -> PairUpload:
     if not isinstance(item, dict):
         raise RequestError(422, "bad_pair", f"pair {index} is a JSON {type(item).__name__}; expected an "
                            f"object with 'test' and 'golden'", pair=index)
-    extra = sorted(set(item) - {"id", *SIDES})
+    extra = sorted(set(item) - {"id", "golden_id", *SIDES})
     if extra:
         raise RequestError(422, "unknown_field", f"pair {index}: unknown fields {extra}; expected id, "
-                           f"test and golden", pair=index)
+                           f"test and golden (or golden_id)", pair=index)
+    golden_id = _golden_id(index, item.get("golden_id"), "golden" in item)
     sides = {}
-    for side in SIDES:
+    for side in SIDES if golden_id is None else ("test",):
         value = item.get(side)
         if value is None:
             raise RequestError(422, "missing_image", f"pair {index}: no '{side}' images; expected "
@@ -110,7 +122,22 @@ def _json_pair(index: int, item: Any, layout: UploadLayout) -> PairUpload:
             raise RequestError(422, "bad_pair", f"pair {index}: '{side}' must map each lighting "
                                f"({', '.join(layout.lights)}) to a base64 image", pair=index, side=side)
         sides[side] = {light: _base64(index, side, light, encoded) for light, encoded in value.items()}
-    return _pair(index, _json_id(index, item.get("id")), sides, layout)
+    return _pair(index, _json_id(index, item.get("id")), sides, layout, golden_id)
+
+
+def _golden_id(index: int, value: Any, has_golden: bool) -> str | None:
+    """A pair's ``golden_id``, checked; None when the pair uploads its golden."""
+    if value is None:
+        return None
+    if has_golden:
+        raise RequestError(422, "bad_pair", f"pair {index}: give either golden images or a golden_id, "
+                           "not both", pair=index)
+    if not isinstance(value, str):
+        raise RequestError(422, "bad_golden_id", f"pair {index}: golden_id must be a string", pair=index)
+    try:
+        return check_golden_id(value)
+    except GoldenIdError as error:
+        raise RequestError(422, "bad_golden_id", f"pair {index}: {error}", pair=index) from None
 
 
 def _base64(index: int, side: str, light: str | None, encoded: Any) -> bytes:
@@ -160,6 +187,10 @@ def _form_pair(index: int, fields: dict[str, bytes | str], layout: UploadLayout)
     pair_id = fields.pop("id", None)
     if isinstance(pair_id, bytes):
         pair_id = pair_id.decode(errors="replace")
+    golden_id = fields.pop("golden_id", None)
+    if isinstance(golden_id, bytes):
+        golden_id = golden_id.decode(errors="replace")
+    golden_id = _golden_id(index, golden_id, any(field.partition(".")[0] == "golden" for field in fields))
     sides: dict[str, dict[str | None, bytes]] = {side: {} for side in SIDES}
     for field, value in fields.items():
         side, _, light = field.partition(".")
@@ -170,29 +201,85 @@ def _form_pair(index: int, fields: dict[str, bytes | str], layout: UploadLayout)
             raise RequestError(422, "bad_image", f"pair {index}: {field} must be a file part, not a text "
                                "field", pair=index, side=side, lighting=light or None)
         sides[side][light or None] = value
-    return _pair(index, pair_id, sides, layout)
+    return _pair(index, pair_id, sides, layout, golden_id)
 
 
 def _pair(index: int, pair_id: str | None, sides: dict[str, dict[str | None, bytes]],
-          layout: UploadLayout) -> PairUpload:
+          layout: UploadLayout, golden_id: str | None = None) -> PairUpload:
     """Order each side's images by the model's lightings; refuse missing or extra ones."""
+    used = SIDES if golden_id is None else ("test",)
+    ordered = {side: _ordered(index, side, sides[side], layout) for side in used}
+    return PairUpload(pair_id, ordered["test"], ordered.get("golden", ()), golden_id)
+
+
+def _ordered(index: int, side: str, images: dict[str | None, bytes],
+             layout: UploadLayout) -> tuple[bytes, ...]:
+    """One side's images in the model's lighting order; missing or extra lightings refused."""
     wanted = layout.lights or (None,)
-    ordered = {}
-    for side in SIDES:
-        images = sides[side]
-        extra = [light for light in images if light not in wanted]
-        if extra:
-            names = ", ".join(layout.field(side, light) for light in extra)
-            raise RequestError(422, "unknown_lighting", f"pair {index}: {names} is not a lighting of this "
-                               f"model; expected {layout.expected_fields()}", pair=index, side=side,
-                               lighting=extra[0])
-        for light in wanted:
-            if light not in images:
-                raise RequestError(422, "missing_image", f"pair {index}: no {layout.field(side, light)} "
-                                   f"image; expected {layout.expected_fields()}", pair=index, side=side,
-                                   lighting=light)
-        ordered[side] = tuple(images[light] for light in wanted)
-    return PairUpload(pair_id, ordered["test"], ordered["golden"])
+    extra = [light for light in images if light not in wanted]
+    if extra:
+        names = ", ".join(layout.field(side, light) for light in extra)
+        raise RequestError(422, "unknown_lighting", f"pair {index}: {names} is not a lighting of this "
+                           f"model; expected {layout.expected_fields()}", pair=index, side=side,
+                           lighting=extra[0])
+    for light in wanted:
+        if light not in images:
+            raise RequestError(422, "missing_image", f"pair {index}: no {layout.field(side, light)} "
+                               f"image; expected {layout.expected_fields()}", pair=index, side=side,
+                               lighting=light)
+    return tuple(images[light] for light in wanted)
+
+
+def golden_from_json(body: bytes, layout: UploadLayout) -> list[tuple[bytes, ...]]:
+    """The shots of a ``PUT /v1/goldens/{id}`` JSON body: ``{"golden": {...}}`` or
+    ``{"golden": [{...}, ...]}``, each shot's images in the model's lighting order."""
+    document = _json_document(body)
+    if not isinstance(document, dict) or set(document) != {"golden"}:
+        raise RequestError(422, "bad_golden", "the body must be {\"golden\": <a pair's golden side>} or "
+                           "{\"golden\": [<shot>, ...]} for a golden set")
+    shots = document["golden"] if isinstance(document["golden"], list) else [document["golden"]]
+    _check_shots(len(shots), layout)
+    ordered = []
+    for index, value in enumerate(shots):
+        if not layout.lights:
+            value = {None: value}
+        elif not isinstance(value, dict):
+            raise RequestError(422, "bad_golden", f"shot {index} must map each lighting "
+                               f"({', '.join(layout.lights)}) to a base64 image", pair=index, side="golden")
+        images = {light: _base64(index, "golden", light, encoded) for light, encoded in value.items()}
+        ordered.append(_ordered(index, "golden", images, layout))
+    return ordered
+
+
+def golden_from_form(fields: Iterable[tuple[str, bytes | str]],
+                     layout: UploadLayout) -> list[tuple[bytes, ...]]:
+    """The shots of a ``PUT /v1/goldens/{id}`` form: ``golden.<Light>`` files, or
+    ``<shot>.golden.<Light>`` for a golden set."""
+    by_shot: dict[int, dict[str | None, bytes]] = {}
+    for name, value in fields:
+        head, _, rest = name.partition(".")
+        index, field = (int(head), rest) if head.isdigit() and rest else (0, name)
+        side, _, light = field.partition(".")
+        if side != "golden":
+            raise RequestError(422, "unknown_field", f"{name!r}: a golden's form holds golden.<Light> files "
+                               "(<shot>.golden.<Light> for a golden set)")
+        if isinstance(value, str):
+            raise RequestError(422, "bad_image", f"{name} must be a file part, not a text field",
+                               pair=index, side=side, lighting=light or None)
+        by_shot.setdefault(index, {})[light or None] = value
+    _check_shots(len(by_shot), layout)
+    if sorted(by_shot) != list(range(len(by_shot))):
+        raise RequestError(422, "bad_field",
+                           f"shot indices must be 0..{len(by_shot) - 1}; got {sorted(by_shot)}")
+    return [_ordered(index, "golden", by_shot[index], layout) for index in range(len(by_shot))]
+
+
+def _check_shots(count: int, layout: UploadLayout) -> None:
+    if count == 0:
+        raise RequestError(422, "bad_golden", "the golden has no shots")
+    if count > layout.max_pairs:
+        raise RequestError(413, "too_many_shots", f"the golden has {count} shots; this service keeps at most "
+                           f"{layout.max_pairs} per golden (serve.max_pairs_per_request)")
 
 
 def _check_count(count: int, layout: UploadLayout) -> None:
@@ -206,22 +293,32 @@ def _check_count(count: int, layout: UploadLayout) -> None:
 def decode_pairs(pairs: list[PairUpload], geometry: InputGeometry, lights: tuple[str, ...], *,
                  allow_resize: bool) -> tuple[np.ndarray, np.ndarray]:
     """Decode, resize and tile every pair as evaluate and inference do: ``(test, golden)``,
-    each ``(B, H', W', 3)`` uint8."""
+    each ``(B, H', W', 3)`` uint8 (``golden`` holds the pairs that upload theirs)."""
+    uploaded = [index for index, pair in enumerate(pairs) if pair.golden_id is None]
+    return (decode_side([pair.test for pair in pairs], "test", geometry, lights, allow_resize=allow_resize),
+            decode_side([pairs[index].golden for index in uploaded], "golden", geometry, lights,
+                        allow_resize=allow_resize, numbers=uploaded))
+
+
+def decode_side(items: list[tuple[bytes, ...]], side: str, geometry: InputGeometry,
+                lights: tuple[str, ...], *, allow_resize: bool,
+                numbers: list[int] | None = None) -> np.ndarray:
+    """One side of several pairs (or a golden's shots), decoded and tiled: ``(B, H', W', 3)``
+    uint8. Errors name the pair (``numbers``: each item's pair index) and the lighting."""
     size = (geometry.height, geometry.width)
-    pictures = {}
-    for side in SIDES:
-        stacks = []
-        for index, pair in enumerate(pairs):
-            images = []
-            for light, data in zip(lights or (None,), getattr(pair, side), strict=True):
-                field = f"{side}.{light}" if light else side
-                try:
-                    images.append(read_image(data, size, name=f"{field} of pair {index}",
-                                             allow_resize=allow_resize))
-                except DataError as error:
-                    code = "wrong_image_size" if isinstance(error, ImageSizeError) else "undecodable_image"
-                    raise RequestError(422, code, error.message, pair=index, side=side,
-                                       lighting=light) from None
-            stacks.append(np.stack(images))
-        pictures[side] = assemble(np.stack(stacks), geometry)
-    return pictures["test"], pictures["golden"]
+    stacks = []
+    for index, images in zip(numbers or range(len(items)), items, strict=True):
+        decoded = []
+        for light, data in zip(lights or (None,), images, strict=True):
+            field = f"{side}.{light}" if light else side
+            try:
+                decoded.append(read_image(data, size, name=f"{field} of pair {index}",
+                                          allow_resize=allow_resize))
+            except DataError as error:
+                code = "wrong_image_size" if isinstance(error, ImageSizeError) else "undecodable_image"
+                raise RequestError(422, code, error.message, pair=index, side=side, lighting=light) from None
+        stacks.append(np.stack(decoded))
+    if not stacks:
+        height, width = geometry.input_shape[1:]
+        return np.zeros((0, height, width, 3), np.uint8)
+    return assemble(np.stack(stacks), geometry)
