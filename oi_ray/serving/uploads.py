@@ -238,7 +238,7 @@ def golden_from_json(body: bytes, layout: UploadLayout) -> list[tuple[bytes, ...
         raise RequestError(422, "bad_golden", "the body must be {\"golden\": <a pair's golden side>} or "
                            "{\"golden\": [<shot>, ...]} for a golden set")
     shots = document["golden"] if isinstance(document["golden"], list) else [document["golden"]]
-    _check_shots(len(shots), layout)
+    _check_count(len(shots), layout, "shots")
     ordered = []
     for index, value in enumerate(shots):
         if not layout.lights:
@@ -267,27 +267,27 @@ def golden_from_form(fields: Iterable[tuple[str, bytes | str]],
             raise RequestError(422, "bad_image", f"{name} must be a file part, not a text field",
                                pair=index, side=side, lighting=light or None)
         by_shot.setdefault(index, {})[light or None] = value
-    _check_shots(len(by_shot), layout)
+    _check_count(len(by_shot), layout, "shots")
     if sorted(by_shot) != list(range(len(by_shot))):
         raise RequestError(422, "bad_field",
                            f"shot indices must be 0..{len(by_shot) - 1}; got {sorted(by_shot)}")
     return [_ordered(index, "golden", by_shot[index], layout) for index in range(len(by_shot))]
 
 
-def _check_shots(count: int, layout: UploadLayout) -> None:
-    if count == 0:
-        raise RequestError(422, "bad_golden", "the golden has no shots")
-    if count > layout.max_pairs:
-        raise RequestError(413, "too_many_shots", f"the golden has {count} shots; this service keeps at most "
-                           f"{layout.max_pairs} per golden (serve.max_pairs_per_request)")
+COUNTED = {  # what a body holds -> (the code of "none", the code of "too many", in words)
+    "pairs": ("no_pairs", "too_many_pairs", "the request holds {count} pairs; this service takes at most "
+              "{most} per request (serve.max_pairs_per_request)"),
+    "shots": ("bad_golden", "too_many_shots", "the golden has {count} shots; this service keeps at most "
+              "{most} per golden (serve.max_pairs_per_request)"),
+}
 
 
-def _check_count(count: int, layout: UploadLayout) -> None:
+def _check_count(count: int, layout: UploadLayout, what: str = "pairs") -> None:
+    none, too_many, message = COUNTED[what]
     if count == 0:
-        raise RequestError(422, "no_pairs", "the request holds no pairs")
+        raise RequestError(422, none, f"the {'request' if what == 'pairs' else 'golden'} holds no {what}")
     if count > layout.max_pairs:
-        raise RequestError(413, "too_many_pairs", f"the request holds {count} pairs; this service takes at "
-                           f"most {layout.max_pairs} per request (serve.max_pairs_per_request)")
+        raise RequestError(413, too_many, message.format(count=count, most=layout.max_pairs))
 
 
 def decode_pairs(pairs: list[PairUpload], geometry: InputGeometry, lights: tuple[str, ...], *,
