@@ -212,21 +212,22 @@ def _pair(index: int, pair_id: str | None, sides: dict[str, dict[str | None, byt
     return PairUpload(pair_id, ordered["test"], ordered.get("golden", ()), golden_id)
 
 
-def _ordered(index: int, side: str, images: dict[str | None, bytes],
-             layout: UploadLayout) -> tuple[bytes, ...]:
-    """One side's images in the model's lighting order; missing or extra lightings refused."""
+def _ordered(index: int, side: str, images: dict[str | None, bytes], layout: UploadLayout,
+             item: str = "pair") -> tuple[bytes, ...]:
+    """One side's images in the model's lighting order; missing or extra lightings refused.
+    ``item``: what ``index`` counts, a request's pair or a golden's shot."""
     wanted = layout.lights or (None,)
+    expected = layout.expected_fields() if item == "pair" else ", ".join(
+        layout.field(side, light) for light in wanted)
     extra = [light for light in images if light not in wanted]
     if extra:
         names = ", ".join(layout.field(side, light) for light in extra)
-        raise RequestError(422, "unknown_lighting", f"pair {index}: {names} is not a lighting of this "
-                           f"model; expected {layout.expected_fields()}", pair=index, side=side,
-                           lighting=extra[0])
+        raise RequestError(422, "unknown_lighting", f"{item} {index}: {names} is not a lighting of this "
+                           f"model; expected {expected}", pair=index, side=side, lighting=extra[0])
     for light in wanted:
         if light not in images:
-            raise RequestError(422, "missing_image", f"pair {index}: no {layout.field(side, light)} "
-                               f"image; expected {layout.expected_fields()}", pair=index, side=side,
-                               lighting=light)
+            raise RequestError(422, "missing_image", f"{item} {index}: no {layout.field(side, light)} "
+                               f"image; expected {expected}", pair=index, side=side, lighting=light)
     return tuple(images[light] for light in wanted)
 
 
@@ -247,7 +248,7 @@ def golden_from_json(body: bytes, layout: UploadLayout) -> list[tuple[bytes, ...
             raise RequestError(422, "bad_golden", f"shot {index} must map each lighting "
                                f"({', '.join(layout.lights)}) to a base64 image", pair=index, side="golden")
         images = {light: _base64(index, "golden", light, encoded) for light, encoded in value.items()}
-        ordered.append(_ordered(index, "golden", images, layout))
+        ordered.append(_ordered(index, "golden", images, layout, "shot"))
     return ordered
 
 
@@ -271,7 +272,7 @@ def golden_from_form(fields: Iterable[tuple[str, bytes | str]],
     if sorted(by_shot) != list(range(len(by_shot))):
         raise RequestError(422, "bad_field",
                            f"shot indices must be 0..{len(by_shot) - 1}; got {sorted(by_shot)}")
-    return [_ordered(index, "golden", by_shot[index], layout) for index in range(len(by_shot))]
+    return [_ordered(index, "golden", by_shot[index], layout, "shot") for index in range(len(by_shot))]
 
 
 COUNTED = {  # what a body holds -> (the code of "none", the code of "too many", in words)

@@ -125,6 +125,9 @@ def _banner(config: ExperimentConfig, model: ModelFile) -> str:
         f"  decision threshold {threshold.value:.4g}: {threshold.source}",
         f"  try: curl {example} {base}/v1/inspect",
     ]
+    if settings.golden_store:
+        lines.append(f"  PUT  {base}/v1/goldens/<part>   golden library in {settings.golden_store}; "
+                     "then send golden_id=<part> with the test images alone")
     if settings.auth_token_env:
         lines.append(f"  requests need: -H \"Authorization: Bearer ${settings.auth_token_env}\"")
     if metrics:
