@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from oi_ray.serving.feature_cache import FeatureCache
+from oi_ray.serving.golden_stats import GoldenStats
 from oi_ray.serving.goldens import GoldenIdError, GoldenStore, check_golden_id
 
 LIGHTS = ("WhiteLight", "SolderLight")
@@ -86,3 +87,19 @@ def test_the_feature_cache_holds_its_bound_under_a_stream_of_distinct_goldens():
     assert cache.get("huge") is None and len(cache) == 10
     cache.discard("C99")
     assert cache.get("C99") is None and cache.bytes == 36_000
+
+
+def test_statistics_of_several_replicas_are_merged_from_the_store(tmp_path):
+    store = GoldenStore(str(tmp_path))
+    store.put("C12", LIGHTS, [_shot("a")])
+    first, second = (GoldenStats(store, replica, bounds=[0.5, 1.0], flush_s=0.0) for replica in ("r1", "r2"))
+    first.record("C12", np.array([0.2, 0.7]), np.array(["PASS", "NO_PASS"]))
+    first.flush()
+    second.record("C12", np.array([1.5]), np.array(["NO_PASS"]))  # not written yet: its own tally counts
+    answer = second.answer("C12")
+    assert (answer["pairs"], answer["no_pass"], answer["replicas"]) == (3, 2, 2)
+    assert answer["histogram"] == {"upper_bounds": [0.5, 1.0], "counts": [1, 1, 1]}
+    assert answer["mean_distance"] == pytest.approx(0.8) and answer["no_pass_rate"] == pytest.approx(2 / 3)
+    assert first.answer("C12")["pairs"] == 2  # the second replica's tally is not in the store yet
+    second.flush()
+    assert first.answer("C12")["pairs"] == 3

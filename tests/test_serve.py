@@ -586,6 +586,25 @@ def test_a_golden_set_scores_against_its_nearest_shot(service, library):
     assert (described["golden_id"], described["shots"], described["lights"]) == ("0603-10k", 3, list(LIGHTS))
 
 
+def test_each_golden_has_its_statistics_and_metrics(service, library):
+    table, offline = service.exported.table, service.exported.offline
+    requests.put(service.url("/v1/goldens/S1", library), files=_golden_files(table, [1]),
+                 timeout=HTTP_TIMEOUT_S).raise_for_status()
+    for _ in range(3):
+        requests.post(service.url("/v1/inspect", library), json=[_test_only(table, 1, "S1")] * 2,
+                      timeout=HTTP_TIMEOUT_S).raise_for_status()
+    stats = requests.get(service.url("/v1/goldens/S1/stats", library), timeout=HTTP_TIMEOUT_S).json()
+    flagged = int(offline["decision"][1] == "NO_PASS")
+    assert (stats["golden_id"], stats["pairs"], stats["no_pass"], stats["recent_pairs"]) == ("S1", 6, 6 * flagged, 6)
+    assert stats["mean_distance"] == pytest.approx(offline["siamese_score"][1], abs=1e-5)
+    assert sum(stats["histogram"]["counts"]) == 6 and stats["replicas"] == 1
+    name = "ray_oi_ray_golden_pair_distance_count"
+    metrics = _poll_metrics(lambda text: _sum(text, name, 'golden_id="S1"') >= 6)
+    assert _sum(metrics, name, 'golden_id="S1"') == 6
+    unknown = requests.get(service.url("/v1/goldens/S2/stats", library), timeout=HTTP_TIMEOUT_S)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_golden"
+
+
 def test_goldens_are_listed_in_pages_and_deleted(service, library):
     for golden_id in ("L1", "L2", "L3"):
         requests.put(service.url(f"/v1/goldens/{golden_id}", library), files=_golden_files(

@@ -6,6 +6,7 @@
     <store>/<id>/golden.json                   the manifest: what the id is now (its version)
     <store>/<id>/<version>/<shot>.<k>.img      the uploaded images, as uploaded (k: lighting)
     <store>/<id>/<version>/<model sha>.npy     a model's features of every shot
+    <store>/<id>/stats/<replica>.json          what each replica scored against it
 
 A golden becomes visible when its manifest is written, and the manifest is written last, by a
 single rename (local) or a single object PUT (object stores): a half-written golden is never
@@ -142,6 +143,17 @@ class GoldenStore:
         buffer = io.BytesIO()
         np.save(buffer, features)
         self._write(self._features_path(golden, model_sha256), buffer.getvalue())
+
+    def keep_stats(self, golden_id: str, replica: str, stats: dict) -> None:
+        """Replace ``replica``'s statistics of the pairs scored against ``golden_id``."""
+        self.filesystem.create_dir(self._path(golden_id, "stats"), recursive=True)
+        self._write(self._path(golden_id, f"stats/{replica}.json"), json.dumps(stats).encode())
+
+    def stats(self, golden_id: str) -> list[dict]:
+        """Every replica's statistics of ``golden_id`` (what :meth:`keep_stats` wrote)."""
+        selector = pafs.FileSelector(self._path(golden_id, "stats"), allow_not_found=True)
+        return [json.loads(self._read(info.path)) for info in self.filesystem.get_file_info(selector)
+                if info.type == pafs.FileType.File and info.base_name.endswith(".json")]
 
     def _features_path(self, golden: Golden, model_sha256: str) -> str:
         return self._path(golden.id, f"{golden.version}/{model_sha256}.npy")

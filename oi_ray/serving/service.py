@@ -42,6 +42,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from oi_ray.decision import NO_PASS, DecisionThreshold, choose_threshold, decisions
 from oi_ray.model_file import ModelFile
+from oi_ray.serving.golden_stats import GoldenStats
 from oi_ray.serving.goldens import GoldenIdError, GoldenStore, check_golden_id
 from oi_ray.serving.library import GoldenLibrary, KeptGolden
 from oi_ray.serving.uploads import (
@@ -61,6 +62,7 @@ THRESHOLD_KEY = "threshold"  # the user_config entry
 THRESHOLD_OVERRIDE = "serve.threshold (user_config)"
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 DRAIN_LIMIT_BYTES = 256 * 2**20  # read and dropped of an oversized body, so that its 413 arrives
+MAX_TAGGED_GOLDENS = 50  # distinct golden ids in the metrics' tags; the rest are tagged "other"
 DISTANCE_STEPS = [0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0]  # x the threshold at start
 
 api = FastAPI(title="oi-ray inspection", summary="PASS / NO_PASS for test-golden image pairs")
@@ -101,8 +103,15 @@ class _Metrics:
                                       tag_keys=("code",))
         self.batch_pairs = Histogram("oi_ray_batch_pairs", description="pairs per model call",
                                      boundaries=BATCH_BOUNDARIES)
+        self.bounds = [round(threshold * step, 6) for step in DISTANCE_STEPS]
         self.distance = Histogram("oi_ray_pair_distance", description="pair distances (the decision score)",
-                                  boundaries=[round(threshold * step, 6) for step in DISTANCE_STEPS])
+                                  boundaries=self.bounds)
+        self.golden_no_pass = Counter("oi_ray_golden_no_pass_decisions", tag_keys=("golden_id",),
+                                      description="pairs decided NO_PASS, by the golden they named")
+        self.golden_distance = Histogram("oi_ray_golden_pair_distance", boundaries=self.bounds,
+                                         tag_keys=("golden_id",),
+                                         description="distances of the pairs that named a registered golden")
+        self.tagged: set[str] = set()
 
     def record(self, distances: np.ndarray, verdicts: np.ndarray) -> None:
         self.pairs.inc(len(distances))
@@ -111,6 +120,17 @@ class _Metrics:
             self.no_pass.inc(flagged)
         for distance in distances:
             self.distance.observe(float(distance))
+
+    def record_golden(self, golden_id: str, distances: np.ndarray, verdicts: np.ndarray) -> None:
+        """The per-golden metrics, tagged by id for the first MAX_TAGGED_GOLDENS ids seen."""
+        if golden_id not in self.tagged and len(self.tagged) < MAX_TAGGED_GOLDENS:
+            self.tagged.add(golden_id)
+        tags = {"golden_id": golden_id if golden_id in self.tagged else "other"}
+        flagged = int(np.count_nonzero(verdicts == NO_PASS))
+        if flagged:
+            self.golden_no_pass.inc(flagged, tags=tags)
+        for distance in distances:
+            self.golden_distance.observe(float(distance), tags=tags)
 
 
 def _token(variable: str | None) -> str | None:
@@ -189,6 +209,7 @@ class InspectionService:
         self._score.set_max_batch_size(settings.max_batch_size)
         self._score.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.metrics = _Metrics(self.threshold.value)
+        self.golden_stats: GoldenStats | None = None
         self.library = self._library(settings)
         log.info("serving %s (%s) at threshold %.4g", model.name, model.backend, self.threshold.value)
 
@@ -197,9 +218,12 @@ class InspectionService:
             return None
         halves = self.predictor if self.model.backend == "torch" else self.model.load_halves(
             settings.use_gpu, settings.threads)
-        library = GoldenLibrary(GoldenStore(settings.golden_store), halves, self.model.sha256, self.geometry,
+        store = GoldenStore(settings.golden_store)
+        library = GoldenLibrary(store, halves, self.model.sha256, self.geometry,
                                 self.layout.lights, cache_bytes=settings.golden_cache_bytes,
                                 allow_resize=settings.resize_images)
+        self.golden_stats = GoldenStats(store, serve.get_replica_context().replica_id.unique_id,
+                                        self.metrics.bounds)
         log.info("golden library %s: %d goldens ready for %s", settings.golden_store, library.warm(),
                  self.model.name)
         return library
@@ -258,6 +282,9 @@ class InspectionService:
         threshold = self.threshold.value
         verdicts = decisions(distances, threshold)
         self.metrics.record(distances, verdicts)
+        if named:
+            await self._tally_goldens([pairs[index].golden_id for index in named], distances[named],
+                                      verdicts[named])
         name = self.model.name
         results = []
         for index, (pair, distance, verdict) in enumerate(zip(pairs, distances, verdicts, strict=True)):
@@ -275,6 +302,20 @@ class InspectionService:
         return np.concatenate(await asyncio.gather(*(
             self._score(_Pictures(test[start:start + step], golden[start:start + step]))
             for start in range(0, len(test), step))))
+
+    async def _tally_goldens(self, golden_ids: list[str], distances: np.ndarray,
+                             verdicts: np.ndarray) -> None:
+        """Per-golden metrics and statistics; the statistics reach the store every few seconds."""
+        ids = np.array(golden_ids)
+        for golden_id in sorted(set(golden_ids)):
+            mine = ids == golden_id
+            self.metrics.record_golden(golden_id, distances[mine], verdicts[mine])
+            self.golden_stats.record(golden_id, distances[mine], verdicts[mine])
+        if self.golden_stats.due():
+            try:
+                await asyncio.to_thread(self.golden_stats.flush)
+            except OSError:  # the store is unreachable for now: the tallies stay and go with the next flush
+                log.exception("writing golden statistics to %s failed", self.settings.golden_store)
 
     def _kept_goldens(self, pairs: list[PairUpload]) -> dict[str, KeptGolden]:
         named = sorted({pair.golden_id for pair in pairs if pair.golden_id is not None})
@@ -337,6 +378,18 @@ class InspectionService:
             return self._refuse(error)
         return JSONResponse({**kept.golden.describe(), "model": self.model.name})
 
+    @api.get("/v1/goldens/{golden_id}/stats")
+    async def golden_statistics(self, golden_id: str, request: Request) -> JSONResponse:
+        """What every replica scored against ``golden_id``: pairs, NO_PASS, distances now and overall."""
+        try:
+            self._authorize(request)
+            library = self._require_library()
+            await asyncio.to_thread(library.kept, _checked_id(golden_id))  # a 404 for an unknown id
+            answer = await asyncio.to_thread(self.golden_stats.answer, golden_id)
+        except RequestError as error:
+            return self._refuse(error)
+        return JSONResponse(answer)
+
     @api.delete("/v1/goldens/{golden_id}")
     async def delete_golden(self, golden_id: str, request: Request) -> JSONResponse:
         """Unregister ``golden_id``."""
@@ -346,6 +399,7 @@ class InspectionService:
             if not await asyncio.to_thread(library.store.delete, _checked_id(golden_id)):
                 raise RequestError(404, "unknown_golden", f"no golden is registered as {golden_id!r}")
             library.forget(golden_id)
+            self.golden_stats.forget(golden_id)
         except RequestError as error:
             return self._refuse(error)
         return JSONResponse({"deleted": golden_id})
