@@ -324,6 +324,20 @@ def test_overload_is_refused_with_503_not_queued(service):
         serve.delete("narrow")
 
 
+def _wait_for_a_replacement(service: Service, prefix: str, killed: str) -> None:
+    """Until a replica other than ``killed`` answers the health check (Serve replaces it)."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            health = requests.get(service.url("/healthz", prefix), timeout=HTTP_TIMEOUT_S)
+            if health.status_code == 200 and health.json()["replica"] != killed:
+                return
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "no replacement replica"
+        time.sleep(1)
+
+
 def test_a_killed_replica_is_replaced_and_nothing_hangs(service):
     app = service.config("serve.app_name=fragile", "serve.route_prefix=/fragile",
                          "serve.batching.batch_wait_timeout_s=10.0")
@@ -334,16 +348,7 @@ def test_a_killed_replica_is_replaced_and_nothing_hangs(service):
         held.thread.join(HTTP_TIMEOUT_S + 5)
         # failed with its replica (had it waited out its 10 s batch window, it would be a 200)
         assert not held.thread.is_alive() and held.status == [500]
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                health = requests.get(service.url("/healthz", "/fragile"), timeout=HTTP_TIMEOUT_S)
-                if health.status_code == 200 and health.json()["replica"] != held.replica_id:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "no replacement replica"
-            time.sleep(1)
+        _wait_for_a_replacement(service, "/fragile", held.replica_id)
         assert _inspect_row(service, 0, "/fragile").status_code == 200
     finally:
         serve.delete("fragile")
@@ -638,6 +643,18 @@ def test_a_golden_that_cannot_be_kept_is_refused_and_nothing_is_stored(service, 
     assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text
     lookup = requests.get(service.url("/v1/goldens/R9", library), timeout=HTTP_TIMEOUT_S)
     assert lookup.status_code == 404 and lookup.json()["error"]["code"] == "unknown_golden"
+
+
+def test_a_replica_killed_and_replaced_serves_every_registered_golden(service, library):
+    table, offline = service.exported.table, service.exported.offline
+    requests.put(service.url("/v1/goldens/K8", library), files=_golden_files(table, [8]),
+                 timeout=HTTP_TIMEOUT_S).raise_for_status()
+    killed = requests.get(service.url("/healthz", library), timeout=HTTP_TIMEOUT_S).json()["replica"]
+    ray.kill(ray_internals.serve_replica("library", DEPLOYMENT_NAME, killed), no_restart=True)
+    _wait_for_a_replacement(service, library, killed)  # which reads the store
+    answer = requests.post(service.url("/v1/inspect", library), json=_test_only(table, 8, "K8"),
+                           timeout=HTTP_TIMEOUT_S).json()["results"][0]
+    assert answer["distance"] == pytest.approx(offline["siamese_score"][8], abs=1e-5)
 
 
 def test_a_redeployed_service_on_the_same_store_serves_every_registered_golden(service, library, library_overrides,
