@@ -5,6 +5,7 @@ give the same distances. Every request goes to 127.0.0.1, in bounded numbers, wi
 """
 
 import base64
+import concurrent.futures
 import json
 import os
 import re
@@ -577,6 +578,24 @@ def test_registered_goldens_score_every_test_row_like_uploaded_ones(service, lib
                           json=[_json_pair(table, 2), _test_only(table, 3, "P3")]).json()["results"]
     assert [answer.get("golden_id") for answer in mixed] == [None, "P3"]
     np.testing.assert_allclose([answer["distance"] for answer in mixed], offline["siamese_score"][2:4], atol=1e-5)
+
+
+def test_concurrent_requests_naming_goldens_each_get_their_own_distances(service, library):
+    table, offline = service.exported.table, service.exported.offline
+    rows = list(range(8))
+    for row in rows:
+        requests.put(service.url(f"/v1/goldens/B{row}", library), files=_golden_files(table, [row]),
+                     timeout=HTTP_TIMEOUT_S).raise_for_status()
+
+    def inspect(row: int) -> dict:
+        return requests.post(service.url("/v1/inspect", library), json=_test_only(table, row, f"B{row}"),
+                             timeout=HTTP_TIMEOUT_S).json()["results"][0]
+
+    with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:  # batched together on the replica
+        answers = list(pool.map(inspect, rows))
+    assert [answer["golden_id"] for answer in answers] == [f"B{row}" for row in rows]
+    np.testing.assert_allclose([answer["distance"] for answer in answers], offline["siamese_score"][rows],
+                               atol=1e-5, rtol=0)
 
 
 def test_a_golden_set_scores_against_its_nearest_shot(service, library):

@@ -14,13 +14,14 @@ Routes (under the application's route prefix):
 
 A request is read (bounded by ``max_request_bytes``), parsed and decoded in a worker thread,
 so the event loop keeps accepting requests; its pairs join ``@serve.batch`` batches with other
-requests' pairs, and each batch is one model call. Serve forms the next batch while the
-current one runs, from the pairs arriving within ``batch_wait_timeout_s``; so that the pairs
-arriving during a model call form one batch instead of many small ones, requests wait for the
-model to be idle before they join a batch (the wait costs nothing when it is idle). The
-threshold lives in ``user_config``: a redeploy that changes only it reaches the running
-replicas through :meth:`InspectionService.reconfigure`. Errors are JSON bodies with a stable
-``code``; a request never takes the replica down.
+requests' pairs, and each batch is one model call (pairs that name a registered golden join
+batches of their own: one ``embed`` call for the test sides, one ``compare`` call). Serve
+forms the next batch while the current one runs, from the pairs arriving within
+``batch_wait_timeout_s``; so that the pairs arriving during a model call form one batch
+instead of many small ones, requests wait for the model to be idle before they join a batch
+(the wait costs nothing when it is idle). The threshold lives in ``user_config``: a redeploy
+that changes only it reaches the running replicas through :meth:`InspectionService.reconfigure`.
+Errors are JSON bodies with a stable ``code``; a request never takes the replica down.
 """
 
 import asyncio
@@ -91,6 +92,15 @@ class _Pictures:
 
     test: np.ndarray
     golden: np.ndarray
+
+
+@dataclass(frozen=True)
+class _KeptPairs:
+    """Test pictures of some pairs and the registered goldens they name, the unit of a batch
+    scored against kept golden features."""
+
+    test: np.ndarray
+    kept: tuple[KeptGolden, ...]
 
 
 class _Metrics:
@@ -206,8 +216,9 @@ class InspectionService:
         self.model_idle = asyncio.Event()  # cleared while a batch runs: arrivals wait, then go together
         self.model_idle.set()
         self.threshold = self._threshold(None)
-        self._score.set_max_batch_size(settings.max_batch_size)
-        self._score.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        for batched in (self._score, self._score_against_kept):
+            batched.set_max_batch_size(settings.max_batch_size)
+            batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.metrics = _Metrics(self.threshold.value)
         self.golden_stats: GoldenStats | None = None
         self.library = self._library(settings)
@@ -270,9 +281,8 @@ class InspectionService:
             if uploaded:
                 distances[uploaded] = await self._score_uploaded(test[uploaded], golden)
             if named:
-                async with self.model_lock:
-                    nearest, shot = await asyncio.to_thread(
-                        self._score_kept, test[named], [kept[pairs[index].golden_id] for index in named])
+                nearest, shot = await self._score_named(test[named], [kept[pairs[index].golden_id]
+                                                                      for index in named])
                 distances[named] = nearest
                 shots = dict(zip(named, shot.tolist(), strict=True))
         except Exception:  # a model failure: say so in JSON, count it, keep serving
@@ -316,6 +326,15 @@ class InspectionService:
                 await asyncio.to_thread(self.golden_stats.flush)
             except OSError:  # the store is unreachable for now: the tallies stay and go with the next flush
                 log.exception("writing golden statistics to %s failed", self.settings.golden_store)
+
+    async def _score_named(self, test: np.ndarray, kept: list[KeptGolden]) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs that named registered goldens, in ``@serve.batch`` batches with other requests'."""
+        step = self.settings.max_batch_size
+        await self.model_idle.wait()
+        parts = await asyncio.gather(*(
+            self._score_against_kept(_KeptPairs(test[start:start + step], tuple(kept[start:start + step])))
+            for start in range(0, len(test), step)))
+        return np.concatenate([nearest for nearest, _ in parts]), np.concatenate([shot for _, shot in parts])
 
     def _kept_goldens(self, pairs: list[PairUpload]) -> dict[str, KeptGolden]:
         named = sorted({pair.golden_id for pair in pairs if pair.golden_id is not None})
@@ -442,6 +461,22 @@ class InspectionService:
             self.model_idle.set()
         self.metrics.batch_pairs.observe(len(test))
         return np.split(distances, np.cumsum([len(chunk.test) for chunk in chunks])[:-1])
+
+    @serve.batch(batch_size_fn=lambda chunks: sum(len(chunk.test) for chunk in chunks))
+    async def _score_against_kept(self, chunks: list[_KeptPairs]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One embed and one compare call for the named-golden pairs of several requests; each
+        gets its own distances and nearest shots back."""
+        test = np.concatenate([chunk.test for chunk in chunks])
+        kept = [one for chunk in chunks for one in chunk.kept]
+        self.model_idle.clear()
+        try:
+            async with self.model_lock:
+                nearest, shot = await asyncio.to_thread(self._score_kept, test, kept)
+        finally:
+            self.model_idle.set()
+        self.metrics.batch_pairs.observe(len(test))
+        bounds = np.cumsum([len(chunk.test) for chunk in chunks])[:-1]
+        return list(zip(np.split(nearest, bounds), np.split(shot, bounds), strict=True))
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
