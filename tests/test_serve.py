@@ -660,6 +660,9 @@ def test_a_golden_that_cannot_be_kept_is_refused_and_nothing_is_stored(service, 
         prefix, status = "", 404  # the module's service has no golden_store
     response = requests.put(service.url(f"/v1/goldens/{golden_id}", prefix), files=files, timeout=HTTP_TIMEOUT_S)
     assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text
+    if case in ("missing lighting", "undecodable image"):
+        message = response.json()["error"]["message"]
+        assert message.startswith("shot 0: ") if case == "missing lighting" else "SolderLight of shot 0" in message
     lookup = requests.get(service.url("/v1/goldens/R9", library), timeout=HTTP_TIMEOUT_S)
     assert lookup.status_code == 404 and lookup.json()["error"]["code"] == "unknown_golden"
 

@@ -56,7 +56,8 @@ class GoldenLibrary:
 
     def register(self, golden_id: str, shots: list[tuple[bytes, ...]]) -> Golden:
         """Check, embed and keep ``shots`` as ``golden_id`` (nothing is kept when a shot is refused)."""
-        pictures = decode_side(shots, "golden", self.geometry, self.lights, allow_resize=self.allow_resize)
+        pictures = decode_side(shots, "golden", self.geometry, self.lights, allow_resize=self.allow_resize,
+                               item="shot")
         features = self.halves.embed(pictures)
         golden = self.store.put(golden_id, self.lights, shots)
         self.store.keep_features(golden, self.model_sha256, features)
@@ -80,7 +81,7 @@ class GoldenLibrary:
             features = self.store.features(golden, self.model_sha256)
             if features is None:  # embedded by another model, or never kept: embed the kept images
                 pictures = decode_side(self.store.images(golden), "golden", self.geometry, self.lights,
-                                       allow_resize=self.allow_resize)
+                                       allow_resize=self.allow_resize, item="shot")
                 features = self.halves.embed(pictures)
                 self.store.keep_features(golden, self.model_sha256, features)
             fresh = KeptGolden(golden, features, time.monotonic())

@@ -303,9 +303,9 @@ def decode_pairs(pairs: list[PairUpload], geometry: InputGeometry, lights: tuple
 
 def decode_side(items: list[tuple[bytes, ...]], side: str, geometry: InputGeometry,
                 lights: tuple[str, ...], *, allow_resize: bool,
-                numbers: list[int] | None = None) -> np.ndarray:
-    """One side of several pairs (or a golden's shots), decoded and tiled: ``(B, H', W', 3)``
-    uint8. Errors name the pair (``numbers``: each item's pair index) and the lighting."""
+                numbers: list[int] | None = None, item: str = "pair") -> np.ndarray:
+    """One side of several pairs (or a golden's shots, ``item="shot"``), decoded and tiled:
+    ``(B, H', W', 3)`` uint8. Errors name the item (``numbers``: each one's index) and the lighting."""
     size = (geometry.height, geometry.width)
     stacks = []
     for index, images in zip(numbers or range(len(items)), items, strict=True):
@@ -313,7 +313,7 @@ def decode_side(items: list[tuple[bytes, ...]], side: str, geometry: InputGeomet
         for light, data in zip(lights or (None,), images, strict=True):
             field = f"{side}.{light}" if light else side
             try:
-                decoded.append(read_image(data, size, name=f"{field} of pair {index}",
+                decoded.append(read_image(data, size, name=f"{field} of {item} {index}",
                                           allow_resize=allow_resize))
             except DataError as error:
                 code = "wrong_image_size" if isinstance(error, ImageSizeError) else "undecodable_image"
