@@ -166,6 +166,8 @@ def test_a_golden_body_holds_one_shot_or_a_set_in_lighting_order():
     (golden_from_form, [("test.WhiteLight", b"t")], 422, "unknown_field"),
     (golden_from_form, [("golden.WhiteLight", "text")], 422, "bad_image"),
     (golden_from_form, [("golden.WhiteLight", b"w"), ("golden.UVLight", b"u")], 422, "unknown_lighting"),
+    (golden_from_form, [("golden.WhiteLight", b"w"), ("1.golden.WhiteLight", b"x")], 422, "bad_field"),
+    (golden_from_form, [("0.golden.WhiteLight", b"w"), ("2.golden.WhiteLight", b"x")], 422, "bad_field"),
 ])
 def test_golden_bodies_that_cannot_be_kept_are_refused(call, body, status, code):
     error = _error(call, body, LAYOUT)

@@ -163,24 +163,10 @@ def _json_id(index: int, value: Any) -> str | None:
 def pairs_from_form(fields: Iterable[tuple[str, bytes | str]], layout: UploadLayout) -> list[PairUpload]:
     """Parse multipart fields ``[<index>.]test.<Light>``, ``[<index>.]golden.<Light>`` and
     ``[<index>.]id`` (files as bytes, text fields as str)."""
-    by_pair: dict[int, dict[str, bytes | str]] = {}
-    indexed = None
-    for name, value in fields:
-        head, _, rest = name.partition(".")
-        has_index = head.isdigit() and bool(rest)
-        if indexed is not None and has_index != indexed:
-            raise RequestError(422, "bad_field", "either every field carries a pair index "
-                               "(0.test.<Light>) or none does (test.<Light>)")
-        indexed = has_index
-        index, field = (int(head), rest) if has_index else (0, name)
-        by_pair.setdefault(index, {})[field] = value
-    if not by_pair:
+    fields = list(fields)
+    if not fields:
         raise RequestError(422, "no_pairs", f"the form holds no fields; expected {layout.expected_fields()}")
-    _check_count(len(by_pair), layout)
-    if sorted(by_pair) != list(range(len(by_pair))):
-        raise RequestError(422, "bad_field",
-                           f"pair indices must be 0..{len(by_pair) - 1}; got {sorted(by_pair)}")
-    return [_form_pair(index, by_pair[index], layout) for index in range(len(by_pair))]
+    return [_form_pair(index, group, layout) for index, group in enumerate(_indexed(fields, layout, PAIRS))]
 
 
 def _form_pair(index: int, fields: dict[str, bytes | str], layout: UploadLayout) -> PairUpload:
@@ -239,7 +225,7 @@ def golden_from_json(body: bytes, layout: UploadLayout) -> list[tuple[bytes, ...
         raise RequestError(422, "bad_golden", "the body must be {\"golden\": <a pair's golden side>} or "
                            "{\"golden\": [<shot>, ...]} for a golden set")
     shots = document["golden"] if isinstance(document["golden"], list) else [document["golden"]]
-    _check_count(len(shots), layout, "shots")
+    _check_count(len(shots), layout, SHOTS)
     ordered = []
     for index, value in enumerate(shots):
         if not layout.lights:
@@ -256,39 +242,67 @@ def golden_from_form(fields: Iterable[tuple[str, bytes | str]],
                      layout: UploadLayout) -> list[tuple[bytes, ...]]:
     """The shots of a ``PUT /v1/goldens/{id}`` form: ``golden.<Light>`` files, or
     ``<shot>.golden.<Light>`` for a golden set."""
-    by_shot: dict[int, dict[str | None, bytes]] = {}
+    shots = []
+    for index, group in enumerate(_indexed(list(fields), layout, SHOTS)):
+        images: dict[str | None, bytes] = {}
+        for field, value in group.items():
+            side, _, light = field.partition(".")
+            if side != "golden":
+                raise RequestError(422, "unknown_field", f"shot {index}: {field!r}; a golden's form holds "
+                                   "golden.<Light> files (<shot>.golden.<Light> for a set)", pair=index)
+            if isinstance(value, str):
+                raise RequestError(422, "bad_image", f"shot {index}: {field} must be a file part, not a text "
+                                   "field", pair=index, side=side, lighting=light or None)
+            images[light or None] = value
+        shots.append(_ordered(index, "golden", images, layout, "shot"))
+    return shots
+
+
+@dataclass(frozen=True)
+class _Items:
+    """What a body holds several of: a request's pairs or a golden's shots."""
+
+    item: str  # "pair" or "shot"
+    holder: str  # what holds them: "request" or "golden"
+    none_code: str
+    too_many_code: str
+    field: str  # one unindexed field name, for messages
+    verb: str  # what the service does with them
+
+
+PAIRS = _Items("pair", "request", "no_pairs", "too_many_pairs", "test.<Light>", "takes")
+SHOTS = _Items("shot", "golden", "bad_golden", "too_many_shots", "golden.<Light>", "keeps")
+
+
+def _check_count(count: int, layout: UploadLayout, items: _Items = PAIRS) -> None:
+    if count == 0:
+        raise RequestError(422, items.none_code, f"the {items.holder} holds no {items.item}s")
+    if count > layout.max_pairs:
+        raise RequestError(413, items.too_many_code, f"the {items.holder} holds {count} {items.item}s; this "
+                           f"service {items.verb} at most {layout.max_pairs} per {items.holder} "
+                           "(serve.max_pairs_per_request)")
+
+
+def _indexed(fields: list[tuple[str, bytes | str]], layout: UploadLayout,
+             items: _Items) -> list[dict[str, bytes | str]]:
+    """Form fields grouped by their leading ``<index>.`` (none: all of item 0), in index order:
+    every field indexed or none, indices 0..n-1, as many items as the service takes."""
+    groups: dict[int, dict[str, bytes | str]] = {}
+    indexed = None
     for name, value in fields:
         head, _, rest = name.partition(".")
-        index, field = (int(head), rest) if head.isdigit() and rest else (0, name)
-        side, _, light = field.partition(".")
-        if side != "golden":
-            raise RequestError(422, "unknown_field", f"{name!r}: a golden's form holds golden.<Light> files "
-                               "(<shot>.golden.<Light> for a golden set)")
-        if isinstance(value, str):
-            raise RequestError(422, "bad_image", f"{name} must be a file part, not a text field",
-                               pair=index, side=side, lighting=light or None)
-        by_shot.setdefault(index, {})[light or None] = value
-    _check_count(len(by_shot), layout, "shots")
-    if sorted(by_shot) != list(range(len(by_shot))):
+        has_index = head.isdigit() and bool(rest)
+        if indexed is not None and has_index != indexed:
+            raise RequestError(422, "bad_field", f"either every field carries a {items.item} index "
+                               f"(0.{items.field}) or none does ({items.field})")
+        indexed = has_index
+        index, field = (int(head), rest) if has_index else (0, name)
+        groups.setdefault(index, {})[field] = value
+    _check_count(len(groups), layout, items)
+    if sorted(groups) != list(range(len(groups))):
         raise RequestError(422, "bad_field",
-                           f"shot indices must be 0..{len(by_shot) - 1}; got {sorted(by_shot)}")
-    return [_ordered(index, "golden", by_shot[index], layout, "shot") for index in range(len(by_shot))]
-
-
-COUNTED = {  # what a body holds -> (the code of "none", the code of "too many", in words)
-    "pairs": ("no_pairs", "too_many_pairs", "the request holds {count} pairs; this service takes at most "
-              "{most} per request (serve.max_pairs_per_request)"),
-    "shots": ("bad_golden", "too_many_shots", "the golden has {count} shots; this service keeps at most "
-              "{most} per golden (serve.max_pairs_per_request)"),
-}
-
-
-def _check_count(count: int, layout: UploadLayout, what: str = "pairs") -> None:
-    none, too_many, message = COUNTED[what]
-    if count == 0:
-        raise RequestError(422, none, f"the {'request' if what == 'pairs' else 'golden'} holds no {what}")
-    if count > layout.max_pairs:
-        raise RequestError(413, too_many, message.format(count=count, most=layout.max_pairs))
+                           f"{items.item} indices must be 0..{len(groups) - 1}; got {sorted(groups)}")
+    return [groups[index] for index in range(len(groups))]
 
 
 def decode_pairs(pairs: list[PairUpload], geometry: InputGeometry, lights: tuple[str, ...], *,
