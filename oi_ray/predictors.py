@@ -131,37 +131,48 @@ class TorchPredictor:
                                          torch.from_numpy(golden_features).to(device)).float().cpu().numpy()
 
 
+def onnx_session(model: bytes | str | Path, *, use_gpu: bool = False, source: str | Path = "model",
+                 threads: int | None = None):
+    """An ONNX Runtime session of ``model`` (a path or the graph's bytes): the CUDA provider when
+    ``use_gpu`` and it really runs (a warning otherwise), ``threads`` intra-op threads (default
+    one per core), idle threads asleep; a clear error for a file ONNX Runtime cannot load."""
+    import onnxruntime as ort
+
+    wanted = ["CPUExecutionProvider"]
+    if use_gpu and onnxruntime_has_cuda():
+        wanted.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one per core
+    # Idle threads sleep instead of spinning: the cores are shared with decoding, Ray and HTTP
+    # (measured: no slower at batch 1 or 32, and served latency drops).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
+                                       sess_options=options, providers=wanted)
+    except Exception as error:  # onnxruntime raises its own pybind classes (Fail, InvalidProtobuf...)
+        raise DataError(f"cannot load ONNX model {source}: {str(error).strip()}") from None
+    # onnxruntime-gpu lists CUDA even without a usable GPU and silently falls back: say so.
+    if use_gpu and "CUDAExecutionProvider" not in session.get_providers():
+        log.warning("%s: ONNX Runtime runs on CPU (no usable CUDA provider)", source)
+    return session
+
+
+def _check_takes_pictures(session, geometry: InputGeometry, source: str | Path) -> None:
+    shape = tuple(session.get_inputs()[0].shape[1:])
+    if shape != geometry.input_shape:
+        raise DataError(f"{source} takes inputs of {shape}, the spec assembles {geometry.input_shape}")
+
+
 class OnnxPredictor:
     """An exported oi-ray / TAO ONNX model on ONNX Runtime, from its path or its bytes."""
 
     def __init__(self, model: bytes | str | Path, geometry: InputGeometry, *, threshold: float | None,
                  use_gpu: bool = False, source: str | Path = "model", threads: int | None = None,
-                 output_names: tuple[str, ...] = EMBEDDING_OUTPUTS, expects_pictures: bool = True) -> None:
-        """``expects_pictures``: the graph's first input is an assembled side (checked against
-        ``geometry``); False for the compare half, which takes features."""
-        import onnxruntime as ort
-
-        wanted = ["CPUExecutionProvider"]
-        if use_gpu and onnxruntime_has_cuda():
-            wanted.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one per core
-        # Idle threads sleep instead of spinning: the cores are shared with decoding, Ray and HTTP
-        # (measured: no slower at batch 1 or 32, and served latency drops).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
-                                                sess_options=options, providers=wanted)
-        except Exception as error:  # onnxruntime raises its own pybind classes (Fail, InvalidProtobuf...)
-            raise DataError(f"cannot load ONNX model {source}: {str(error).strip()}") from None
-        # onnxruntime-gpu lists CUDA even without a usable GPU and silently falls back: say so.
+                 output_names: tuple[str, ...] = EMBEDDING_OUTPUTS) -> None:
+        self.session = onnx_session(model, use_gpu=use_gpu, source=source, threads=threads)
         self.providers = self.session.get_providers()
-        if use_gpu and "CUDAExecutionProvider" not in self.providers:
-            log.warning("%s: ONNX Runtime runs on CPU (no usable CUDA provider)", source)
-        batch, *shape = self.session.get_inputs()[0].shape
-        if expects_pictures and tuple(shape) != geometry.input_shape:
-            raise DataError(f"{source} takes inputs of {tuple(shape)}, "
-                            f"the spec assembles {geometry.input_shape}")
+        _check_takes_pictures(self.session, geometry, source)
+        batch = self.session.get_inputs()[0].shape[0]
         # A symbolic batch dimension ("batch") takes any size; a number is a fixed batch.
         self.limits = BatchLimits(batch, batch) if isinstance(batch, int) and batch > 0 else BatchLimits()
         self.normalize = InputNormalizer(geometry)
@@ -178,17 +189,19 @@ class OnnxPredictor:
 
 
 class OnnxHalvesPredictor:
-    """The two halves an export writes beside the model (``parts`` in its card), on ONNX Runtime."""
+    """The two halves an export writes beside the model (``parts`` in its card), on ONNX Runtime
+    (always a dynamic first axis: any batch)."""
 
-    def __init__(self, embed: OnnxPredictor, compare: OnnxPredictor) -> None:
-        self.embed_session, self.compare_session = embed.session, compare.session
-        self.normalize = embed.normalize
-        self.compare_inputs = [entry.name for entry in self.compare_session.get_inputs()]
+    def __init__(self, embed, compare, geometry: InputGeometry) -> None:
+        """``embed``, ``compare``: the halves' ONNX Runtime sessions (:func:`onnx_session`)."""
+        self.embed_session, self.compare_session = embed, compare
+        self.normalize = InputNormalizer(geometry)
+        self.images = embed.get_inputs()[0].name
+        self.compare_inputs = [entry.name for entry in compare.get_inputs()]
 
     def embed(self, pictures: np.ndarray) -> np.ndarray:
         """One side's features (:class:`HalvesPredictor`)."""
-        images = self.embed_session.get_inputs()[0].name
-        return self.embed_session.run(None, {images: self.normalize(pictures).numpy()})[0]
+        return self.embed_session.run(None, {self.images: self.normalize(pictures).numpy()})[0]
 
     def compare(self, test_features: np.ndarray, golden_features: np.ndarray) -> np.ndarray:
         """Distances of two sides' features (:class:`HalvesPredictor`)."""
@@ -266,26 +279,31 @@ def load_predictor(path: Path, card: ModelCard, key: str | None, use_gpu: bool =
         model = restore_model(checkpoint, path, card.architecture())
         return TorchPredictor(model.to(device), geometry, device=device, threshold=checkpoint.threshold)
     if path.suffix in ONNX_SUFFIXES:
-        model = read_plain(path, key) if is_encrypted_file(path) else path  # ONNX Runtime reads a path itself
-        return OnnxPredictor(model, geometry, threshold=card.threshold, use_gpu=use_gpu, source=path,
-                             threads=threads, output_names=card.output_names)
+        return OnnxPredictor(_onnx_graph(path, key), geometry, threshold=card.threshold, use_gpu=use_gpu,
+                             source=path, threads=threads, output_names=card.output_names)
     return TensorRTPredictor(read_plain(path, key), geometry, threshold=card.threshold, source=path,
                              output_names=card.output_names)
 
 
-def load_halves_predictor(path: Path, card: ModelCard, key: str | None, use_gpu: bool = False, *,
-                          threads: int | None = None) -> HalvesPredictor:
-    """The two halves of the model at ``path``: a ``.pth``'s own network, or the ONNX halves its
-    card names beside an exported model (each checked against its SHA-256 in the card)."""
+def _onnx_graph(path: Path, key: str | None) -> Path | bytes:
+    """What ONNX Runtime opens: the path itself (it reads the file), or the decrypted bytes."""
+    return read_plain(path, key) if is_encrypted_file(path) else path
+
+
+def check_halves(path: Path, card: ModelCard) -> dict[str, Path]:
+    """The files of the model at ``path`` scored in halves, by half: none for a ``.pth`` (its
+    network has them); an export's card must name both, each file present and the one the
+    card's SHA-256 describes (checked without loading them, as the driver checks a model)."""
     if path.suffix == ".pth":
-        return load_predictor(path, card, key, use_gpu, threads=threads)
+        return {}
     if path.suffix not in ONNX_SUFFIXES:
-        raise BackendUnavailableError(f"{path}: scoring against kept golden features takes an .onnx export "
-                                      "or a .pth; TensorRT engines of the halves are not built yet")
+        raise BackendUnavailableError(f"{path} is a TensorRT engine; engines of the embed and compare halves "
+                                      "(scoring against kept golden features) are not built yet: use the "
+                                      ".onnx model")
     if set(card.parts) != {EMBED, COMPARE}:
         raise DataError(f"{path} was exported without its embed and compare halves (an older oi-ray); "
                         "export it again to score against kept goldens")
-    sessions = {}
+    files = {}
     for name, part in card.parts.items():
         part_file = path.with_name(part["file"])
         if not part_file.is_file():
@@ -293,10 +311,21 @@ def load_halves_predictor(path: Path, card: ModelCard, key: str | None, use_gpu:
         if sha256_of(part_file) != part["sha256"]:
             raise DataError(f"{part_file} does not match the model card of {path.name} (SHA-256 differs): "
                             "export the model again")
-        graph = read_plain(part_file, key) if is_encrypted_file(part_file) else part_file
-        sessions[name] = OnnxPredictor(graph, card.geometry(), threshold=card.threshold, use_gpu=use_gpu,
-                                       source=part_file, threads=threads, expects_pictures=name == EMBED)
-    return OnnxHalvesPredictor(sessions[EMBED], sessions[COMPARE])
+        files[name] = part_file
+    return files
+
+
+def load_halves_predictor(path: Path, card: ModelCard, key: str | None, use_gpu: bool = False, *,
+                          threads: int | None = None) -> HalvesPredictor:
+    """The two halves of the model at ``path``: a ``.pth``'s own network, or the ONNX halves its
+    card names beside an exported model (:func:`check_halves`)."""
+    files = check_halves(path, card)
+    if not files:
+        return load_predictor(path, card, key, use_gpu, threads=threads)
+    embed, compare = (onnx_session(_onnx_graph(files[name], key), use_gpu=use_gpu, source=files[name],
+                                   threads=threads) for name in (EMBED, COMPARE))
+    _check_takes_pictures(embed, card.geometry(), files[EMBED])
+    return OnnxHalvesPredictor(embed, compare, card.geometry())
 
 
 def onnxruntime_has_cuda() -> bool:

@@ -10,10 +10,9 @@ from pathlib import Path
 
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.errors import BackendUnavailableError, DataError
-from oi_ray.model.parts import COMPARE, EMBED
 from oi_ray.model_card import ModelCard, export_destination
 from oi_ray.model_file import BACKENDS, ModelFile, open_model_file
-from oi_ray.predictors import ONNX_SUFFIXES, TENSORRT_SUFFIXES
+from oi_ray.predictors import TENSORRT_SUFFIXES, check_halves
 
 
 def served_model_path(config: ExperimentConfig) -> Path:
@@ -43,10 +42,8 @@ def resolve_served_model(config: ExperimentConfig) -> ModelFile:
 
 
 def _check_halves(model: ModelFile) -> None:
-    """A golden library scores with the model's two halves: an export must have written them."""
-    if model.path.suffix in TENSORRT_SUFFIXES:
-        raise BackendUnavailableError(f"serve.golden_store: {model.path} is a TensorRT engine; engines of "
-                                      "the embed and compare halves are not built yet: serve the .onnx model")
-    if model.path.suffix in ONNX_SUFFIXES and set(model.card.parts) != {EMBED, COMPARE}:
-        raise DataError(f"serve.golden_store: {model.path} was exported without its embed and compare halves "
-                        f"(an older oi-ray); export it again")
+    """A golden library scores with the model's two halves: checked before any replica starts."""
+    try:
+        check_halves(model.path, model.card)
+    except (DataError, BackendUnavailableError) as error:
+        raise type(error)(f"serve.golden_store: {error}") from None

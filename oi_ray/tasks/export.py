@@ -160,12 +160,18 @@ def verify_onnx(onnx_model: str | bytes, model: torch.nn.Module, architecture: A
     actual = session.run(list(architecture.output_names),
                          {INPUT_NAMES[0]: test.numpy(), INPUT_NAMES[1]: golden.numpy()})
     del session  # ONNX Runtime's copy of the weights
+    return _checked_difference(actual, expected, "the exported model", ", ".join(architecture.output_names))
+
+
+def _checked_difference(actual: list[np.ndarray], expected: list[np.ndarray], exported: str,
+                        on: str) -> float:
+    """The largest |ONNX Runtime - torch| over the outputs, or a DataError beyond TOLERANCE x
+    max(1, largest |output|)."""
     difference = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected, strict=True))
     allowed = TOLERANCE * max(1.0, *(float(np.abs(e).max()) for e in expected))
     if not difference <= allowed:
-        raise DataError(f"the exported model disagrees with torch: max |difference| {difference:.2e} "
-                        f"on {', '.join(architecture.output_names)} (allowed {allowed:.1e}); "
-                        f"nothing was written")
+        raise DataError(f"{exported} disagrees with torch: max |difference| {difference:.2e} on {on} "
+                        f"(allowed {allowed:.1e}); nothing was written")
     return difference
 
 
@@ -193,11 +199,7 @@ def write_parts(model: torch.nn.Module, onnx_path: Path, export: ExportConfig, t
                                         strict=True)))[0]
     with torch.inference_mode():
         expected = model.distance(test, golden).numpy()
-    difference = float(np.abs(actual - expected).max())
-    allowed = TOLERANCE * max(1.0, float(np.abs(expected).max()))
-    if not difference <= allowed:
-        raise DataError(f"the exported embed and compare halves disagree with torch: max |difference| "
-                        f"{difference:.2e} on the distance (allowed {allowed:.1e}); nothing was written")
+    _checked_difference([actual], [expected], "the embed half followed by the compare half", "the distance")
     written = {}
     for name, graph in graphs.items():
         path = part_path(onnx_path, name)
