@@ -52,11 +52,12 @@ class GoldenTally:
 def merged(documents: list[dict], golden_id: str) -> dict:
     """Every replica's tally of ``golden_id`` as one answer."""
     pairs = sum(document["pairs"] for document in documents)
+    no_pass = sum(document["no_pass"] for document in documents)
     recent = [distance for document in documents for distance in document["recent"]]
     counts = np.sum([document["counts"] for document in documents if document["counts"]], axis=0)
     return {
-        "golden_id": golden_id, "pairs": pairs, "no_pass": sum(document["no_pass"] for document in documents),
-        "no_pass_rate": sum(document["no_pass"] for document in documents) / pairs if pairs else None,
+        "golden_id": golden_id, "pairs": pairs, "no_pass": no_pass,
+        "no_pass_rate": no_pass / pairs if pairs else None,
         "mean_distance": sum(document["sum"] for document in documents) / pairs if pairs else None,
         "recent_mean_distance": float(np.mean(recent)) if recent else None, "recent_pairs": len(recent),
         "histogram": {"upper_bounds": documents[0]["bounds"] if documents else [],
@@ -92,8 +93,7 @@ class GoldenStats:
         """Write the tallies changed since the last flush."""
         self.written = time.monotonic()
         for golden_id in sorted(self.unwritten):
-            self.store.keep_stats(golden_id, self.replica,
-                                  {**self.tallies[golden_id].document(), "replica": self.replica})
+            self.store.keep_stats(golden_id, self.replica, self._document(golden_id))
         self.unwritten.clear()
 
     def forget(self, golden_id: str) -> None:
@@ -105,5 +105,9 @@ class GoldenStats:
         """Every replica's tally of ``golden_id``, this replica's as it is now."""
         others = [document for document in self.store.stats(golden_id)
                   if document.get("replica") != self.replica]
-        own = self.tallies.get(golden_id)
-        return merged([*others, *([{**own.document(), "replica": self.replica}] if own else [])], golden_id)
+        own = [self._document(golden_id)] if golden_id in self.tallies else []
+        return merged([*others, *own], golden_id)
+
+    def _document(self, golden_id: str) -> dict:
+        """This replica's tally of ``golden_id`` as the store keeps it, named by replica."""
+        return {**self.tallies[golden_id].document(), "replica": self.replica}

@@ -24,6 +24,11 @@ from oi_ray.serving.uploads import RequestError, decode_side
 RECHECK_S = 1.0
 
 
+def _unknown(golden_id: str) -> RequestError:
+    return RequestError(404, "unknown_golden", f"no golden is registered as {golden_id!r}; "
+                        f"register it with PUT /v1/goldens/{golden_id}")
+
+
 @dataclass(frozen=True)
 class KeptGolden:
     """A golden and its shots' features: ``shots`` x the model's rows per side."""
@@ -70,11 +75,7 @@ class GoldenLibrary:
             held = self.cache.get(golden_id)
         if held is not None and time.monotonic() - held.checked < self.recheck_s:
             return held
-        golden = self.store.get(golden_id)
-        if golden is None:
-            self.forget(golden_id)
-            raise RequestError(404, "unknown_golden", f"no golden is registered as {golden_id!r}; "
-                               f"register it with PUT /v1/goldens/{golden_id}")
+        golden = self.registered(golden_id)
         if held is not None and held.golden.version == golden.version:
             fresh = KeptGolden(golden, held.features, time.monotonic())
         else:
@@ -87,6 +88,21 @@ class GoldenLibrary:
             fresh = KeptGolden(golden, features, time.monotonic())
         self._remember(fresh)
         return fresh
+
+    def registered(self, golden_id: str) -> Golden:
+        """What is registered as ``golden_id`` now (its manifest), or a 404 ``unknown_golden``."""
+        golden = self.store.get(golden_id)
+        if golden is None:
+            self.forget(golden_id)
+            raise _unknown(golden_id)
+        return golden
+
+    def delete(self, golden_id: str) -> None:
+        """Unregister ``golden_id``, or a 404 ``unknown_golden``."""
+        deleted = self.store.delete(golden_id)
+        self.forget(golden_id)
+        if not deleted:
+            raise _unknown(golden_id)
 
     def forget(self, golden_id: str) -> None:
         """Drop ``golden_id`` from this replica's memory."""

@@ -308,10 +308,24 @@ class InspectionService:
     async def _score_uploaded(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
         """Pairs that uploaded their goldens, in ``@serve.batch`` batches with other requests' pairs."""
         step = self.settings.max_batch_size
+        return np.concatenate(await self._join_batches(self._score, [
+            _Pictures(test[start:start + step], golden[start:start + step])
+            for start in range(0, len(test), step)]))
+
+    async def _join_batches(self, batched: Any, chunks: list) -> list:
+        """Each chunk through the ``@serve.batch`` method ``batched``, once the model is idle (so
+        that the pairs arriving during a model call form one batch, not many)."""
         await self.model_idle.wait()
-        return np.concatenate(await asyncio.gather(*(
-            self._score(_Pictures(test[start:start + step], golden[start:start + step]))
-            for start in range(0, len(test), step))))
+        return await asyncio.gather(*(batched(chunk) for chunk in chunks))
+
+    async def _on_the_model(self, run: Any, *args: Any) -> Any:
+        """``run(*args)`` in a worker thread, with the model to itself; arrivals wait meanwhile."""
+        self.model_idle.clear()
+        try:
+            async with self.model_lock:
+                return await asyncio.to_thread(run, *args)
+        finally:
+            self.model_idle.set()
 
     async def _tally_goldens(self, golden_ids: list[str], distances: np.ndarray,
                              verdicts: np.ndarray) -> None:
@@ -330,18 +344,14 @@ class InspectionService:
     async def _score_named(self, test: np.ndarray, kept: list[KeptGolden]) -> tuple[np.ndarray, np.ndarray]:
         """Pairs that named registered goldens, in ``@serve.batch`` batches with other requests'."""
         step = self.settings.max_batch_size
-        await self.model_idle.wait()
-        parts = await asyncio.gather(*(
-            self._score_against_kept(_KeptPairs(test[start:start + step], tuple(kept[start:start + step])))
-            for start in range(0, len(test), step)))
+        parts = await self._join_batches(self._score_against_kept, [
+            _KeptPairs(test[start:start + step], tuple(kept[start:start + step]))
+            for start in range(0, len(test), step)])
         return np.concatenate([nearest for nearest, _ in parts]), np.concatenate([shot for _, shot in parts])
 
     def _kept_goldens(self, pairs: list[PairUpload]) -> dict[str, KeptGolden]:
         named = sorted({pair.golden_id for pair in pairs if pair.golden_id is not None})
-        if named and self.library is None:
-            raise RequestError(404, "no_golden_library", "this service keeps no goldens (serve.golden_store "
-                               "is not set): upload each pair's golden images")
-        return {golden_id: self.library.kept(golden_id) for golden_id in named}
+        return {golden_id: self._require_library().kept(golden_id) for golden_id in named}
 
     def _score_kept(self, test: np.ndarray, kept: list[KeptGolden]) -> tuple[np.ndarray, np.ndarray]:
         """Each test against every shot of its golden, one compare call: the smallest distance
@@ -392,10 +402,10 @@ class InspectionService:
         try:
             self._authorize(request)
             library = self._require_library()
-            kept = await asyncio.to_thread(library.kept, _checked_id(golden_id))
+            golden = await asyncio.to_thread(library.registered, _checked_id(golden_id))
         except RequestError as error:
             return self._refuse(error)
-        return JSONResponse({**kept.golden.describe(), "model": self.model.name})
+        return JSONResponse({**golden.describe(), "model": self.model.name})
 
     @api.get("/v1/goldens/{golden_id}/stats")
     async def golden_statistics(self, golden_id: str, request: Request) -> JSONResponse:
@@ -403,7 +413,7 @@ class InspectionService:
         try:
             self._authorize(request)
             library = self._require_library()
-            await asyncio.to_thread(library.kept, _checked_id(golden_id))  # a 404 for an unknown id
+            await asyncio.to_thread(library.registered, _checked_id(golden_id))  # a 404 for an unknown id
             answer = await asyncio.to_thread(self.golden_stats.answer, golden_id)
         except RequestError as error:
             return self._refuse(error)
@@ -415,9 +425,7 @@ class InspectionService:
         try:
             self._authorize(request)
             library = self._require_library()
-            if not await asyncio.to_thread(library.store.delete, _checked_id(golden_id)):
-                raise RequestError(404, "unknown_golden", f"no golden is registered as {golden_id!r}")
-            library.forget(golden_id)
+            await asyncio.to_thread(library.delete, _checked_id(golden_id))
             self.golden_stats.forget(golden_id)
         except RequestError as error:
             return self._refuse(error)
@@ -453,12 +461,7 @@ class InspectionService:
         """One model call for the pairs of several requests; each gets its own distances back."""
         test = np.concatenate([chunk.test for chunk in chunks])
         golden = np.concatenate([chunk.golden for chunk in chunks])
-        self.model_idle.clear()
-        try:
-            async with self.model_lock:
-                distances = await asyncio.to_thread(self.predictor.distances, test, golden)
-        finally:
-            self.model_idle.set()
+        distances = await self._on_the_model(self.predictor.distances, test, golden)
         self.metrics.batch_pairs.observe(len(test))
         return np.split(distances, np.cumsum([len(chunk.test) for chunk in chunks])[:-1])
 
@@ -468,12 +471,7 @@ class InspectionService:
         gets its own distances and nearest shots back."""
         test = np.concatenate([chunk.test for chunk in chunks])
         kept = [one for chunk in chunks for one in chunk.kept]
-        self.model_idle.clear()
-        try:
-            async with self.model_lock:
-                nearest, shot = await asyncio.to_thread(self._score_kept, test, kept)
-        finally:
-            self.model_idle.set()
+        nearest, shot = await self._on_the_model(self._score_kept, test, kept)
         self.metrics.batch_pairs.observe(len(test))
         bounds = np.cumsum([len(chunk.test) for chunk in chunks])[:-1]
         return list(zip(np.split(nearest, bounds), np.split(shot, bounds), strict=True))
@@ -508,8 +506,9 @@ class InspectionService:
 
     def _require_library(self) -> GoldenLibrary:
         if self.library is None:
-            raise RequestError(404, "no_golden_library", "this service keeps no goldens: set "
-                               "serve.golden_store (a folder or a bucket URI) and deploy again")
+            raise RequestError(404, "no_golden_library", "this service keeps no goldens: upload each pair's "
+                               "golden images, or set serve.golden_store (a folder or a bucket URI) and "
+                               "deploy again")
         return self.library
 
     def _refuse(self, error: RequestError) -> JSONResponse:
