@@ -141,7 +141,7 @@ def test_the_exported_halves_score_each_test_against_a_kept_golden_like_the_whol
 
 
 def test_halves_of_an_export_that_lacks_them_or_was_changed_are_refused(spec, tmp_path):
-    config, _, onnx_file = _trained_and_exported(spec, tmp_path, _overrides("Siamese_3", "linear"))
+    _, _, onnx_file = _trained_and_exported(spec, tmp_path, _overrides("Siamese_3", "linear"))
     card = read_card(onnx_file)
     embed = onnx_file.with_name(card.parts["embed"]["file"])
     embed.write_bytes(embed.read_bytes()[:-10])
