@@ -22,12 +22,14 @@ from oi_ray.crypto import decrypt_into, is_encrypted_file
 from oi_ray.decision import CarriedThreshold
 from oi_ray.errors import DataError
 from oi_ray.fileio import sha256_of
+from oi_ray.golden_reuse import GoldenReuse
 from oi_ray.model_card import ModelCard, card_path, read_card
 from oi_ray.predictors import (
     ONNX_SUFFIXES,
     TENSORRT_SUFFIXES,
     HalvesPredictor,
     Predictor,
+    check_halves,
     load_halves_predictor,
     load_predictor,
 )
@@ -67,6 +69,25 @@ class ModelFile:
     def load_halves(self, use_gpu: bool = False, threads: int | None = None) -> HalvesPredictor:
         """The model's embed and compare halves (:func:`~oi_ray.predictors.load_halves_predictor`)."""
         return load_halves_predictor(self.path, self.card, self.encryption_key, use_gpu, threads=threads)
+
+    @property
+    def scores_in_halves(self) -> bool:
+        """Whether a split is scored in the model's halves: a checkpoint's network, or an export
+        whose card names its halves (a TensorRT engine, or an older export, scores whole)."""
+        return self.backend == "torch" or (self.backend == "onnxruntime" and bool(self.card.parts))
+
+    def check_halves(self) -> None:
+        """In the driver: the halves :attr:`scores_in_halves` will load are there and unchanged."""
+        if self.scores_in_halves:
+            check_halves(self.path, self.card)
+
+    def load_scorer(self, use_gpu: bool = False, threads: int | None = None) -> Predictor:
+        """What scores a split of pairs: the halves with each distinct golden embedded once
+        (:class:`~oi_ray.golden_reuse.GoldenReuse`) where :attr:`scores_in_halves`, else the
+        whole model."""
+        if self.scores_in_halves:
+            return GoldenReuse(self.load_halves(use_gpu, threads))
+        return self.load(use_gpu, threads)
 
 
 def open_model_file(path: str | Path, encryption_key: str | None, expected: ModelCard | None, *,

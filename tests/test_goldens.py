@@ -5,7 +5,7 @@ import concurrent.futures
 import numpy as np
 import pytest
 
-from oi_ray.serving.feature_cache import FeatureCache
+from oi_ray.feature_cache import FeatureCache
 from oi_ray.serving.golden_stats import GoldenStats
 from oi_ray.serving.goldens import GoldenIdError, GoldenStore, check_golden_id
 

@@ -25,6 +25,7 @@ from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.errors import DataError
 from oi_ray.fileio import sha256_of
+from oi_ray.golden_reuse import GoldenReuse
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.registry import Architecture
 from oi_ray.model_card import read_card
@@ -138,6 +139,30 @@ def test_the_exported_halves_score_each_test_against_a_kept_golden_like_the_whol
         kept = predictor.embed(golden[:1])
         scored = predictor.compare(predictor.embed(test), np.concatenate([kept] * len(test)))
         np.testing.assert_allclose(scored, whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_a_split_whose_rows_share_goldens_embeds_each_golden_once_and_keeps_the_distances(spec, tmp_path,
+                                                                                           model_type):
+    """evaluate and inference score in halves: the same distances as the whole pairs, each
+    distinct golden embedded once across batches, even when the kept features outgrow their bound."""
+    config, checkpoint, onnx_file = _trained_and_exported(spec, tmp_path, _overrides(model_type, "linear"))
+    test, golden = _test_pairs(config)
+    shared = golden[np.arange(len(test)) % 3]  # three goldens, each shared by a third of the rows
+    whole = spec_model(checkpoint, config).load().distances(test, shared)
+    assert whole.std() > 1e-3
+    for model in (checkpoint, onnx_file):
+        scorer = spec_model(model, config).load_scorer()
+        assert isinstance(scorer, GoldenReuse)
+        halves = np.concatenate([scorer.distances(test[start:start + 4], shared[start:start + 4])
+                                 for start in range(0, len(test), 4)])
+        np.testing.assert_allclose(halves, whole, rtol=0, atol=1e-5)
+        assert scorer.goldens_embedded == 3, f"{model.name}: each golden embedded once"
+    tight = GoldenReuse(spec_model(onnx_file, config).load_halves(), cache_bytes=1)  # keeps nothing
+    np.testing.assert_allclose(tight.distances(test, shared), whole, rtol=0, atol=1e-5)
+    assert tight.goldens_embedded == 3 and len(tight.cache) == 0, "one batch embeds each golden once"
+    np.testing.assert_allclose(tight.distances(test, shared), whole, rtol=0, atol=1e-5)
+    assert tight.goldens_embedded == 6, "nothing kept: the next batch embeds them again"
 
 
 def test_halves_of_an_export_that_lacks_them_or_was_changed_are_refused(spec, tmp_path):

@@ -87,6 +87,10 @@ class PairTable:
         counts = Counter(self.rows[LABEL_COLUMN])
         return dict(sorted(counts.items(), key=lambda item: (item[0] != PASS_LABEL, -item[1])))
 
+    def distinct_goldens(self) -> int:
+        """How many distinct golden sides (sets of lighting files) the pairs name."""
+        return len({tuple(paths) for paths in self.golden_paths})
+
     def pipeline_frame(self) -> pd.DataFrame:
         """The columns the Ray Data pipeline needs: row, test_paths, golden_paths, target."""
         return pd.DataFrame({

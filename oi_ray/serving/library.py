@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from oi_ray.data.assemble import InputGeometry
+from oi_ray.feature_cache import FeatureCache
 from oi_ray.predictors import HalvesPredictor
-from oi_ray.serving.feature_cache import FeatureCache
 from oi_ray.serving.goldens import Golden, GoldenStore
 from oi_ray.serving.uploads import RequestError, decode_side
 

@@ -48,6 +48,7 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *, r
     for key, column in (columns or {}).items():
         table.require_column(column, key)
     model = open_model_file(model_file, config.encryption_key, ModelCard.expected_by(config))
+    model.check_halves()
     checkpoint = model.path
     threshold = choose_threshold(section.threshold, f"{task}.threshold", model.carried, config.model.margin)
     batch_size = section.batch_size if section.batch_size > 0 else config.dataset.batch_size
@@ -61,12 +62,14 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *, r
             raise BackendUnavailableError(f"{checkpoint} is a TensorRT engine, which needs GPU replicas, "
                                           f"and the Ray cluster has no GPU; score the .onnx model instead")
         actors = section.num_gpus if use_gpu else 1
-        log.info("scoring %d pairs of %s with %s on %d %s replica(s), batch %d", len(table),
-                 table.csv_path, checkpoint, actors, "GPU" if use_gpu else "CPU", batch_size)
+        log.info("scoring %d pairs of %s with %s on %d %s replica(s), batch %d%s", len(table),
+                 table.csv_path, checkpoint, actors, "GPU" if use_gpu else "CPU", batch_size,
+                 f"; {table.distinct_goldens()} distinct goldens, each embedded once"
+                 if model.scores_in_halves else "")
         if use_gpu and checkpoint.suffix in ONNX_SUFFIXES and not onnxruntime_has_cuda():
             log.warning("onnxruntime here has no CUDA provider: the GPU replicas run %s on their CPUs; "
                         "install the gpu extra (pip install -e '.[gpu]') to run it on them", checkpoint.name)
-        load = functools.partial(model.load, use_gpu)
+        load = functools.partial(model.load_scorer, use_gpu)
         scores = score_table(table, PipelineSpec.from_config(config.dataset), load,
                              batch_size=batch_size, use_gpu=use_gpu, actors=actors,
                              threads=torch_threads(config.ray, actors))

@@ -1,4 +1,5 @@
-"""A replica's golden features in memory, bounded in bytes, least recently used out first."""
+"""Features in memory, bounded in bytes, least recently used out first: a serving replica's
+goldens, or the distinct goldens of a split being scored."""
 
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -13,7 +14,7 @@ class Sized(Protocol):
 
 
 class FeatureCache:
-    """Features by key (a golden's id), at most ``max_bytes`` of them in all.
+    """Features by key (a golden's id or its pictures' digest), at most ``max_bytes`` of them in all.
 
     A value larger than the whole bound is not kept (the caller still has it)."""
 
