@@ -27,6 +27,7 @@ and the defects it scores lowest.
 """
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -46,6 +47,7 @@ from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.decision import flagged
 from oi_ray.metrics import at_defect_recall, auroc, calibrate, without_weakest_defects
+from oi_ray.model.folding import fold_batch_norms
 from oi_ray.predictors import TorchPredictor
 from oi_ray.runtime import WORKER_ALLOCATOR_ENV
 
@@ -109,8 +111,10 @@ def lightings(side: Path, object_name: str) -> tuple[list[str], str]:
 
 
 def score(net: torch.nn.Module, config: ExperimentConfig, pictures: tuple) -> Scored:
-    """Distances for pictures decoded beforehand, timed without decoding."""
-    predictor = TorchPredictor(net, InputGeometry.from_config(config.dataset))
+    """Distances for pictures decoded beforehand, timed without decoding, by the network as
+    ``evaluate`` loads it from its checkpoint (BatchNorms folded into their convolutions)."""
+    folded = fold_batch_norms(copy.deepcopy(net).eval())
+    predictor = TorchPredictor(folded, InputGeometry.from_config(config.dataset))
     test, golden, targets = pictures
     start = time.perf_counter()
     distances = np.concatenate([predictor.distances(test[index:index + SCORE_BATCH],

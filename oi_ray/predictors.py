@@ -31,6 +31,7 @@ from oi_ray.crypto import is_encrypted_file, read_plain
 from oi_ray.data.assemble import InputGeometry
 from oi_ray.errors import BackendUnavailableError, DataError
 from oi_ray.fileio import sha256_of
+from oi_ray.model.folding import fold_batch_norms
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.parts import COMPARE, EMBED
 from oi_ray.model.registry import EMBEDDING_OUTPUTS, distance_from_outputs
@@ -276,7 +277,7 @@ def load_predictor(path: Path, card: ModelCard, key: str | None, use_gpu: bool =
     if path.suffix == ".pth":  # the checkpoint's own tensors (memory-mapped from a plain file), not a copy
         device = "cuda" if use_gpu else "cpu"
         checkpoint = load_checkpoint(path, key)
-        model = restore_model(checkpoint, path, card.architecture())
+        model = fold_batch_norms(restore_model(checkpoint, path, card.architecture()).eval())
         return TorchPredictor(model.to(device), geometry, device=device, threshold=checkpoint.threshold)
     if path.suffix in ONNX_SUFFIXES:
         return OnnxPredictor(_onnx_graph(path, key), geometry, threshold=card.threshold, use_gpu=use_gpu,

@@ -1,6 +1,7 @@
 """SiameseSpatial: what its distance responds to (and what it ignores), every layout, its ONNX
 graph, and its checkpoints against TAO's models."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from oi_ray.data.assemble import InputGeometry
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.errors import DataError
 from oi_ray.metrics import describe_rule
+from oi_ray.model.folding import fold_batch_norms
 from oi_ray.model.registry import Architecture
 from oi_ray.model.spatial import WINDOW_CHUNK, SiameseSpatial
 from oi_ray.model_card import INPUT_NAMES
@@ -163,6 +165,27 @@ def test_a_defect_in_one_lighting_tile_is_seen_and_tiles_are_never_compared_acro
         golden[:, :, 32:38, 10:16], test[:, :, 30:36, 10:16] = 1.0, 1.0
         as_one_picture = _model().distance(test, golden).item()
         assert _model(tiles=(2, 1)).distance(test, golden).item() > 10 * as_one_picture
+
+
+def test_batch_norms_folded_for_inference_give_the_same_distances_and_halves():
+    model = _model(tiles=(2, 1))
+    with torch.no_grad():
+        for norm in (module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)):
+            norm.running_mean.uniform_(-1, 1)  # statistics and affine parameters as training leaves them
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    folded = fold_batch_norms(copy.deepcopy(model))
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
+    assert sum(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules()) == 4
+    test, golden = torch.randn(5, 3, 64, 32), torch.randn(5, 3, 64, 32)
+    with torch.no_grad():
+        expected = model.distance(test, golden)
+        torch.testing.assert_close(folded.distance(test, golden), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(folded.compare(folded.embed(test), folded.embed(golden)), expected,
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(SiameseSpatial((1, 1)))
 
 
 def test_onnx_graph_outputs_the_distance_within_1e_4():
