@@ -1,7 +1,9 @@
-"""`oi-ray serve` under load vs in-process ONNX Runtime on the same pairs, side by side.
+"""`oi-ray serve` under load vs in-process ONNX Runtime on the same pairs, side by side, with
+goldens uploaded in every request and with goldens registered once in the golden library.
 
-TAO's layout (4 lightings of 100x100 JPEG per side) from the synthetic generator; a model
-trained for one epoch and exported with `oi-ray export`. Then, in one run:
+TAO's layout (4 lightings of 100x100 JPEG per side) from the synthetic generator; each model
+(``--models``: Siamese_3 and SiameseSpatial, each with its recipe) trained for one epoch and
+exported with `oi-ray export`. Then, in one run, for each model:
 
 1. in-process: the service's own decoding (``decode_pairs``) and ONNX Runtime predictor, no
    HTTP: pairs/s at batch 1 and at the service's batch size;
@@ -10,13 +12,18 @@ trained for one epoch and exported with `oi-ray export`. Then, in one run:
    measured under the same conditions; then 1, 8 and 32 concurrent clients posting
    single-pair multipart requests (keep-alive HTTP/1.1), each level a fixed number of
    requests bounded by a time limit;
-3. in-process again once the service has stopped, so a drifting machine shows.
+3. the golden library (``serve.golden_store``): every distinct golden of the pairs registered
+   once (``PUT /v1/goldens/{id}``); one client alternating a pair that uploads its golden with
+   the same pair naming it (``golden_id``), then 32 clients posting ``golden_id`` pairs;
+4. in-process again once the service has stopped, so a drifting machine shows.
 
 Ratios: served pairs/s at 32 clients over in-process pairs/s at the service's batch size
-(target >= 0.5), and the served p50 latency of one pair minus the in-process p50 latency of
-one pair, alternated (the serving overhead; target <= 10 ms).
+(target >= 0.5), the served p50 latency of one pair minus the in-process p50 latency of
+one pair, alternated (the serving overhead; target <= 10 ms); pairs/s at 32 clients with
+``golden_id`` over uploaded goldens (target >= 1.8) and the p50 latency of one ``golden_id``
+pair over one uploaded pair, alternated (target <= 0.6).
 
-    python benchmarks/serve_load.py [--workdir DIR] [--requests 200 400 800]
+    python benchmarks/serve_load.py [--workdir DIR] [--requests 200 400 800] [--models Siamese_3]
 """
 
 import argparse
@@ -36,9 +43,8 @@ import numpy as np
 
 from oi_ray.cli import main as oi_ray
 from oi_ray.config import load_config
-from oi_ray.data.pairs import load_split
-from oi_ray.model_card import read_card
-from oi_ray.predictors import OnnxPredictor
+from oi_ray.data.pairs import PairTable, load_split
+from oi_ray.model_file import open_model_file
 from oi_ray.serving.uploads import PairUpload, decode_pairs
 
 CLIENTS = (1, 8, 32)
@@ -47,6 +53,8 @@ SERVE_CPUS = 2  # replica CPUs: ONNX Runtime threads, as in-process
 BATCH = 32
 TIME_LIMIT_S = 90.0  # per load level
 ALTERNATED = 150  # single pairs scored served and in-process in turns
+RECIPES = Path(__file__).resolve().parent.parent / "configs" / "recipes"
+MODELS = {"Siamese_3": RECIPES / "siamese_3.yaml", "SiameseSpatial": RECIPES / "siamese_spatial.yaml"}
 
 
 def main() -> None:
@@ -54,7 +62,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="reuse a dataset and model from an earlier run")
     parser.add_argument("--requests", type=int, nargs=3, default=(200, 400, 800),
-                        help="requests at 1, 8 and 32 clients")
+                        help="requests at 1, 8 and 32 clients (32 clients naming goldens: the last)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     if args.workdir:
         _compare(args, args.workdir.resolve())
@@ -64,64 +73,91 @@ def main() -> None:
 
 
 def _compare(args: argparse.Namespace, workdir: Path) -> None:
-    """In-process, served, in-process again; then the ratios."""
-    spec, onnx = _model(workdir)
-    config = load_config(spec, [f"results_dir={workdir / 'results'}"])
-    table = load_split(config.dataset, "test_dataset")
-    lights = tuple(config.dataset.input_map)
-    pairs = [PairUpload(str(row), _contents(table.test_paths[row]), _contents(table.golden_paths[row]))
-             for row in range(len(table))]
-    print(f"{len(pairs)} pairs of {len(lights)} x {config.dataset.image_width}x{config.dataset.image_height} "
-          f"JPEG per side; model {onnx}; {os.cpu_count()} cores")
+    """Per model: in-process, served, in-process again; then the ratios."""
+    spec = _dataset(workdir)
+    for model in args.models:
+        recipe, results = MODELS[model], workdir / model
+        onnx = _model(spec, recipe, results)
+        config = load_config(spec, [f"results_dir={results}"])
+        table = load_split(config.dataset, "test_dataset")
+        lights = tuple(config.dataset.input_map)
+        pairs = [PairUpload(str(row), _contents(table.test_paths[row]), _contents(table.golden_paths[row]))
+                 for row in range(len(table))]
+        print(f"\n== {model}: {len(pairs)} pairs of {len(lights)} x {config.dataset.image_width}x"
+              f"{config.dataset.image_height} JPEG per side, {len(set(_golden_ids(table)))} goldens; model "
+              f"{onnx}; {os.cpu_count()} cores", flush=True)
+        before = _in_process(onnx, pairs, lights)
+        served = _served([spec, recipe], results, onnx, pairs, _golden_ids(table), lights, args.requests)
+        after = _in_process(onnx, pairs, lights)
+        _report(model, before, served, after)
 
-    before = _in_process(onnx, pairs, lights)
-    served = _served(spec, workdir, onnx, pairs, lights, args.requests)
-    after = _in_process(onnx, pairs, lights)
-    print(f"\nin-process (decode + ONNX Runtime, {SERVE_CPUS} threads), before | after the load:")
+
+def _report(model: str, before: dict, served: dict, after: dict) -> None:
+    print(f"\n{model} in-process (decode + ONNX Runtime, {SERVE_CPUS} threads), before | after the load:")
     for key, unit in (("batch1", "pairs/s at batch 1"), (f"batch{BATCH}", f"pairs/s at batch {BATCH}")):
         print(f"  {before[key]:9.2f} | {after[key]:9.2f}  {unit}")
-    alternated = served.pop("alternated")
+    alternated, named = served.pop("alternated"), served.pop("named")
     print(f"\none pair at a time, alternated ({ALTERNATED} each): served p50 {alternated['served']:.2f} ms, "
           f"in-process p50 {alternated['in_process']:.2f} ms")
-    print("\nserved (oi-ray serve, single-pair multipart requests):")
-    print(f"  {'clients':>7} {'requests':>8} {'pairs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
-    for clients, level in served.items():
-        print(f"  {clients:>7} {level['requests']:>8} {level['rate']:>9.1f} {level['p50']:>8.2f} "
+    print(f"one pair at a time, alternated ({ALTERNATED} each): golden uploaded p50 "
+          f"{named['uploaded']:.2f} ms, golden_id p50 {named['golden_id']:.2f} ms")
+    print(f"\n{model} served (oi-ray serve, single-pair multipart requests):")
+    print(f"  {'golden':>8} {'clients':>7} {'requests':>8} {'pairs/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'errors':>6}")
+    for (golden, clients), level in served.items():
+        print(f"  {golden:>8} {clients:>7} {level['requests']:>8} {level['rate']:>9.1f} {level['p50']:>8.2f} "
               f"{level['p99']:>8.2f} {level['errors']:>6}")
     in_process_rate = (before[f"batch{BATCH}"] + after[f"batch{BATCH}"]) / 2
-    print(f"\nratio served pairs/s at 32 clients / in-process pairs/s at batch {BATCH}: "
-          f"{served[32]['rate'] / in_process_rate:.2f} (target >= 0.5)")
-    print(f"serving overhead of one pair: {alternated['served'] - alternated['in_process']:.2f} ms "
+    uploaded, by_id = served[("uploaded", 32)], served[("id", 32)]
+    print(f"\n{model}: ratio served pairs/s at 32 clients / in-process pairs/s at batch {BATCH}: "
+          f"{uploaded['rate'] / in_process_rate:.2f} (target >= 0.5)")
+    print(f"{model}: serving overhead of one pair: {alternated['served'] - alternated['in_process']:.2f} ms "
           f"(target <= 10)")
+    print(f"{model}: golden_id / uploaded golden, pairs/s at 32 clients: "
+          f"{by_id['rate'] / uploaded['rate']:.2f} (target >= 1.8); p50 of one pair, alternated: "
+          f"{named['golden_id'] / named['uploaded']:.2f} "
+          f"(target <= 0.6)", flush=True)
+
+
+def _golden_ids(table: PairTable) -> list[str]:
+    """A golden id per row: its golden's folder and part (``golden/P100`` + ``R80@1`` -> ``P100-R80-1``)."""
+    return [f"{Path(paths[0]).parent.name}-{Path(paths[0]).name.split('_')[0].replace('@', '-')}"
+            for paths in table.golden_paths]
 
 
 def _contents(paths: list[str]) -> tuple[bytes, ...]:
     return tuple(Path(path).read_bytes() for path in paths)
 
 
-def _model(workdir: Path) -> tuple[Path, Path]:
-    """Synthetic TAO-layout data, one epoch of training and the ONNX export (reused when present)."""
+def _dataset(workdir: Path) -> Path:
+    """Synthetic TAO-layout data (reused when present): its spec."""
     spec = workdir / "data" / "spec.yaml"
-    results = workdir / "results"
+    if not spec.is_file() and oi_ray(["synthesize", "--output", str(workdir / "data"), "--num-pairs", "240",
+                                      "--seed", "3"]) != 0:
+        raise SystemExit("oi-ray synthesize failed")
+    return spec
+
+
+def _model(spec: Path, recipe: Path, results: Path) -> Path:
+    """One epoch of training with ``recipe`` and the ONNX export (reused when present)."""
     onnx = results / "export" / "oi_model.onnx"
     if onnx.is_file():
-        return spec, onnx
-    common = ["-e", str(spec), f"results_dir={results}"]
-    for step in (["synthesize", "--output", str(workdir / "data"), "--num-pairs", "240", "--seed", "3"],
-                 ["train", *common, "train.num_epochs=1"], ["export", *common]):
+        return onnx
+    common = ["-e", str(spec), "-e", str(recipe), f"results_dir={results}"]
+    for step in (["train", *common, "train.num_epochs=1"], ["export", *common]):
         if oi_ray(step) != 0:
             raise SystemExit(f"oi-ray {step[0]} failed")
-    return spec, onnx
+    return onnx
 
 
 class InProcess:
     """The service's decoding and predictor in this process: what serving adds overhead to."""
 
     def __init__(self, onnx: Path, lights: tuple[str, ...]) -> None:
-        card = read_card(onnx)
-        self.geometry = card.geometry()
+        model = open_model_file(onnx, None, None)
+        self.geometry = model.card.geometry()
         self.lights = lights
-        self.predictor = OnnxPredictor(onnx, self.geometry, threshold=card.threshold, threads=SERVE_CPUS)
+        self.predictor = model.load(threads=SERVE_CPUS)
 
     def score(self, chunk: list[PairUpload]) -> None:
         self.predictor.distances(*decode_pairs(chunk, self.geometry, self.lights, allow_resize=True))
@@ -140,22 +176,30 @@ def _in_process(onnx: Path, pairs: list[PairUpload], lights: tuple[str, ...]) ->
     return result
 
 
-def _served(spec: Path, workdir: Path, onnx: Path, pairs: list[PairUpload], lights: tuple[str, ...],
-            counts: tuple[int, int, int]) -> dict:
+def _served(specs: list[Path], results: Path, onnx: Path, pairs: list[PairUpload], golden_ids: list[str],
+            lights: tuple[str, ...], counts: tuple[int, int, int]) -> dict:
     bodies = [_multipart(pair, lights) for pair in pairs]
-    log = (workdir / "serve.log").open("w")
+    named = [_multipart(PairUpload(pair.id, pair.test, (), golden_id), lights)
+             for pair, golden_id in zip(pairs, golden_ids, strict=True)]
+    log = (results / "serve.log").open("w")
+    store = results / "goldens"
     process = subprocess.Popen(
-        [sys.executable, "-m", "oi_ray.cli", "serve", "-e", str(spec), f"results_dir={workdir / 'results'}",
-         f"serve.port={PORT}", f"serve.num_cpus={SERVE_CPUS}", f"serve.batching.max_batch_size={BATCH}",
-         f"serve.max_ongoing_requests={2 * BATCH}", "serve.max_queued_requests=-1"],
+        [sys.executable, "-m", "oi_ray.cli", "serve", *(arg for spec in specs for arg in ("-e", str(spec))),
+         f"results_dir={results}", f"serve.port={PORT}", f"serve.num_cpus={SERVE_CPUS}",
+         f"serve.batching.max_batch_size={BATCH}", f"serve.max_ongoing_requests={2 * BATCH}",
+         "serve.max_queued_requests=-1", f"serve.golden_store={store}"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_healthy(process)
         _post_all(bodies[:BATCH], clients=4, limit=len(bodies[:BATCH]))  # warm-up
-        results: dict = {"alternated": _alternated(InProcess(onnx, lights), pairs, bodies)}
-        results.update({clients: _load(bodies, clients, count)
-                        for clients, count in zip(CLIENTS, counts, strict=True)})
-        return results
+        results_by_level: dict = {"alternated": _alternated(InProcess(onnx, lights), pairs, bodies)}
+        results_by_level.update({("uploaded", clients): _load(bodies, clients, count)
+                                 for clients, count in zip(CLIENTS, counts, strict=True)})
+        _register(pairs, golden_ids, lights)
+        _post_all(named[:BATCH], clients=4, limit=len(named[:BATCH]))  # warm-up
+        results_by_level["named"] = _alternated_named(bodies, named)
+        results_by_level[("id", CLIENTS[-1])] = _load(named, CLIENTS[-1], counts[-1])
+        return results_by_level
     finally:
         os.killpg(process.pid, signal.SIGINT)  # the process group this benchmark started
         try:
@@ -166,20 +210,49 @@ def _served(spec: Path, workdir: Path, onnx: Path, pairs: list[PairUpload], ligh
         time.sleep(10)  # let the stopped Ray's processes exit before measuring again
 
 
+def _register(pairs: list[PairUpload], golden_ids: list[str], lights: tuple[str, ...]) -> None:
+    """``PUT /v1/goldens/{id}`` once for every distinct golden."""
+    connection = http.client.HTTPConnection("127.0.0.1", PORT, timeout=120)
+    for golden_id, pair in dict(zip(golden_ids, pairs, strict=True)).items():
+        body, content_type = _multipart(PairUpload(None, (), pair.golden), lights)
+        connection.request("PUT", f"/v1/goldens/{golden_id}", body=body,
+                           headers={"Content-Type": content_type})
+        response = connection.getresponse()
+        if response.status != 201:
+            raise SystemExit(f"HTTP {response.status} registering {golden_id}: {response.read()[:200]!r}")
+        response.read()
+    connection.close()
+
+
+def _alternated_named(bodies: list[tuple[bytes, str]], named: list[tuple[bytes, str]]) -> dict[str, float]:
+    """p50 latency of one pair, its golden uploaded and named by id, measured in turns."""
+    connection = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
+    times: dict[str, list[float]] = {"uploaded": [], "golden_id": []}
+    for index in range(ALTERNATED):
+        for kind, requests in (("uploaded", bodies), ("golden_id", named)):
+            times[kind].append(_post(connection, *requests[index % len(requests)]))
+    connection.close()
+    return {name: 1000 * float(np.median(values)) for name, values in times.items()}
+
+
+def _post(connection: http.client.HTTPConnection, body: bytes, content_type: str) -> float:
+    """One ``POST /v1/inspect`` that must be answered 200: its latency in seconds."""
+    start = time.perf_counter()
+    connection.request("POST", "/v1/inspect", body=body, headers={"Content-Type": content_type})
+    response = connection.getresponse()
+    response.read()
+    if response.status != 200:
+        raise SystemExit(f"HTTP {response.status} from the service")
+    return time.perf_counter() - start
+
+
 def _alternated(local: InProcess, pairs: list[PairUpload],
                 bodies: list[tuple[bytes, str]]) -> dict[str, float]:
     """p50 latency of one pair, served and in-process, measured in turns on the same pairs."""
     connection = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
     times: dict[str, list[float]] = {"served": [], "in_process": []}
     for index in range(ALTERNATED):
-        body, content_type = bodies[index % len(bodies)]
-        start = time.perf_counter()
-        connection.request("POST", "/v1/inspect", body=body, headers={"Content-Type": content_type})
-        response = connection.getresponse()
-        response.read()
-        if response.status != 200:
-            raise SystemExit(f"HTTP {response.status} from the service")
-        times["served"].append(time.perf_counter() - start)
+        times["served"].append(_post(connection, *bodies[index % len(bodies)]))
         start = time.perf_counter()
         local.score([pairs[index % len(pairs)]])
         times["in_process"].append(time.perf_counter() - start)
@@ -188,9 +261,11 @@ def _alternated(local: InProcess, pairs: list[PairUpload],
 
 
 def _multipart(pair: PairUpload, lights: tuple[str, ...]) -> tuple[bytes, str]:
+    """A form of ``pair``'s fields: its id, golden_id and images, each only when it has them."""
     boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="id"\r\n\r\n{pair.id}\r\n'.encode()]
-    for side in ("test", "golden"):
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in (("id", pair.id), ("golden_id", pair.golden_id)) if value is not None]
+    for side in [side for side in ("test", "golden") if getattr(pair, side)]:
         for light, data in zip(lights, getattr(pair, side), strict=True):
             header = (f'--{boundary}\r\nContent-Disposition: form-data; name="{side}.{light}"; '
                       f'filename="{light}.jpg"\r\nContent-Type: image/jpeg\r\n\r\n')
