@@ -1,13 +1,17 @@
 """The golden library's store on a local folder (the same pyarrow filesystem calls as a bucket)."""
 
 import concurrent.futures
+import io
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from oi_ray.data.assemble import InputGeometry
 from oi_ray.feature_cache import FeatureCache
 from oi_ray.serving.golden_stats import GoldenStats
 from oi_ray.serving.goldens import GoldenIdError, GoldenStore, check_golden_id
+from oi_ray.serving.library import GoldenLibrary
 
 LIGHTS = ("WhiteLight", "SolderLight")
 
@@ -103,3 +107,44 @@ def test_statistics_of_several_replicas_are_merged_from_the_store(tmp_path):
     assert first.answer("C12")["pairs"] == 2  # the second replica's tally is not in the store yet
     second.flush()
     assert first.answer("C12")["pairs"] == 3
+
+
+class _CountingHalves:
+    """An embed half that gives each picture its mean as its one feature, and counts the pictures."""
+
+    def __init__(self) -> None:
+        self.pictures = 0
+
+    def embed(self, pictures: np.ndarray) -> np.ndarray:
+        self.pictures += len(pictures)
+        return pictures.reshape(len(pictures), -1).mean(axis=1, keepdims=True, dtype=np.float32)
+
+
+def _png_shot(value: int) -> tuple[bytes, ...]:
+    shot = []
+    for _ in LIGHTS:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((6, 8, 3), value, np.uint8)).save(buffer, format="PNG")
+        shot.append(buffer.getvalue())
+    return tuple(shot)
+
+
+def test_a_new_model_embeds_the_kept_images_once_at_start_and_the_same_model_reads_its_features(tmp_path):
+    geometry = InputGeometry(num_lights=len(LIGHTS), height=6, width=8, grid=None, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+    def library(model_sha256: str) -> tuple[GoldenLibrary, _CountingHalves]:
+        halves = _CountingHalves()
+        return GoldenLibrary(GoldenStore(str(tmp_path / "goldens")), halves, model_sha256, geometry, LIGHTS,
+                             cache_bytes=2**20, allow_resize=False), halves
+
+    first, first_halves = library("a" * 64)
+    for index, value in enumerate((10, 20, 30)):
+        first.register(f"G{index}", [_png_shot(value)])
+    assert first_halves.pictures == 3 and first.embedded == 0
+    same, same_halves = library("a" * 64)  # a replica of the same model: features read from the store
+    assert same.warm() == 3 and same.embedded == 0 and same_halves.pictures == 0
+    new, new_halves = library("b" * 64)  # a new model: every golden embedded again from its images, once
+    assert new.warm() == 3 and new.embedded == 3 and new_halves.pictures == 3
+    np.testing.assert_array_equal(new.kept("G1").features, first.kept("G1").features)
+    assert library("b" * 64)[0].warm() == 3, "and kept for the next replica of the new model"
+    assert new_halves.pictures == 3

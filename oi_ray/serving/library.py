@@ -9,6 +9,7 @@ trusts what it holds for ``recheck_s`` and then reads the golden's manifest agai
 replaced or deleted through another replica is seen within that time.
 """
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from oi_ray.serving.goldens import Golden, GoldenStore
 from oi_ray.serving.uploads import RequestError, decode_side
 
 RECHECK_S = 1.0
+PROGRESS_S = 5.0  # warm(): a line this often while a replica loads and embeds the library
+log = logging.getLogger(__name__)
 
 
 def _unknown(golden_id: str) -> RequestError:
@@ -57,6 +60,7 @@ class GoldenLibrary:
         self.allow_resize = allow_resize
         self.recheck_s = recheck_s
         self.cache = FeatureCache(cache_bytes)
+        self.embedded = 0  # goldens embedded again from their kept images (a new model)
         self._lock = threading.Lock()  # the cache is shared by the replica's worker threads
 
     def register(self, golden_id: str, shots: list[tuple[bytes, ...]]) -> Golden:
@@ -85,6 +89,7 @@ class GoldenLibrary:
                                        allow_resize=self.allow_resize, item="shot")
                 features = self.halves.embed(pictures)
                 self.store.keep_features(golden, self.model_sha256, features)
+                self.embedded += 1
             fresh = KeptGolden(golden, features, time.monotonic())
         self._remember(fresh)
         return fresh
@@ -110,12 +115,17 @@ class GoldenLibrary:
             self.cache.discard(golden_id)
 
     def warm(self) -> int:
-        """Load every registered golden's features (embedding those this model lacks); return how many."""
-        count, after = 0, None
+        """Load every registered golden's features (embedding those this model lacks), with a
+        progress line every :data:`PROGRESS_S` seconds; return how many."""
+        count, after, said = 0, None, time.monotonic()
         while page := self.store.ids(after=after):
             for golden_id in page:
                 self.kept(golden_id)
                 count += 1
+                if time.monotonic() - said >= PROGRESS_S:
+                    log.info("golden library: %d goldens loaded so far, %d of them embedded for this model",
+                             count, self.embedded)
+                    said = time.monotonic()
             after = page[-1]
         return count
 

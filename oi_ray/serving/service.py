@@ -235,8 +235,9 @@ class InspectionService:
                                 allow_resize=settings.resize_images)
         self.golden_stats = GoldenStats(store, serve.get_replica_context().replica_id.unique_id,
                                         self.metrics.bounds)
-        log.info("golden library %s: %d goldens ready for %s", settings.golden_store, library.warm(),
-                 self.model.name)
+        ready = library.warm()
+        log.info("golden library %s: %d goldens ready for %s (%d embedded from their kept images)",
+                 settings.golden_store, ready, self.model.name, library.embedded)
         return library
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
