@@ -47,7 +47,8 @@ def test_quickstart_runs_from_its_own_spec_and_prints_working_commands(ray_local
     assert main(arguments[arguments.index("inference"):]) == 0
     onnx_scores = pd.read_csv(results / "inference_onnx/inference.csv")["siamese_score"]
     pth_scores = pd.read_csv(results / "inference/inference.csv")["siamese_score"]
-    pd.testing.assert_series_equal(onnx_scores, pth_scores, rtol=1e-4)
+    # both score in the model's halves (each golden embedded once): the export's parity, 1e-5 absolute
+    pd.testing.assert_series_equal(onnx_scores, pth_scores, rtol=1e-4, atol=1e-5)
     assert "stored in the model card" in capsys.readouterr().err
 
 
