@@ -89,7 +89,8 @@ class GoldenLibrary:
                                        allow_resize=self.allow_resize, item="shot")
                 features = self.halves.embed(pictures)
                 self.store.keep_features(golden, self.model_sha256, features)
-                self.embedded += 1
+                with self._lock:  # kept() runs in the replica's worker threads
+                    self.embedded += 1
             fresh = KeptGolden(golden, features, time.monotonic())
         self._remember(fresh)
         return fresh
