@@ -1,5 +1,7 @@
 """The Ray Data pipeline: shapes, dtypes, per-epoch fpratio resampling, order, errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from helpers import LIGHTS, write_pair_dataset
@@ -201,7 +203,7 @@ def test_corrupt_image_during_decoding_names_the_file(ray_local, tmp_path):
 def test_check_dataset_cli_validates_and_runs_every_split(ray_local, table, tmp_path, capsys):
     from oi_ray.cli import main
 
-    images = table.csv_path.parent / "images"
+    images = Path(table.csv_path).parent / "images"
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         f"dataset:\n"

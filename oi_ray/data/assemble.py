@@ -19,13 +19,14 @@ from PIL import Image
 
 from oi_ray.config.schema import ConcatType, DatasetConfig
 from oi_ray.errors import DataError, ImageSizeError
+from oi_ray.storage import is_uri, read_bytes
 
 # TAO's transforms: torchvision Resize (bilinear) for plain inputs, bicubic when augmenting.
 RESIZE_PLAIN = Image.Resampling.BILINEAR
 RESIZE_AUGMENT = Image.Resampling.BICUBIC
 # Bytes a complete file ends with: a cheap check for truncated downloads, copies and uploads.
 FILE_TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
-ImageSource = str | bytes  # an image file's path, or an encoded image's bytes
+ImageSource = str | bytes  # an image file's path or URI, or an encoded image's bytes
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,13 @@ class InputGeometry:
 
 def read_image(source: ImageSource, size_hw: tuple[int, int], resample: Image.Resampling = RESIZE_PLAIN, *,
                name: str | None = None, allow_resize: bool = True) -> np.ndarray:
-    """Decode ``source`` (a file path, or an encoded image's bytes named ``name``) as RGB and
-    resize it to ``size_hw``: ``(H, W, 3)`` uint8. ``allow_resize=False`` refuses another size."""
+    """Decode ``source`` (a file path or URI, or an encoded image's bytes named ``name``) as RGB
+    and resize it to ``size_hw``: ``(H, W, 3)`` uint8. ``allow_resize=False`` refuses another size."""
     height, width = size_hw
     named = name or str(source)
     try:
+        if isinstance(source, str) and is_uri(source):
+            source = read_bytes(source)
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             if isinstance(source, bytes):
                 problem = truncation_problem(image.format, source)

@@ -11,6 +11,7 @@ Batches carry ``row`` (CSV row index), ``target`` (1 defect, 0 PASS, -1 unlabele
 :class:`oi_ray.model.inputs.InputNormalizer` turns into model inputs on the model's device.
 """
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,8 +22,10 @@ from ray.data import Dataset
 from oi_ray.config.schema import AugmentationConfig, DatasetConfig
 from oi_ray.data.assemble import RESIZE_AUGMENT, RESIZE_PLAIN, InputGeometry, assemble, read_stack
 from oi_ray.data.pairs import PairTable
+from oi_ray.storage import is_uri
 
 DECODE_BATCH_ROWS = 32
+FETCH_THREADS = 16  # requests in flight per decoding task when the images sit in a bucket
 ROWS_PER_BLOCK = 128
 
 
@@ -91,13 +94,19 @@ def _decoded(table: PairTable, spec: PipelineSpec, resample, *, tiled: bool) -> 
 
 def _decode_batch(batch: dict[str, np.ndarray], geometry: InputGeometry, resample,
                   tiled: bool) -> dict[str, np.ndarray]:
-    decoded = {
-        "row": batch["row"],
-        "target": batch["target"],
-        "test": np.stack([read_stack(list(paths), geometry, resample) for paths in batch["test_paths"]]),
-        "golden": np.stack([read_stack(list(paths), geometry, resample)
-                            for paths in batch["golden_paths"]]),
-    }
+    decoded = {"row": batch["row"], "target": batch["target"],
+               "test": _read_sides(batch["test_paths"], geometry, resample),
+               "golden": _read_sides(batch["golden_paths"], geometry, resample)}
     return tile_batch(decoded, geometry) if tiled else decoded
+
+
+def _read_sides(sides: np.ndarray, geometry: InputGeometry, resample) -> np.ndarray:
+    """The lighting stacks of a batch's sides; images in a bucket are fetched FETCH_THREADS at a
+    time (each is a request of tens of milliseconds), local files read in turn."""
+    sides = [list(paths) for paths in sides]
+    if not any(is_uri(path) for path in sides[0]):
+        return np.stack([read_stack(paths, geometry, resample) for paths in sides])
+    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+        return np.stack(list(pool.map(lambda paths: read_stack(paths, geometry, resample), sides)))
 
 

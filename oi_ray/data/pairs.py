@@ -5,12 +5,17 @@ for inference; extra columns are kept). Each row names one test image set and it
 image set; the image of lighting ``L`` is
 ``images_dir / input_path / f"{object_name}_{L}{image_ext}"`` (without ``_{L}`` when the spec
 has no ``input_map``); an absolute ``input_path`` / ``golden_path`` overrides ``images_dir``.
+The CSV and the images may sit in a bucket (``s3://``, ``gs://``: :mod:`oi_ray.storage`).
 
 Every problem (bad columns, labels, duplicated rows, missing or unreadable images) is
-collected and reported together, naming the file, row, column and path.
+collected and reported together, naming the file, row, column and path. Images are found by
+listing each folder once; local images are also opened (header and end marker), while in a
+bucket that would be one request per image, so there an empty object is refused here and an
+undecodable one when it is decoded, naming its URI.
 """
 
 import difflib
+import io
 import logging
 import os
 from collections import Counter
@@ -26,6 +31,7 @@ from PIL import Image
 from oi_ray.config.schema import DatasetConfig
 from oi_ray.data.assemble import truncation_problem
 from oi_ray.errors import ConfigError, DataError
+from oi_ray.storage import check_store, file_size, is_folder, is_uri, join, list_files, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,7 @@ class ImageNaming:
 class PairTable:
     """A validated pairs CSV with the image paths of every row resolved."""
 
-    csv_path: Path
+    csv_path: str  # a local path or a URI
     rows: pd.DataFrame  # the CSV as read: every column, as strings, in file order
     test_paths: list[list[str]]  # per row, one path per lighting
     golden_paths: list[list[str]]
@@ -110,7 +116,8 @@ def load_split(dataset: DatasetConfig, split: str, *, require_labels: bool = Tru
     """Load and validate the spec's ``dataset.<split>`` with its image naming."""
     paths = getattr(dataset, split)
     return load_pairs(paths.csv_path, paths.images_dir, ImageNaming.from_config(dataset),
-                      require_labels=require_labels, images_dir_key=f"dataset.{split}.images_dir")
+                      require_labels=require_labels, images_dir_key=f"dataset.{split}.images_dir",
+                      csv_key=f"dataset.{split}.csv_path")
 
 
 def load_pairs(
@@ -120,6 +127,7 @@ def load_pairs(
     *,
     require_labels: bool = True,
     images_dir_key: str = "images_dir",
+    csv_key: str = "csv_path",
 ) -> PairTable:
     """Read and validate a pairs CSV; raise DataError listing every problem found.
 
@@ -128,9 +136,10 @@ def load_pairs(
     empty cells, labels (exactly ``PASS`` or a defect name; near-misses like ``pass`` are
     errors), duplicated pairs, and that every lighting image of both sides exists and opens.
     """
-    csv_path = Path(csv_path)
-    frame = _read_csv(csv_path)
-    root = Path(images_dir) if images_dir else csv_path.parent
+    csv_path = str(csv_path)
+    frame = _read_csv(csv_path, csv_key)
+    root = str(images_dir) if images_dir else (csv_path.rsplit("/", 1)[0] if is_uri(csv_path)
+                                               else os.path.dirname(os.path.abspath(csv_path)))
     problems = _Problems(csv_path)
 
     required = list(PATH_COLUMNS) + ([LABEL_COLUMN] if require_labels else [])
@@ -164,7 +173,7 @@ def load_pairs(
 class _Problems:
     """Collects row problems of one CSV and raises them together as one DataError."""
 
-    def __init__(self, csv_path: Path) -> None:
+    def __init__(self, csv_path: str) -> None:
         self.csv_path = csv_path
         self.messages: list[str] = []
         self.hints: list[str] = []
@@ -188,22 +197,25 @@ class _Problems:
         raise DataError("\n".join(lines))
 
 
-def _check_images_dir(frame: pd.DataFrame, root: Path, key: str, csv_path: Path) -> None:
+def _check_images_dir(frame: pd.DataFrame, root: str, key: str, csv_path: str) -> None:
     """A missing images folder, said once rather than as one missing image per row."""
-    if root.is_dir():
+    check_store(root, key)
+    if is_folder(root):
         return
     paths = pd.concat([frame["input_path"], frame["golden_path"]])
-    if all(os.path.isabs(path) for path in paths):  # absolute paths do not use images_dir
+    if all(_is_absolute(path) for path in paths):  # absolute paths do not use images_dir
         return
-    what = "is a file, not a folder" if root.exists() else "does not exist"
+    what = "is a file, not a folder" if file_size(root) is not None else "does not exist"
     raise DataError(f"{key}: the images folder {root} {what} (the rows of {csv_path} are relative to it)")
 
 
-def _read_csv(csv_path: Path) -> pd.DataFrame:
-    if not csv_path.is_file():
+def _read_csv(csv_path: str, key: str) -> pd.DataFrame:
+    check_store(csv_path, key)
+    if file_size(csv_path) is None:
         raise DataError(f"pairs CSV not found: {csv_path}")
     try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=False)
+        frame = pd.read_csv(io.BytesIO(read_bytes(csv_path)), dtype=str, keep_default_na=False,
+                            skipinitialspace=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise DataError(f"{csv_path}: cannot parse as CSV: {error}") from None
     if frame.empty:
@@ -230,9 +242,15 @@ def _check_duplicates(frame: pd.DataFrame, problems: _Problems) -> None:
             problems.add(index, "object_name", f"pair {key} repeats row {first + 1}")
 
 
-def _image_paths(frame: pd.DataFrame, column: str, root: Path, naming: ImageNaming) -> list[list[str]]:
+def _is_absolute(path: str) -> bool:
+    return os.path.isabs(path) or "://" in path
+
+
+def _image_paths(frame: pd.DataFrame, column: str, root: str, naming: ImageNaming) -> list[list[str]]:
+    """Each row's image locations; an absolute path or a URI in the CSV overrides ``root``."""
     return [
-        [os.path.join(root, folder, name) for name in naming.file_names(object_name)]
+        [join(folder if _is_absolute(folder) else join(root, folder), name)
+         for name in naming.file_names(object_name)]
         for folder, object_name in zip(frame[column], frame["object_name"], strict=True)
     ]
 
@@ -240,11 +258,12 @@ def _image_paths(frame: pd.DataFrame, column: str, root: Path, naming: ImageNami
 def _check_images(
     test_paths: list[list[str]],
     golden_paths: list[list[str]],
-    root: Path,
+    root: str,
     naming: ImageNaming,
     problems: _Problems,
 ) -> None:
-    """Report missing images per row and column, then unreadable ones (opened in threads)."""
+    """Report missing images per row and column, then unreadable ones: empty, or (local files,
+    opened in threads) with a bad header or no end marker."""
     index = _DirectoryIndex()
     first_use: dict[str, tuple[int, str]] = {}
     for column, side in (("input_path", test_paths), ("golden_path", golden_paths)):
@@ -254,13 +273,17 @@ def _check_images(
                     first_use[path] = (row, column)
     existing = []
     for path, (row, column) in first_use.items():
-        if index.exists(path):
+        size = index.size(path)
+        if size == 0:
+            problems.add(row, column, f"cannot read image {path}: the file is empty")
+        elif size is not None:
             existing.append(path)
-            continue
-        problems.add(row, column, f"image not found: {path}")
-        hint = _missing_image_hint(path, root, naming, index)
-        if hint:
-            problems.hint(hint)
+        else:
+            problems.add(row, column, f"image not found: {path}")
+            hint = _missing_image_hint(path, root, naming, index)
+            if hint:
+                problems.hint(hint)
+    existing = [path for path in existing if not is_uri(path)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         for path, error in zip(existing, pool.map(_open_error, existing), strict=True):
             if error:
@@ -269,22 +292,21 @@ def _check_images(
 
 
 class _DirectoryIndex:
-    """File names per folder, listed once: existence checks for many files stay cheap."""
+    """File names and sizes per folder, listed once: checks of many files stay cheap (one
+    listing per folder, also in a bucket)."""
 
     def __init__(self) -> None:
-        self._names: dict[str, frozenset[str]] = {}
+        self._files: dict[str, dict[str, int]] = {}
 
-    def names(self, folder: str) -> frozenset[str]:
-        if folder not in self._names:
-            try:
-                self._names[folder] = frozenset(os.listdir(folder))
-            except OSError:
-                self._names[folder] = frozenset()
-        return self._names[folder]
+    def names(self, folder: str) -> dict[str, int]:
+        if folder not in self._files:
+            self._files[folder] = list_files(folder)
+        return self._files[folder]
 
-    def exists(self, path: str) -> bool:
-        folder, name = os.path.split(path)
-        return name in self.names(folder)
+    def size(self, path: str) -> int | None:
+        """The file's size, or None when its folder does not list it."""
+        folder, name = path.rsplit("/", 1) if is_uri(path) else os.path.split(path)
+        return self.names(folder).get(name)
 
 
 def _open_error(path: str) -> str | None:
@@ -304,12 +326,12 @@ def _open_error(path: str) -> str | None:
         return str(error) or type(error).__name__
 
 
-def _missing_image_hint(path: str, root: Path, naming: ImageNaming, index: _DirectoryIndex) -> str | None:
+def _missing_image_hint(path: str, root: str, naming: ImageNaming, index: _DirectoryIndex) -> str | None:
     """Explain a common cause of a missing image: nesting, extension, lighting names."""
-    relative = os.path.relpath(path, root)
-    if not relative.startswith("..") and (root / "images" / relative).is_file():
-        return f"the images are one level deeper: set images_dir to {root / 'images'}"
-    folder, name = os.path.split(path)
+    prefix = root.rstrip("/") + ("/" if is_uri(root) else os.sep)
+    if path.startswith(prefix) and index.size(join(root, "images", path[len(prefix):])) is not None:
+        return f"the images are one level deeper: set images_dir to {join(root, 'images')}"
+    folder, name = path.rsplit("/", 1) if is_uri(path) else os.path.split(path)
     stem = Path(name).stem
     same_stem = sorted(n for n in index.names(folder) if Path(n).stem == stem)
     if same_stem:

@@ -1,0 +1,185 @@
+"""Every path may be a URI: one filesystem layer over pyarrow's filesystems.
+
+A location is a plain local path (as always), a ``file://`` URI, or a URI that
+``pyarrow.fs.FileSystem.from_uri`` opens (``s3://bucket/key``, ``gs://``, ``abfs://``, ...).
+Credentials come from where each store's own client looks (the environment, instance roles,
+``~/.aws``); an S3-compatible store (MinIO, Ceph) is reached through ``AWS_ENDPOINT_URL``,
+which ``from_uri`` honours. One filesystem is opened per store (scheme and bucket) and
+process, and reused.
+
+Local locations keep the local code paths (``open``, ``os.listdir``, renames with fsync);
+URIs go through pyarrow. Reading is by whole objects, listing by folder (one request per
+page of names, not one per file), and :func:`atomic_output` never leaves a half-written
+object under the final name (an object store completes even an interrupted upload, so the
+bytes go to a temporary key first and are moved when complete).
+"""
+
+import contextlib
+import functools
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+from oi_ray.errors import DataError
+from oi_ray.fileio import atomic_output as local_atomic_output
+
+FILE_SCHEME = "file://"
+
+
+def is_uri(location: str) -> bool:
+    """Whether ``location`` names a remote store (``s3://``, ``gs://``, ...), not a local path."""
+    return "://" in location and not location.startswith(FILE_SCHEME)
+
+
+def local_path(location: str) -> str:
+    """A local location as a plain path (``file://`` stripped, ``~`` expanded)."""
+    if location.startswith(FILE_SCHEME):
+        location = urlsplit(location).path
+    return os.path.expanduser(location)
+
+
+def join(location: str, *parts: str) -> str:
+    """``location`` with ``parts`` appended (``/`` in URIs, ``os.path.join`` locally)."""
+    if not is_uri(location):
+        return os.path.join(local_path(location), *parts)
+    return "/".join([location.rstrip("/"), *(part.strip("/") for part in parts)])
+
+
+def parent(location: str) -> str:
+    """The folder holding ``location``."""
+    if not is_uri(location):
+        return os.path.dirname(local_path(location))
+    return location.rstrip("/").rsplit("/", 1)[0]
+
+
+def name(location: str) -> str:
+    """The last segment of ``location``: a file's name."""
+    return location.rstrip("/").rsplit("/", 1)[-1] if is_uri(location) else os.path.basename(location)
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem that holds ``location`` and the path inside it (``bucket/key`` in a bucket)."""
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), os.path.abspath(local_path(location))
+    parts = urlsplit(location)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") if parts.scheme == "s3" else None
+    return _store(parts.scheme, parts.netloc, endpoint), f"{parts.netloc}{parts.path}".rstrip("/")
+
+
+@functools.cache
+def _store(scheme: str, bucket: str, endpoint: str | None) -> pafs.FileSystem:
+    """One filesystem per store (and S3 endpoint) and process: opening one costs a client,
+    credentials and a region lookup. ``from_uri`` reads ``endpoint`` from the environment."""
+    try:
+        return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot open {scheme}://{bucket}: {error}") from None
+
+
+def _store_error(location: str, error: OSError) -> DataError:
+    """One clear line for a failed request: a missing bucket, denied credentials, no network."""
+    return DataError(f"cannot reach {location}: {str(error).splitlines()[0]}")
+
+
+def read_bytes(location: str) -> bytes:
+    """The whole file or object at ``location``."""
+    if not is_uri(location):
+        with open(local_path(location), "rb") as file:
+            return file.read()
+    filesystem, path = resolve(location)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise _store_error(location, error) from None
+
+
+def file_size(location: str) -> int | None:
+    """The size of the file at ``location`` in bytes, or None when there is none."""
+    filesystem, path = resolve(location)
+    try:
+        info = filesystem.get_file_info(path)
+    except OSError as error:
+        raise _store_error(location, error) from None
+    return info.size if info.type == pafs.FileType.File else None
+
+
+def is_folder(location: str) -> bool:
+    """Whether ``location`` is a folder (locally) or a prefix holding objects (in a store)."""
+    if not is_uri(location):
+        return os.path.isdir(local_path(location))
+    filesystem, path = resolve(location)
+    try:
+        return filesystem.get_file_info(path).type == pafs.FileType.Directory
+    except OSError as error:
+        raise _store_error(location, error) from None
+
+
+def list_files(folder: str) -> dict[str, int]:
+    """The files directly in ``folder`` and their sizes (empty when there is no such folder).
+
+    One listing (a request per 1,000 names in object stores), not one request per file."""
+    if not is_uri(folder):
+        try:
+            with os.scandir(local_path(folder)) as entries:
+                return {entry.name: entry.stat().st_size for entry in entries if entry.is_file()}
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+    filesystem, path = resolve(folder)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as error:
+        raise _store_error(folder, error) from None
+    return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
+
+
+def check_store(location: str, key: str) -> None:
+    """A missing bucket or credentials the store refuses, said once for the spec ``key``."""
+    if not is_uri(location):
+        return
+    filesystem, path = resolve(location)
+    bucket = path.split("/", 1)[0]
+    try:
+        found = filesystem.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError as error:
+        raise DataError(f"{key}={location}: {str(error).splitlines()[0]}") from None
+    if not found:
+        raise DataError(f"{key}={location}: the bucket {bucket!r} does not exist (or these credentials "
+                        "cannot see it)")
+
+
+@contextlib.contextmanager
+def atomic_output(location: str) -> Iterator[BinaryIO]:
+    """A writable stream whose bytes appear at ``location`` all at once when the ``with`` block
+    ends normally, and never when it raises: readers see the old file or the new one whole.
+
+    Locally a temp file renamed into place; in a store a temporary object beside it, moved
+    (copied server-side) onto ``location`` once complete."""
+    if not is_uri(location):
+        with local_atomic_output(Path(local_path(location))) as out:
+            yield out
+        return
+    filesystem, path = resolve(location)
+    folder, final = path.rsplit("/", 1)
+    temporary = f"{folder}/.{final}.{secrets.token_hex(6)}.tmp"
+    try:
+        with filesystem.open_output_stream(temporary) as out:
+            yield out
+        filesystem.move(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            filesystem.delete_file(temporary)
+        raise
+
+
+def write_atomically(location: str, payload: bytes) -> None:
+    """Write ``payload`` so readers see the old file or the complete new one (see :func:`atomic_output`)."""
+    with atomic_output(location) as out:
+        out.write(payload)
