@@ -30,6 +30,7 @@ from oi_ray.crypto import plain_source, protected_output
 from oi_ray.errors import DataError
 from oi_ray.fileio import atomic_output
 from oi_ray.model.registry import Architecture, describe_model
+from oi_ray.storage import cached_copy
 
 FORMAT = "oi-ray/1"
 TAO_MODEL_PREFIX = "model."
@@ -82,13 +83,18 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path, key: str | None = 
         torch.save(checkpoint.to_dict(), sink)
 
 
-def epoch_checkpoint_path(results_dir: str | Path, epochs_done: int) -> Path:
-    """``model_epoch_NNN.pth`` for the checkpoint taken after ``epochs_done`` epochs.
+def epoch_checkpoint_name(epochs_done: int) -> str:
+    """``model_epoch_NNN.pth``, the name of the checkpoint taken after ``epochs_done`` epochs.
 
     NNN counts epochs from 0 as TAO's documentation lists them: the first epoch's file is
     ``model_epoch_000.pth``, the fifth's ``model_epoch_004.pth``.
     """
-    return Path(results_dir) / f"model_epoch_{epochs_done - 1:03d}.pth"
+    return f"model_epoch_{epochs_done - 1:03d}.pth"
+
+
+def epoch_checkpoint_path(results_dir: str | Path, epochs_done: int) -> Path:
+    """The local path of :func:`epoch_checkpoint_name` in ``results_dir``."""
+    return Path(results_dir) / epoch_checkpoint_name(epochs_done)
 
 
 def point_latest_to(checkpoint_path: Path) -> Path:
@@ -145,8 +151,9 @@ def _check_fit(expected: dict[str, torch.Tensor], checkpoint: Checkpoint, source
 
 
 def load_checkpoint(path: str | Path, key: str | None = None) -> Checkpoint:
-    """Read an oi-ray or TAO ``.pth`` without executing pickled code (decrypting with ``key``)."""
-    path = Path(path)
+    """Read an oi-ray or TAO ``.pth`` without executing pickled code (decrypting with ``key``);
+    one in a bucket from its local copy (:func:`~oi_ray.storage.cached_copy`)."""
+    path = cached_copy(str(path))
     if not path.is_file():
         raise DataError(f"checkpoint not found: {path}")
     with plain_source(path, key) as source:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from oi_ray import __version__
+from oi_ray import __version__, storage
 from oi_ray.config.schema import ExperimentConfig, ExportConfig
 from oi_ray.data.assemble import InputGeometry
 from oi_ray.errors import DataError
@@ -108,10 +108,11 @@ class ModelCard:
         return path
 
 
-def export_destination(export: ExportConfig) -> Path:
+def export_destination(export: ExportConfig) -> str:
     """Where ``oi-ray export`` writes the ONNX model: ``export.onnx_file``, else
-    ``export.results_dir/oi_model.onnx``."""
-    return Path(export.onnx_file or Path(export.results_dir) / "oi_model.onnx").resolve()
+    ``export.results_dir/oi_model.onnx`` (an absolute path, or a URI)."""
+    location = export.onnx_file or storage.join(export.results_dir, "oi_model.onnx")
+    return location if storage.is_uri(location) else str(Path(storage.local_path(location)).resolve())
 
 
 def part_path(model_path: Path, part: str) -> Path:

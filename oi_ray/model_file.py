@@ -33,6 +33,7 @@ from oi_ray.predictors import (
     load_halves_predictor,
     load_predictor,
 )
+from oi_ray.storage import cached_copy
 
 BACKENDS = {".pth": "torch", **dict.fromkeys(ONNX_SUFFIXES, "onnxruntime"),
             **dict.fromkeys(TENSORRT_SUFFIXES, "tensorrt")}
@@ -98,8 +99,9 @@ def open_model_file(path: str | Path, encryption_key: str | None, expected: Mode
     ``.pth`` needs it (its card is made from it); an export's own card is checked against it,
     unless it is None (serving, whose spec need not name a dataset). ``checkpoint_digest``: put
     a ``.pth``'s SHA-256 in its card (serving names the model by it), a full read of the file
-    that scoring a split does not need (an export's card holds its digest already)."""
-    path = Path(path)
+    that scoring a split does not need (an export's card holds its digest already). A URI
+    (``s3://...``) is read from a local copy (:func:`~oi_ray.storage.cached_copy`)."""
+    path = cached_copy(str(path))
     if path.suffix not in BACKENDS:
         raise DataError(f"{path}: unknown model file type; expected .pth, .onnx or .engine")
     if path.suffix == ".pth":  # the checkpoint's reader names a missing or foreign file itself

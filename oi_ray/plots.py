@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # object API: no pyplot state, no display backend
 
-from oi_ray.fileio import write_atomically
+from oi_ray import storage
 from oi_ray.metrics import OperatingPoint, aupr, auroc, confusion_matrix, pr_curve, roc_curve
 
 CURVE_COLOUR = "tab:blue"
@@ -24,9 +24,9 @@ POINT_COLOUR = "tab:red"
 
 
 def write_evaluation_plots(distances: np.ndarray, targets: np.ndarray, threshold: float, margin: float,
-                           folder: Path, *, split: str, model_file: Path) -> list[Path]:
-    """Write ``roc.png``, ``pr.png`` and ``distance_histogram.png`` into ``folder``."""
-    source = f"{split}, {Path(model_file).name}"
+                           folder: str, *, split: str, model_file: str) -> list[str]:
+    """Write ``roc.png``, ``pr.png`` and ``distance_histogram.png`` into ``folder`` (a path or URI)."""
+    source = f"{split}, {storage.name(model_file)}"
     pairs = confusion_matrix(distances, targets, threshold)
     defects = pairs["caught_defect"] + pairs["missed_defect"]
     recall = pairs["caught_defect"] / defects
@@ -47,7 +47,7 @@ def write_evaluation_plots(distances: np.ndarray, targets: np.ndarray, threshold
              ylabel="defect recall (share of defects flagged)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
              title=f"ROC: {source}")
     axes.legend(loc="lower right", fontsize="small")
-    written.append(_save(figure, folder / "roc.png"))
+    written.append(_save(figure, storage.join(folder, "roc.png")))
 
     figure, axes = _figure(5.5, 5.5)
     pr_recall, precision = pr_curve(distances, targets)
@@ -65,7 +65,7 @@ def write_evaluation_plots(distances: np.ndarray, targets: np.ndarray, threshold
              ylabel="precision (share of flagged pairs that are defects)",
              xlim=(-0.02, 1.02), ylim=(0, 1.02), title=f"Precision-recall: {source}")
     axes.legend(loc="lower left", fontsize="small")
-    written.append(_save(figure, folder / "pr.png"))
+    written.append(_save(figure, storage.join(folder, "pr.png")))
 
     figure, axes = _figure(7, 4)
     bins = np.histogram_bin_edges(distances, bins=40)
@@ -75,14 +75,14 @@ def write_evaluation_plots(distances: np.ndarray, targets: np.ndarray, threshold
     axes.axvline(margin, color="black", linestyle="--", label=f"margin {margin:.3g} (TAO's threshold)")
     axes.set(xlabel="pair distance", ylabel="pairs", title=f"Distance per class: {source}")
     axes.legend(fontsize="small")
-    written.append(_save(figure, folder / "distance_histogram.png"))
+    written.append(_save(figure, storage.join(folder, "distance_histogram.png")))
     return written
 
 
-def write_false_alarm_curve(distances: np.ndarray, targets: np.ndarray, threshold: float, path: Path, *,
-                            split: str, model_file: Path, recalls: tuple[float, ...],
+def write_false_alarm_curve(distances: np.ndarray, targets: np.ndarray, threshold: float, path: str, *,
+                            split: str, model_file: str, recalls: tuple[float, ...],
                             left_out: Mapping[int, OperatingPoint],
-                            at_false_alarms: Mapping[float, OperatingPoint]) -> Path:
+                            at_false_alarms: Mapping[float, OperatingPoint]) -> str:
     """False-alarm rate (share of PASS pairs flagged) against defect recall, from the lowest of
     90 %, the decision threshold's recall and the points near full recall up to 100 %; marked: the
     decision threshold's point, the strictest thresholds reaching ``recalls``, full recall of the
@@ -125,7 +125,7 @@ def write_false_alarm_curve(distances: np.ndarray, targets: np.ndarray, threshol
     axes.set(xlabel="defect recall (share of defects flagged)",
              ylabel="false-alarm rate (share of PASS pairs flagged)", xlim=(low, 1.002),
              ylim=(-0.08 * top, top),  # room below the curve for the labels of points near 0
-             title=f"False alarms near full recall: {split}, {Path(model_file).name}")
+             title=f"False alarms near full recall: {split}, {storage.name(model_file)}")
     axes.legend(loc="upper left", fontsize="small")
     return _save(figure, path)
 
@@ -162,7 +162,7 @@ class MontagePair:
     golden: np.ndarray
 
 
-def write_pair_montage(pairs: list[MontagePair], path: Path, *, title: str) -> Path:
+def write_pair_montage(pairs: list[MontagePair], path: str, *, title: str) -> str:
     """One row per pair: the test side beside its golden side, captioned; write ``path``."""
     height, width = pairs[0].test.shape[:2]
     scale = 2.4 / max(height, width)  # inches per pixel: the longer side of a picture is 2.4 in
@@ -181,8 +181,8 @@ def write_pair_montage(pairs: list[MontagePair], path: Path, *, title: str) -> P
     return _save(figure, path)
 
 
-def write_sweep_plot(curves: dict[str, list[tuple[int, float]]], metric: str, path: Path, *,
-                     best: str | None) -> Path:
+def write_sweep_plot(curves: dict[str, list[tuple[int, float]]], metric: str, path: str | Path, *,
+                     best: str | None) -> str:
     """``metric`` over epochs, one line per trial (the best one drawn thicker); write ``path``."""
     figure, axes = _figure(7, 4.5)
     for name, points in curves.items():
@@ -203,10 +203,10 @@ def _figure(width: float, height: float) -> tuple[Figure, Axes]:
     return figure, figure.subplots()
 
 
-def _save(figure: Figure, path: Path) -> Path:
+def _save(figure: Figure, path: str | Path) -> str:
     buffer = BytesIO()
     if figure.get_layout_engine() is None:
         figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=100)
-    write_atomically(path, buffer.getvalue())
-    return path
+    storage.write_atomically(str(path), buffer.getvalue())
+    return str(path)

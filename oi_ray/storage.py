@@ -16,8 +16,10 @@ bytes go to a temporary key first and are moved when complete).
 
 import contextlib
 import functools
+import hashlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -27,8 +29,10 @@ import pyarrow.fs as pafs
 
 from oi_ray.errors import DataError
 from oi_ray.fileio import atomic_output as local_atomic_output
+from oi_ray.fileio import remove_partial_files as local_remove_partial_files
 
 FILE_SCHEME = "file://"
+COPY_CHUNK_BYTES = 8 * 2**20
 
 
 def is_uri(location: str) -> bool:
@@ -48,6 +52,20 @@ def join(location: str, *parts: str) -> str:
     if not is_uri(location):
         return os.path.join(local_path(location), *parts)
     return "/".join([location.rstrip("/"), *(part.strip("/") for part in parts)])
+
+
+def absolute(location: str) -> str:
+    """``location`` as oi-ray names it in logs and files: a local path made absolute, a URI as it is."""
+    return location.rstrip("/") if is_uri(location) else str(Path(local_path(location)).resolve())
+
+
+def output_folder(location: str) -> str:
+    """A results folder made ready for writing: a local one made (and named absolutely), a URI
+    as it is (a bucket has no folders to make)."""
+    folder = absolute(location)
+    if not is_uri(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def parent(location: str) -> str:
@@ -163,7 +181,9 @@ def atomic_output(location: str) -> Iterator[BinaryIO]:
     Locally a temp file renamed into place; in a store a temporary object beside it, moved
     (copied server-side) onto ``location`` once complete."""
     if not is_uri(location):
-        with local_atomic_output(Path(local_path(location))) as out:
+        target = Path(local_path(location))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with local_atomic_output(target) as out:
             yield out
         return
     filesystem, path = resolve(location)
@@ -183,3 +203,75 @@ def write_atomically(location: str, payload: bytes) -> None:
     """Write ``payload`` so readers see the old file or the complete new one (see :func:`atomic_output`)."""
     with atomic_output(location) as out:
         out.write(payload)
+
+
+def upload(path: Path, location: str) -> None:
+    """Copy the local file ``path`` to ``location`` (see :func:`atomic_output`), streaming."""
+    with atomic_output(location) as out, open(path, "rb") as local:
+        shutil.copyfileobj(local, out, COPY_CHUNK_BYTES)
+
+
+def copy_in_store(source: str, destination: str) -> None:
+    """Copy the object ``source`` onto ``destination`` in the same store, server-side and
+    atomically (a temporary object, then moved): how a bucket holds ``oi_model_latest.pth``,
+    having no links."""
+    filesystem, source_path = resolve(source)
+    _, path = resolve(destination)
+    folder, final = path.rsplit("/", 1)
+    temporary = f"{folder}/.{final}.{secrets.token_hex(6)}.tmp"
+    try:
+        filesystem.copy_file(source_path, temporary)
+        filesystem.move(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            filesystem.delete_file(temporary)
+        raise _store_error(destination, error) from None
+
+
+def remove_partial_files(folder: str) -> list[str]:
+    """Delete the temporary files (``.*.tmp``) that writers killed mid-write left in ``folder``."""
+    if not is_uri(folder):
+        return [str(path) for path in local_remove_partial_files(local_path(folder))]
+    filesystem, path = resolve(folder)
+    leftovers = sorted(name for name in list_files(folder) if name.startswith(".") and name.endswith(".tmp"))
+    for leftover in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            filesystem.delete_file(f"{path}/{leftover}")
+    return [join(folder, leftover) for leftover in leftovers]
+
+
+def cached_copy(location: str, cache_root: str | None = None) -> Path:
+    """A local copy of the file at ``location`` and of its sidecars (the files beside it whose
+    names start with its stem: a model's card and halves), fetched once and again only when a
+    listing shows another size or time; a local ``location`` is returned as it is.
+
+    ``cache_root``: ``$OI_RAY_CACHE_DIR``, else ``~/.cache/oi-ray``."""
+    if not is_uri(location):
+        return Path(local_path(location))
+    folder, wanted = parent(location), name(location)
+    stem = wanted.split(".", 1)[0]
+    filesystem, path = resolve(folder)
+    try:
+        infos = [info for info in filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                 if info.type == pafs.FileType.File and info.base_name.startswith(f"{stem}.")]
+    except OSError as error:
+        raise _store_error(location, error) from None
+    if wanted not in {info.base_name for info in infos}:
+        raise DataError(f"not found: {location}")
+    root = Path(cache_root or os.environ.get("OI_RAY_CACHE_DIR") or Path.home() / ".cache" / "oi-ray")
+    copy = root / "files" / hashlib.sha256(folder.encode()).hexdigest()[:24]
+    copy.mkdir(parents=True, exist_ok=True)
+    for info in infos:
+        stamp = copy / f".{info.base_name}.source"
+        source = f"{info.size} {info.mtime_ns}"
+        if (copy / info.base_name).is_file() and stamp.is_file() and stamp.read_text() == source:
+            continue
+        try:
+            with local_atomic_output(copy / info.base_name) as out, \
+                    filesystem.open_input_stream(info.path) as stream:
+                while chunk := stream.read(COPY_CHUNK_BYTES):
+                    out.write(chunk)
+        except OSError as error:
+            raise _store_error(join(folder, info.base_name), error) from None
+        write_atomically(str(stamp), source.encode())
+    return copy / wanted

@@ -305,7 +305,7 @@ def test_tao_example_specs_load_without_warnings(name, warnings_seen):
 
 def test_resolved_spec_reloads_without_warnings(tmp_path, warnings_seen):
     saved = save_resolved_spec(load_config(TRAIN_SPEC, ["results_dir=/tmp/x"]), tmp_path)
-    assert saved == tmp_path / "spec.yaml"
+    assert saved == str(tmp_path / "spec.yaml")
     assert load_config(saved).train.results_dir == "/tmp/x/train"
     assert warnings_seen() == []
 

@@ -15,10 +15,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
+from oi_ray import storage
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.config.validate import resolve_derived, validate, warn_inert_keys
 from oi_ray.errors import ConfigError
-from oi_ray.fileio import write_atomically
 
 RESOLVED_SPEC_NAME = "spec.yaml"  # the resolved spec each task saves beside its results
 MAX_SUGGESTIONS = 3  # "did you mean" candidates for an unknown key
@@ -96,14 +96,14 @@ def to_yaml(config: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config), resolve=True)
 
 
-def save_resolved_spec(config: ExperimentConfig, folder: str | Path) -> Path:
-    """Record the run: write the resolved spec as ``folder/spec.yaml`` (atomically); return it.
+def save_resolved_spec(config: ExperimentConfig, folder: str | Path) -> str:
+    """Record the run: write the resolved spec as ``folder/spec.yaml`` (atomically; ``folder``
+    a path or a URI); return where.
 
     The file is a complete spec: ``oi-ray <task> -e folder/spec.yaml`` repeats the run.
     """
-    path = Path(folder) / RESOLVED_SPEC_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, to_yaml(config).encode())
+    path = storage.join(str(folder), RESOLVED_SPEC_NAME)
+    storage.write_atomically(path, to_yaml(config).encode())
     return path
 
 

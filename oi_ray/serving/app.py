@@ -84,8 +84,8 @@ def serve_config(config: ExperimentConfig) -> dict[str, Any]:
     # The threshold travels only in user_config: arguments that differ make Serve replace the
     # replicas, a user_config that differs is applied to the running ones.
     spec: dict[str, Any] = {"model": resolved["model"],
-                            "serve": {**resolved["serve"], "model": str(model_path), "threshold": None}}
-    if model_path.suffix == ".pth":  # a checkpoint has no model card: the dataset section is its layout
+                            "serve": {**resolved["serve"], "model": model_path, "threshold": None}}
+    if model_path.endswith(".pth"):  # a checkpoint has no model card: the dataset section is its layout
         spec["dataset"] = resolved["dataset"]
     if config.encryption_key is not None:
         spec["encryption_key"] = config.encryption_key

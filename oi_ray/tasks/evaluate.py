@@ -30,18 +30,17 @@ alarms + missed defects) first; all are in metrics.json, the first few are print
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from oi_ray import storage
 from oi_ray.breakdown import GroupCounts, counts_by_value
 from oi_ray.config import save_resolved_spec
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.pairs import LABEL_COLUMN
 from oi_ray.errors import DataError
-from oi_ray.fileio import write_atomically
 from oi_ray.metrics import (
     OperatingPoint,
     at_defect_recall,
@@ -93,21 +92,21 @@ def run(config: ExperimentConfig) -> None:
         raise DataError(f"{scored.table.csv_path}: evaluation needs PASS and defect rows; "
                         f"all {len(targets)} rows are {'defects' if targets[0] == 1 else 'PASS'}")
     report = build_report(config, scored)
-    results_dir = Path(config.evaluate.results_dir).resolve()
-    results_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(results_dir / "metrics.json", (json.dumps(report, indent=2) + "\n").encode())
+    results_dir = storage.output_folder(config.evaluate.results_dir)
+    metrics = storage.join(results_dir, "metrics.json")
+    storage.write_atomically(metrics, (json.dumps(report, indent=2) + "\n").encode())
     plots = write_evaluation_plots(distances, targets, scored.threshold, config.model.margin, results_dir,
                                    split=scored.split, model_file=scored.model_file)
     plots.append(write_false_alarm_curve(distances, targets, scored.threshold,
-                                         results_dir / "false_alarms_vs_recall.png", split=scored.split,
+                                         storage.join(results_dir, "false_alarms_vs_recall.png"),
+                                         split=scored.split,
                                          model_file=scored.model_file, recalls=RECALL_TARGETS,
                                          left_out=_left_out(distances, targets),
                                          at_false_alarms=_at_false_alarms(distances, targets)))
-    plots.append(_write_montage(config, scored, report, results_dir / "pairs.png"))
+    plots.append(_write_montage(config, scored, report, storage.join(results_dir, "pairs.png")))
     spec = save_resolved_spec(config, results_dir)
     print(render_report(report))
-    log.info("wrote %s, %s and %s", results_dir / "metrics.json",
-             ", ".join(path.name for path in plots), spec.name)
+    log.info("wrote %s, %s and %s", metrics, ", ".join(map(storage.name, plots)), storage.name(spec))
 
 
 def build_report(config: ExperimentConfig, scored: ScoringRun) -> dict[str, Any]:
@@ -118,7 +117,7 @@ def build_report(config: ExperimentConfig, scored: ScoringRun) -> dict[str, Any]
     weakest = _listed(scored, np.flatnonzero(targets == 1), lowest=True, group_by=group_by)
     top_false_alarms = _listed(scored, np.flatnonzero(targets == 0), lowest=False, group_by=group_by)
     return {
-        "checkpoint": str(scored.model_file.resolve()),
+        "checkpoint": scored.model_file,
         "dataset": str(scored.table.csv_path),
         "split": scored.split,
         "pairs": int(len(targets)),
@@ -288,7 +287,7 @@ def _extra_column(group_by: str | None) -> bool:
     return group_by is not None and group_by not in LISTED_COLUMNS
 
 
-def _write_montage(config: ExperimentConfig, scored: ScoringRun, report: dict[str, Any], path: Path) -> Path:
+def _write_montage(config: ExperimentConfig, scored: ScoringRun, report: dict[str, Any], path: str) -> str:
     """``pairs.png``: the top false alarms and the weakest defects, test beside golden."""
     geometry = InputGeometry.from_config(config.dataset)
     shown = [("false alarm" if pair["flagged"] else "PASS", pair)
@@ -301,7 +300,7 @@ def _write_montage(config: ExperimentConfig, scored: ScoringRun, report: dict[st
     pairs = [MontagePair(f"{kind}, row {pair['row']} {pair['label']} {pair['object_name']}, "
                          f"distance {pair['distance']:.4g}", test, golden)
              for (kind, pair), test, golden in zip(shown, tests, goldens, strict=True)]
-    title = (f"top false alarms and weakest defects: {scored.split}, {scored.model_file.name}, "
+    title = (f"top false alarms and weakest defects: {scored.split}, {storage.name(scored.model_file)}, "
              f"threshold {scored.threshold:.4g}")
     return write_pair_montage(pairs, path, title=title)
 

@@ -18,6 +18,7 @@ memory, to verify them before they are encrypted on their way to disk.
 
 import io
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -27,7 +28,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from oi_ray import __version__
+from oi_ray import __version__, storage
 from oi_ray.checkpoint import load_checkpoint, restore_model
 from oi_ray.config import save_resolved_spec
 from oi_ray.config.schema import ExperimentConfig, ExportConfig
@@ -50,15 +51,32 @@ VERIFICATION_SPLITS = ("validation_dataset", "test_dataset", "train_dataset", "i
 
 
 def run(config: ExperimentConfig) -> None:
-    """Export ``export.checkpoint`` to ``export.onnx_file`` and check the result."""
+    """Export ``export.checkpoint`` to ``export.onnx_file`` and check the result. A destination
+    in a bucket is exported into a local folder first, then uploaded file by file, the model
+    card last (a reader checks the model against it)."""
     export = config.export
     if not export.checkpoint:
         raise ConfigError("export.checkpoint is not set: give the .pth to export")
     geometry = InputGeometry.from_config(config.dataset)
     _check_input_size(config, geometry.input_shape)
-    onnx_path = export_destination(export)
+    destination = export_destination(export)
+    if not storage.is_uri(destination):
+        _export(config, geometry, Path(destination), destination)
+        return
+    with tempfile.TemporaryDirectory(prefix="oi-ray-export-") as staging:
+        written = _export(config, geometry, Path(staging) / storage.name(destination), destination)
+        for path in written:  # the card last
+            storage.upload(path, storage.join(storage.parent(destination), path.name))
+    log.info("uploaded %s to %s", ", ".join(path.name for path in written), storage.parent(destination))
 
-    source = Path(export.checkpoint)
+
+def _export(config: ExperimentConfig, geometry: InputGeometry, onnx_path: Path,
+            destination: str) -> list[Path]:
+    """Write the ONNX model, its halves and its card at ``onnx_path`` (``destination`` names
+    where they end up); return the files written, the card last."""
+    export = config.export
+    source = storage.cached_copy(export.checkpoint)
+    source_name = export.checkpoint if storage.is_uri(export.checkpoint) else str(source.resolve())
     checkpoint = load_checkpoint(source, config.encryption_key)
     architecture = Architecture.of(config.model, geometry)
     model = restore_model(checkpoint, source, architecture).eval()
@@ -67,15 +85,15 @@ def run(config: ExperimentConfig) -> None:
     batch = export.batch_size if export.batch_size > 0 else 1
     test, golden = _verification_inputs(config, geometry, VERIFY_BATCH if dynamic else batch)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    if onnx_path.exists():
-        log.info("replacing %s", onnx_path)
+    if storage.file_size(destination) is not None:
+        log.info("replacing %s", destination)
     parts = write_parts(model, onnx_path, export, test, golden, config.encryption_key)
     with atomic_output(onnx_path) as out:
         difference = _write_verified(model, architecture, export, test, golden, out, config.encryption_key)
     card = ModelCard.describe(
         config, checkpoint.threshold, threshold_rule=checkpoint.threshold_rule, batch_size=export.batch_size,
         opset_version=export.opset_version, oi_ray_version=__version__,
-        source_checkpoint=str(source.resolve()), source_checkpoint_sha256=sha256_of(source),
+        source_checkpoint=source_name, source_checkpoint_sha256=sha256_of(source),
         model_sha256=sha256_of(onnx_path), parts=parts,
         features_per_pair=features_per_pair(model, geometry.input_shape),
     ).write(onnx_path)
@@ -84,14 +102,17 @@ def run(config: ExperimentConfig) -> None:
         else f"{checkpoint.threshold:.4g}"
     batch_text = f"batch axis '{DYNAMIC_BATCH}'" if dynamic else f"fixed batch {batch}"
     log.info("wrote %s (%s, inputs 2 x %s, %s, opset %d%s); ONNX Runtime matches torch within %.1e; "
-             "threshold %s; model card %s", onnx_path, config.model.model_type,
+             "threshold %s; model card %s", destination, config.model.model_type,
              "x".join(map(str, geometry.input_shape)), batch_text, export.opset_version,
-             ", encrypted" if config.encryption_key else "", difference, threshold, card)
+             ", encrypted" if config.encryption_key else "", difference, threshold,
+             storage.join(storage.parent(destination), card.name))
     log.info("and its halves for scoring against kept goldens: %s (one side -> features), %s "
              "(features of both sides -> distance)", *(parts[name]["file"] for name in (EMBED, COMPARE)))
     # Its own results folder: the .pth's metrics.json in evaluate.results_dir stays for comparison.
-    log.info("score with it: %s", command("evaluate", "-e", spec, f"evaluate.checkpoint={onnx_path}",
-                                          f"evaluate.results_dir={onnx_path.parent / 'evaluate'}"))
+    scored_into = storage.join(storage.parent(destination), "evaluate")
+    log.info("score with it: %s", command("evaluate", "-e", spec, f"evaluate.checkpoint={destination}",
+                                          f"evaluate.results_dir={scored_into}"))
+    return [*(part_path(onnx_path, name) for name in parts), onnx_path, card]
 
 
 def _write_verified(model: torch.nn.Module, architecture: Architecture, export: ExportConfig,

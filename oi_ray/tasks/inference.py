@@ -3,16 +3,15 @@
 The CSV holds the input columns in input order, then ``siamese_score`` (the pair distance,
 TAO's column) and ``decision`` (``PASS`` or ``NO_PASS`` at the decision threshold). It is
 written atomically and always has exactly one row per input row; the resolved spec is saved
-beside it.
+beside it. ``inference.results_dir`` may be a bucket's URI.
 """
 
 import logging
-from pathlib import Path
 
+from oi_ray import storage
 from oi_ray.config import save_resolved_spec
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.decision import NO_PASS, decisions
-from oi_ray.fileio import write_atomically
 from oi_ray.tasks.scoring_setup import score_split
 
 log = logging.getLogger(__name__)
@@ -28,13 +27,12 @@ def run(config: ExperimentConfig) -> None:
     frame = scored.table.rows.copy()
     frame[SCORE_COLUMN] = scored.scores.distances
     frame[DECISION_COLUMN] = decisions(scored.scores.distances, scored.threshold)
-    results_dir = Path(config.inference.results_dir).resolve()
-    results_dir.mkdir(parents=True, exist_ok=True)
-    output = results_dir / "inference.csv"
-    if output.exists():
+    results_dir = storage.output_folder(config.inference.results_dir)
+    output = storage.join(results_dir, "inference.csv")
+    if storage.file_size(output) is not None:
         log.info("replacing the earlier %s", output)
-    write_atomically(output, frame.to_csv(index=False).encode())
+    storage.write_atomically(output, frame.to_csv(index=False).encode())
     spec = save_resolved_spec(config, results_dir)
     flagged = int((frame[DECISION_COLUMN] == NO_PASS).sum())
     log.info("wrote %s and %s: %d pairs, %d flagged NO_PASS at threshold %.4g; threshold source: %s",
-             output, spec.name, len(frame), flagged, scored.threshold, scored.threshold_source)
+             output, storage.name(spec), len(frame), flagged, scored.threshold, scored.threshold_source)

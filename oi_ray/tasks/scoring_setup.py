@@ -5,7 +5,6 @@ import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.dataset import PipelineSpec
@@ -17,6 +16,7 @@ from oi_ray.model_file import open_model_file
 from oi_ray.predictors import ONNX_SUFFIXES, is_tensorrt_file, onnxruntime_has_cuda
 from oi_ray.runtime import ray_session, torch_threads, uses_gpus
 from oi_ray.scoring import Scores, score_table
+from oi_ray.storage import is_uri
 
 log = logging.getLogger(__name__)
 SLOW_SINGLE_PAIR_ROWS = 1000  # above this, batch 1 scoring is worth a hint
@@ -26,7 +26,7 @@ SLOW_SINGLE_PAIR_ROWS = 1000  # above this, batch 1 scoring is worth a hint
 class ScoringRun:
     """A split scored with a checkpoint, and the decision threshold to apply."""
 
-    model_file: Path  # the .pth, .onnx or .engine that scored
+    model_file: str  # the .pth, .onnx or .engine that scored: the spec's URI, or the file's absolute path
     split: str
     table: PairTable
     scores: Scores
@@ -73,7 +73,8 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *, r
         scores = score_table(table, PipelineSpec.from_config(config.dataset), load,
                              batch_size=batch_size, use_gpu=use_gpu, actors=actors,
                              threads=torch_threads(config.ray, actors))
-    return ScoringRun(checkpoint, split, table, scores, threshold.value, threshold.source)
+    location = model_file if is_uri(model_file) else str(checkpoint.resolve())
+    return ScoringRun(location, split, table, scores, threshold.value, threshold.source)
 
 
 def _choose_split(config: ExperimentConfig, task: str, splits: Sequence[str]) -> str:

@@ -8,17 +8,16 @@ wins), so only the remaining epochs run.
 
 import logging
 import time
-from pathlib import Path
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-from oi_ray.checkpoint import LATEST_NAME
+from oi_ray import storage
+from oi_ray.checkpoint import LATEST_NAME, epoch_checkpoint_name
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.dataset import PipelineSpec, decode_cache
 from oi_ray.data.pairs import PairTable
 from oi_ray.errors import ConfigError, TaskInterrupted
-from oi_ray.fileio import remove_partial_files
 from oi_ray.launch.shared_paths import SharedPath, check_shared, worker_nodes
 from oi_ray.runtime import ray_session, torch_threads, uses_gpus
 from oi_ray.training.driver import (
@@ -40,7 +39,8 @@ log = logging.getLogger(__name__)
 def run(config: ExperimentConfig) -> None:
     """Train ``config`` on Ray Train, resuming where the last run stopped."""
     train = config.train
-    results_dir = Path(train.results_dir).resolve()
+    results_dir = storage.absolute(train.results_dir)
+    _check_tensorboard(config, results_dir)
     resume_from, done_epochs = resume_point(config, results_dir)
     if done_epochs >= train.num_epochs:
         log.info("training already complete: %s holds epoch %d of %d; nothing to do "
@@ -53,20 +53,20 @@ def run(config: ExperimentConfig) -> None:
         with ray_session(config.ray):
             job = _fit(config, pipeline, train_table, validation_table, results_dir, resume_from, done_epochs)
     except KeyboardInterrupt:  # a second Ctrl-C (or one before training started): stopped at once
-        remove_partial_files(results_dir)
+        storage.remove_partial_files(results_dir)
         raise TaskInterrupted(f"interrupted; {rerun_note(config, results_dir)}") from None
     if job.progress.early_end is not None:
         raise early_end_error(job.progress.early_end, config, results_dir)
-    latest = results_dir / LATEST_NAME
     last_epoch = status_lines(results_dir)[-1]  # the final epoch is always validated
     threshold = f"{last_epoch['threshold']:.4f}" if "threshold" in last_epoch \
         else "none (no validation set; model.margin decides)"
     log.info("done: %s -> %s (epoch %d), calibrated threshold %s; per-epoch metrics in %s",
-             latest, latest.resolve().name, last_epoch["epoch"], threshold, results_dir / STATUS_FILE)
+             storage.join(results_dir, LATEST_NAME), epoch_checkpoint_name(last_epoch["epoch"]),
+             last_epoch["epoch"], threshold, storage.join(results_dir, STATUS_FILE))
 
 
 def _fit(config: ExperimentConfig, pipeline: PipelineSpec, train_table: PairTable,
-         validation_table: PairTable | None, results_dir: Path, resume_from: Path | None,
+         validation_table: PairTable | None, results_dir: str, resume_from: str | None,
          done_epochs: int) -> TrainJob:
     """Decode the splits once, then run the Ray Train job (inside a Ray session)."""
     train = config.train
@@ -89,20 +89,27 @@ def _fit(config: ExperimentConfig, pipeline: PipelineSpec, train_table: PairTabl
     trainer = make_trainer(job, workers, use_gpu, RunConfig(
         # a job's id: resubmitting the job resumes this Ray Train run
         name=config.ray.job_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}",
-        storage_path=str(Path(config.ray.storage_path).resolve()),
+        storage_path=storage.absolute(config.ray.storage_path),
         failure_config=FailureConfig(max_failures=config.ray.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=1)))
     job.progress.render_while(trainer.fit)
     return job
 
 
-def shared_training_paths(config: ExperimentConfig, results_dir: Path,
+def shared_training_paths(config: ExperimentConfig, results_dir: str,
                           train_table: PairTable) -> list[SharedPath]:
     """What every node that may host a training worker must see: where rank 0 writes, Ray
     Train's storage, and the images (the first of the training split stands for them)."""
-    return [SharedPath("train.results_dir", str(results_dir), is_folder=True),
+    return [SharedPath("train.results_dir", results_dir, is_folder=True),
             SharedPath("ray.storage_path", config.ray.storage_path, is_folder=True),
             shared_images(train_table)]
+
+
+def _check_tensorboard(config: ExperimentConfig, results_dir: str) -> None:
+    if config.train.tensorboard.enabled and storage.is_uri(results_dir):
+        raise ConfigError(f"train.tensorboard.enabled needs a local train.results_dir (TensorBoard writes "
+                          f"its event files into a folder), not {results_dir}: set it to false, or "
+                          "train into a local folder")
 
 
 def _check_cpus(config: ExperimentConfig, workers: int) -> None:

@@ -254,7 +254,7 @@ def _report(config: ExperimentConfig, base: dict[str, Any], results: Any, sweep_
         raise SweepFailedError(f"every trial failed; the first: {reason}; results in {written[0]}")
     spec = write_best(best, base, sweep_dir / TRIALS_DIR, sweep_dir)
     log.info("best: %s (last %s %.4f); wrote %s, %s and %s", best.name, settings.metric, best.last,
-             written[0], written[1].name, spec.parent)
+             written[0], Path(written[1]).name, spec.parent)
     log.info("export it: %s", command("export", "-e", spec))
 
 

@@ -14,8 +14,11 @@ from typing import Any
 import ray.train
 import torch
 
+from oi_ray import storage
 from oi_ray.checkpoint import (
+    LATEST_NAME,
     Checkpoint,
+    epoch_checkpoint_name,
     epoch_checkpoint_path,
     load_checkpoint,
     load_weights,
@@ -30,7 +33,7 @@ from oi_ray.model.registry import Architecture
 RAY_CHECKPOINT_FILE = "checkpoint.pth"
 
 
-def restore(net: torch.nn.Module, architecture: Architecture, *, resume_from: Path | None,
+def restore(net: torch.nn.Module, architecture: Architecture, *, resume_from: str | None,
             pretrained: str | None, key: str | None) -> tuple[Checkpoint, bool]:
     """Load the weights to start from into ``net``; return that checkpoint (its epoch, optimizer
     state, threshold) and whether Ray Train restarted this worker group after a failure. The
@@ -46,7 +49,7 @@ def restore(net: torch.nn.Module, architecture: Architecture, *, resume_from: Pa
     if resume_from is not None:
         path, checkpoint = resume_from, load_checkpoint(resume_from, key)
     elif pretrained:
-        path = Path(pretrained)
+        path = pretrained
         weights = load_checkpoint(path, key)
         checkpoint = Checkpoint(model_state=weights.model_state, model_type=weights.model_type,
                                 input_shape=weights.input_shape, model_options=weights.model_options)
@@ -69,16 +72,25 @@ def epoch_checkpoint(net: torch.nn.Module, optimizer: torch.optim.Optimizer, epo
         embedding_dim=architecture.embedding_dim, model_options=dict(architecture.options), extra=extra)
 
 
-def report_with_checkpoint(metrics: dict[str, Any], checkpoint: Checkpoint, results_dir: Path,
+def report_with_checkpoint(metrics: dict[str, Any], checkpoint: Checkpoint, results_dir: str,
                            key: str | None) -> None:
-    """Write ``model_epoch_NNN.pth``, repoint ``oi_model_latest.pth``, report it to Ray Train."""
-    path = epoch_checkpoint_path(results_dir, checkpoint.epoch)
-    save_checkpoint(checkpoint, path, key)
-    point_latest_to(path)
+    """Write ``model_epoch_NNN.pth``, repoint ``oi_model_latest.pth``, report it to Ray Train.
+
+    In a bucket (``results_dir`` a URI) the checkpoint is written locally for Ray Train, then
+    uploaded, and ``oi_model_latest.pth`` is a server-side copy of it (a bucket has no links)."""
     with tempfile.TemporaryDirectory(prefix="oi-ray-ckpt-") as folder:
         staged = Path(folder) / RAY_CHECKPOINT_FILE
-        try:
-            os.link(path, staged)
-        except OSError:  # another file system
-            shutil.copyfile(path, staged)
+        if storage.is_uri(results_dir):
+            save_checkpoint(checkpoint, staged, key)
+            path = storage.join(results_dir, epoch_checkpoint_name(checkpoint.epoch))
+            storage.upload(staged, path)
+            storage.copy_in_store(path, storage.join(results_dir, LATEST_NAME))
+        else:
+            path = epoch_checkpoint_path(results_dir, checkpoint.epoch)
+            save_checkpoint(checkpoint, path, key)
+            point_latest_to(path)
+            try:
+                os.link(path, staged)
+            except OSError:  # another file system
+                shutil.copyfile(path, staged)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

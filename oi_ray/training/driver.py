@@ -8,13 +8,13 @@ from pathlib import Path
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from oi_ray.checkpoint import LATEST_NAME, check_fits, load_checkpoint
+from oi_ray import storage
+from oi_ray.checkpoint import LATEST_NAME, check_fits, epoch_checkpoint_name, load_checkpoint
 from oi_ray.config import save_resolved_spec
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.dataset import DecodedCache, PipelineSpec
 from oi_ray.data.pairs import PairTable, load_split
 from oi_ray.errors import ConfigError, DataError, TaskInterrupted, TrainingDivergedError
-from oi_ray.fileio import remove_partial_files
 from oi_ray.launch.shared_paths import SharedPath
 from oi_ray.model.registry import Architecture
 from oi_ray.training.early_end import EarlyEnd, Stopped
@@ -25,13 +25,13 @@ from oi_ray.training.worker import train_worker
 log = logging.getLogger("oi_ray.tasks.train")
 
 
-def resume_point(config: ExperimentConfig, results_dir: Path) -> tuple[Path | None, int]:
-    """The checkpoint to continue from and its epoch, checked against the spec's model."""
+def resume_point(config: ExperimentConfig, results_dir: str) -> tuple[str | None, int]:
+    """The checkpoint to continue from (a path or URI) and its epoch, checked against the spec's model."""
     explicit = config.train.resume_training_checkpoint_path
-    path = Path(explicit) if explicit else results_dir / LATEST_NAME
-    if not explicit and not path.exists():
-        return None, 0
-    if not path.is_file():
+    path = storage.absolute(explicit) if explicit else storage.join(results_dir, LATEST_NAME)
+    if storage.file_size(path) is None:
+        if not explicit:
+            return None, 0
         raise ConfigError(f"train.resume_training_checkpoint_path={explicit!r}: no such file")
     checkpoint = load_checkpoint(path, config.encryption_key)  # memory-mapped: no weights read
     check_fits(checkpoint, path, Architecture.of_spec(config))
@@ -67,12 +67,12 @@ def shared_images(train_table: PairTable) -> SharedPath:
 
 
 def prepare_job(config: ExperimentConfig, pipeline: PipelineSpec, train_cache: DecodedCache,
-                validation_cache: DecodedCache | None, results_dir: Path, resume_from: Path | None,
+                validation_cache: DecodedCache | None, results_dir: str, resume_from: str | None,
                 threads: int) -> TrainJob:
     """The job every worker runs, and its results folder made ready (leftovers of an
     interrupted run removed, the resolved spec saved)."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in remove_partial_files(results_dir):
+    results_dir = storage.output_folder(results_dir)
+    for leftover in storage.remove_partial_files(results_dir):
         log.info("removed %s, a partial file an interrupted run left", leftover)
     save_resolved_spec(config, results_dir)
     seed = config.train.seed
@@ -88,22 +88,23 @@ def make_trainer(job: TrainJob, workers: int, use_gpu: bool, run_config: RunConf
                         scaling_config=_scaling(job.config, workers, use_gpu), run_config=run_config)
 
 
-def rerun_note(config: ExperimentConfig, results_dir: Path) -> str:
+def rerun_note(config: ExperimentConfig, results_dir: str) -> str:
     """Where a rerun of the same command continues from."""
-    latest, newest = results_dir / LATEST_NAME, None
-    if latest.exists():
+    latest, newest = storage.join(results_dir, LATEST_NAME), None
+    if storage.file_size(latest) is not None:
         done = load_checkpoint(latest, config.encryption_key).epoch
-        newest = f"{LATEST_NAME} -> {latest.resolve().name} ({done} of {config.train.num_epochs} epochs done)"
+        newest = (f"{LATEST_NAME} -> {epoch_checkpoint_name(done)} ({done} of {config.train.num_epochs} "
+                  "epochs done)")
     explicit = config.train.resume_training_checkpoint_path
     if explicit:
         return (f"a rerun of the same command starts again from train.resume_training_checkpoint_path="
                 f"{explicit}" + (f"; drop that key to continue from {newest}" if newest else ""))
     if newest:
-        return f"a rerun of the same command resumes from {results_dir / newest}"
+        return f"a rerun of the same command resumes from {storage.join(results_dir, newest)}"
     return "no checkpoint was written yet: a rerun starts from epoch 1"
 
 
-def early_end_error(end: EarlyEnd, config: ExperimentConfig, results_dir: Path) -> Exception:
+def early_end_error(end: EarlyEnd, config: ExperimentConfig, results_dir: str) -> Exception:
     """The error for a run the workers ended before its last epoch."""
     if isinstance(end, Stopped):
         return TaskInterrupted(f"stopped during epoch {end.epoch}; {rerun_note(config, results_dir)}")

@@ -1,7 +1,6 @@
 """What the driver hands every Ray Train worker: the spec, the decoded splits, where to write."""
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from oi_ray.config.schema import ExperimentConfig
 from oi_ray.data.dataset import DecodedCache, PipelineSpec
@@ -16,8 +15,8 @@ class TrainJob:
     pipeline: PipelineSpec
     train_cache: DecodedCache
     validation_cache: DecodedCache | None
-    results_dir: Path
-    resume_from: Path | None  # .pth to continue from (oi_model_latest.pth or the spec's path)
+    results_dir: str  # an absolute local path, or a URI
+    resume_from: str | None  # .pth to continue from (oi_model_latest.pth or the spec's path)
     threads: int
     progress: ProgressFeed
     data_seed: int  # seeds the epoch plans: train.seed, or one drawn by the driver when it is -1

@@ -5,22 +5,31 @@ import time
 from pathlib import Path
 from typing import Any
 
+from oi_ray import storage
+
 STATUS_FILE = "status.json"
 
 
-def append_status(results_dir: Path, metrics: dict[str, Any]) -> None:
-    """Append one epoch's line, stamped with the local time, in a single write."""
+def append_status(results_dir: str | Path, metrics: dict[str, Any]) -> None:
+    """Append one epoch's line, stamped with the local time: locally in a single write, in a
+    bucket (whose objects cannot be appended to) by rewriting the whole file atomically."""
     line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **metrics}) + "\n"
-    with open(results_dir / STATUS_FILE, "a", encoding="utf-8") as status:
-        status.write(line)
+    path = storage.join(str(results_dir), STATUS_FILE)
+    if not storage.is_uri(path):
+        with open(path, "a", encoding="utf-8") as status:
+            status.write(line)
+        return
+    earlier = storage.read_bytes(path) if storage.file_size(path) is not None else b""
+    storage.write_atomically(path, earlier + line.encode())
 
 
-def status_lines(results_dir: Path) -> list[dict[str, Any]]:
+def status_lines(results_dir: str | Path) -> list[dict[str, Any]]:
     """Every epoch's metrics in ``results_dir``'s status file, oldest first (none: no file)."""
-    path = results_dir / STATUS_FILE
-    if not path.exists():
+    path = storage.join(str(results_dir), STATUS_FILE)
+    if storage.file_size(path) is None:
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = storage.read_bytes(path).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def copy_status(source_dir: Path, destination_dir: Path, last_epoch: int) -> None:

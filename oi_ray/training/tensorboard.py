@@ -12,10 +12,10 @@ class TensorBoardLog:
     """Event files under ``<results_dir>/tensorboard``: every numeric per-epoch metric as a
     scalar, and weight histograms every ``histogram_every`` epochs."""
 
-    def __init__(self, results_dir: Path, histogram_every: int) -> None:
+    def __init__(self, results_dir: str | Path, histogram_every: int) -> None:
         from tensorboardX import SummaryWriter  # installed with ray[tune]
 
-        self.writer = SummaryWriter(logdir=str(results_dir / TENSORBOARD_DIR))
+        self.writer = SummaryWriter(logdir=str(Path(results_dir) / TENSORBOARD_DIR))
         self.histogram_every = max(1, histogram_every)
 
     def epoch_done(self, metrics: dict[str, Any], net: torch.nn.Module) -> None:

@@ -85,7 +85,7 @@ def choose_best(summaries: list[TrialSummary], mode: str) -> TrialSummary | None
 
 
 def write_results(summaries: list[TrialSummary], metric: str, folder: Path,
-                  best: TrialSummary | None) -> list[Path]:
+                  best: TrialSummary | None) -> list[str]:
     """Write ``results.csv`` and ``<metric>.png`` into ``folder``; return their paths."""
     rows = [{"trial": summary.name, **summary.params, f"best_{metric}": summary.best,
              f"last_{metric}": summary.last,
@@ -96,7 +96,7 @@ def write_results(summaries: list[TrialSummary], metric: str, folder: Path,
     write_atomically(table, pd.DataFrame(rows).to_csv(index=False).encode())
     plot = write_sweep_plot({summary.name: summary.curve for summary in summaries}, metric,
                             folder / f"{metric}.png", best=best.name if best else None)
-    return [table, plot]
+    return [str(table), plot]
 
 
 def write_best(best: TrialSummary, base: dict[str, Any], trials_dir: Path, folder: Path) -> Path:

@@ -48,9 +48,8 @@ class SweepPlan:
 def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     """Ray Tune function trainable: train the base spec with ``params`` (dotted key -> value)."""
     name = ray.tune.get_context().get_trial_name()
-    results_dir = Path(plan.trials_dir) / name
-    config = config_from_mapping(plan.base, f"trial {name}",
-                                 {**params, "train.results_dir": str(results_dir)})
+    results_dir = str(Path(plan.trials_dir) / name)
+    config = config_from_mapping(plan.base, f"trial {name}", {**params, "train.results_dir": results_dir})
     resume_from, done_epochs = resume_point(config, results_dir)
     if done_epochs >= config.train.num_epochs:
         return  # finished before the sweep was interrupted
