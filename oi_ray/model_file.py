@@ -33,7 +33,7 @@ from oi_ray.predictors import (
     load_halves_predictor,
     load_predictor,
 )
-from oi_ray.storage import cached_copy
+from oi_ray.storage import cached_copy, is_uri
 
 BACKENDS = {".pth": "torch", **dict.fromkeys(ONNX_SUFFIXES, "onnxruntime"),
             **dict.fromkeys(TENSORRT_SUFFIXES, "tensorrt")}
@@ -43,10 +43,19 @@ BACKENDS = {".pth": "torch", **dict.fromkeys(ONNX_SUFFIXES, "onnxruntime"),
 class ModelFile:
     """A checked model file, its card, the threshold it carries and the key that opens it."""
 
-    path: Path
+    path: Path  # the file itself, or the local copy of one in a bucket
     card: ModelCard
     carried: CarriedThreshold
     encryption_key: str | None
+    source: str | None = None  # the bucket's URI it was copied from
+
+    @property
+    def local_path(self) -> Path:
+        """:attr:`path` on this node: a model from a bucket is copied again where its copy is
+        missing (a Serve replica or scoring actor on another node than the driver)."""
+        if self.source is None or self.path.is_file():
+            return self.path
+        return cached_copy(self.source)
 
     @property
     def backend(self) -> str:
@@ -65,11 +74,12 @@ class ModelFile:
 
     def load(self, use_gpu: bool = False, threads: int | None = None) -> Predictor:
         """The predictor, in the process that scores; ``threads``: ONNX Runtime's intra-op threads."""
-        return load_predictor(self.path, self.card, self.encryption_key, use_gpu, threads=threads)
+        return load_predictor(self.local_path, self.card, self.encryption_key, use_gpu, threads=threads)
 
     def load_halves(self, use_gpu: bool = False, threads: int | None = None) -> HalvesPredictor:
         """The model's embed and compare halves (:func:`~oi_ray.predictors.load_halves_predictor`)."""
-        return load_halves_predictor(self.path, self.card, self.encryption_key, use_gpu, threads=threads)
+        return load_halves_predictor(self.local_path, self.card, self.encryption_key, use_gpu,
+                                     threads=threads)
 
     @property
     def scores_in_halves(self) -> bool:
@@ -101,13 +111,15 @@ def open_model_file(path: str | Path, encryption_key: str | None, expected: Mode
     a ``.pth``'s SHA-256 in its card (serving names the model by it), a full read of the file
     that scoring a split does not need (an export's card holds its digest already). A URI
     (``s3://...``) is read from a local copy (:func:`~oi_ray.storage.cached_copy`)."""
+    source = str(path) if is_uri(str(path)) else None
     path = cached_copy(str(path))
     if path.suffix not in BACKENDS:
         raise DataError(f"{path}: unknown model file type; expected .pth, .onnx or .engine")
     if path.suffix == ".pth":  # the checkpoint's reader names a missing or foreign file itself
         if expected is None:
             raise ValueError("a .pth checkpoint is checked against the layout its spec expects")
-        return _checkpoint_file(path, encryption_key, expected, checkpoint_digest)
+        return dataclasses.replace(_checkpoint_file(path, encryption_key, expected, checkpoint_digest),
+                                   source=source)
     if not path.is_file():
         raise DataError(f"model not found: {path}")
     card = read_card(path)
@@ -115,7 +127,7 @@ def open_model_file(path: str | Path, encryption_key: str | None, expected: Mode
         card.check_matches(expected, path)
     check_model_file(path, card, encryption_key)
     carried = CarriedThreshold(card.threshold, f"the model card {card_path(path)}", card.threshold_rule)
-    return ModelFile(path, card, carried, encryption_key)
+    return ModelFile(path, card, carried, encryption_key, source)
 
 
 def _checkpoint_file(path: Path, encryption_key: str | None, expected: ModelCard, digest: bool) -> ModelFile:

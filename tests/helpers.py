@@ -3,8 +3,11 @@ file opened as a spec expects it, and running a command until Ctrl-C."""
 
 import os
 import signal
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +115,27 @@ def ctrl_c_once_logged(command: list[str], log: Path, marker: str, timeout_s: fl
             if descriptor is not None:
                 os.close(descriptor)
     return log.read_text()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_serving(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    """Wait until the `oi-ray serve` ``process`` logging into ``log`` has started (its banner
+    says how to stop it) and answers ``GET {url}/healthz`` with 200."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, f"the service exited: {log.read_text()}"
+        if "Press Ctrl-C to stop." in log.read_text():
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=5) as answer:
+                    if answer.status == 200:
+                        return
+            except (OSError, urllib.error.URLError):
+                pass
+        assert time.monotonic() < deadline, f"not serving within {timeout_s} s: {log.read_text()}"
+        time.sleep(1)

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,15 +17,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from helpers import free_port
+
 RAY = str(Path(sys.executable).with_name("ray"))
 START_TIMEOUT_S = 120
 OBJECT_STORE_BYTES = 256 * 1024 * 1024  # per node; tests move little data
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class LoopbackCluster:

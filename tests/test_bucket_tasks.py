@@ -1,17 +1,27 @@
 """The tasks with their data, model and results in a bucket of a real S3-compatible server on
 127.0.0.1 (moto's), run through the CLI as a user runs them, against the same run on local files."""
 
+import base64
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
+import requests
+from helpers import free_port, kill_group, start_interruptible, wait_serving
 from s3_server import s3_server, upload_folder
 
 from oi_ray import storage
 from oi_ray.cli import main
+from oi_ray.config import load_config
+from oi_ray.data.pairs import load_split
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -90,13 +100,24 @@ def test_a_missing_model_or_bucket_is_one_clear_line_before_ray_work(trained, ca
             "does not exist") in capsys.readouterr().err
 
 
-def test_export_into_a_bucket_then_evaluate_the_exported_model_from_it(trained, capsys):
+@pytest.fixture(scope="module")
+def exported(trained) -> tuple[str, str]:
+    """The bucket's checkpoint exported into the bucket: (the model's URI, what export logged)."""
     spec, results, prefix = trained
     model = f"{prefix}/export/oi_model.onnx"
-    assert main(["export", "-e", str(spec), f"results_dir={results}",
-                 f"export.checkpoint={prefix}/models/oi_model_latest.pth", f"export.onnx_file={model}"]) == 0
-    assert f"uploaded oi_model.embed.onnx, oi_model.compare.onnx, oi_model.onnx, oi_model.onnx.json to " \
-           f"{prefix}/export" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as patch:
+        logged = io.StringIO()
+        patch.setattr(sys, "stderr", logged)
+        assert main(["export", "-e", str(spec), f"results_dir={results}",
+                     f"export.checkpoint={prefix}/models/oi_model_latest.pth", f"export.onnx_file={model}"]) == 0
+    return model, logged.getvalue()
+
+
+def test_export_into_a_bucket_then_evaluate_the_exported_model_from_it(trained, exported):
+    spec, results, prefix = trained
+    model, logged = exported
+    assert (f"uploaded oi_model.embed.onnx, oi_model.compare.onnx, oi_model.onnx, oi_model.onnx.json to "
+            f"{prefix}/export") in logged
     assert set(storage.list_files(f"{prefix}/export")) == {
         "oi_model.onnx", "oi_model.onnx.json", "oi_model.embed.onnx", "oi_model.compare.onnx"}
     card = json.loads(storage.read_bytes(f"{model}.json"))
@@ -109,6 +130,52 @@ def test_export_into_a_bucket_then_evaluate_the_exported_model_from_it(trained, 
     assert main(["evaluate", "-e", str(spec), f"results_dir={results}"]) == 0
     from_pth = json.loads((results / "evaluate/metrics.json").read_text())
     assert from_onnx["auroc"] == pytest.approx(from_pth["auroc"], abs=1e-4)
+
+
+def test_serve_a_model_and_keep_goldens_in_a_bucket(trained, exported, tmp_path):
+    """A real `oi-ray serve` process (its own embedded Ray, 127.0.0.1) serving the bucket's
+    model, its golden library in the bucket: a registered golden scores a test shot as the
+    uploaded golden does, and a restarted service still serves it."""
+    spec, results, prefix = trained
+    model, _ = exported
+    table = load_split(load_config(spec).dataset, "test_dataset")
+    lights = tuple(load_config(spec).dataset.input_map)
+    files = {side: {light: Path(path).read_bytes() for light, path in zip(lights, paths, strict=True)}
+             for side, paths in (("test", table.test_paths[0]), ("golden", table.golden_paths[0]))}
+    pair = {side: {light: base64.b64encode(data).decode() for light, data in shots.items()}
+            for side, shots in files.items()}
+    for attempt in ("first", "restarted"):
+        port = free_port()
+        serving = tmp_path / f"{attempt}.yaml"
+        serving.write_text(f"serve:\n  model: {model}\n  port: {port}\n  golden_store: {prefix}/goldens\n"
+                           "ray:\n  num_cpus: 2\n")
+        url = f"http://127.0.0.1:{port}"
+        log = tmp_path / f"{attempt}.txt"
+        with log.open("w") as stderr:
+            process = start_interruptible([sys.executable, "-m", "oi_ray.cli", "serve", "-e", str(serving)],
+                                          stdout=stderr, stderr=subprocess.STDOUT)
+        try:
+            wait_serving(url, process, log)
+            if attempt == "first":
+                put = requests.put(f"{url}/v1/goldens/C12", json={"golden": pair["golden"]}, timeout=60)
+                assert put.status_code == 201, put.text
+            uploaded = requests.post(f"{url}/v1/inspect", json={"pairs": [{"id": "up", **pair}]}, timeout=60)
+            named = requests.post(f"{url}/v1/inspect", timeout=60, json={
+                "pairs": [{"id": "named", "golden_id": "C12", "test": pair["test"]}]})
+            assert uploaded.status_code == named.status_code == 200, (uploaded.text, named.text)
+            assert named.json()["results"][0]["distance"] == pytest.approx(
+                uploaded.json()["results"][0]["distance"], abs=1e-5)
+            os.killpg(process.pid, signal.SIGINT)
+            assert process.wait(timeout=120) == 0, log.read_text()
+        finally:
+            kill_group(process)
+    assert "C12" in {name.split("/")[0] for name in _names_under(f"{prefix}/goldens")}
+
+
+def _names_under(prefix: str) -> list[str]:
+    filesystem, path = storage.resolve(prefix)
+    return [info.path[len(path) + 1:] for info in filesystem.get_file_info(
+        pafs.FileSelector(path, recursive=True))]
 
 
 def test_train_into_a_bucket_then_resume_from_it(trained, capsys):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import ctrl_c_once_logged
-from loopback_cluster import LoopbackCluster, free_port
+from helpers import ctrl_c_once_logged, free_port
+from loopback_cluster import LoopbackCluster
 from ray.job_submission import JobSubmissionClient
 
 from oi_ray.cli import main

@@ -27,7 +27,7 @@ import ray
 import requests
 import torch
 import yaml
-from helpers import kill_group, start_interruptible
+from helpers import free_port, kill_group, start_interruptible
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
@@ -84,12 +84,6 @@ def exported(ray_local, tmp_path_factory) -> Exported:
                     pd.read_csv(results / "inference" / "inference.csv"))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @dataclass
 class Service:
     exported: Exported
@@ -105,7 +99,7 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service(exported) -> Service:
-    port = _free_port()
+    port = free_port()
     overrides = [f"results_dir={exported.results}", f"serve.port={port}", f"serve.max_pairs_per_request={MAX_PAIRS}",
                  "serve.max_request_mb=0.05", "serve.batching.batch_wait_timeout_s=0.05"]
     running = Service(exported, port, overrides)
@@ -401,7 +395,7 @@ finally:
 
 def test_build_file_deploys_with_rays_serve_deploy(service, tmp_path):
     """`serve deploy` (Ray's CLI, through the dashboard's REST API) on a second, private Ray."""
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     target = tmp_path / "serve_config.yaml"
     assert main(["serve", "-e", str(service.exported.spec), f"results_dir={service.exported.results}",
                  f"serve.port={port}", "serve.threshold=0.25", "--build", str(target)]) == 0
@@ -481,7 +475,7 @@ def test_cli_refuses_before_starting(service, tmp_path, capsys, overrides, messa
 def test_cli_serves_until_interrupted_beside_another_ray(service, tmp_path):
     """A real `oi-ray serve` process with its own embedded Ray (the test's Ray keeps running),
     from a spec that names only the model: its card holds everything else."""
-    port = _free_port()
+    port = free_port()
     spec = tmp_path / "serve.yaml"
     spec.write_text(f"serve:\n  model: {service.exported.onnx}\n  port: {port}\nray:\n  num_cpus: 2\n")
     log = tmp_path / "stderr.txt"
