@@ -28,12 +28,13 @@ SPEC_TASKS = {
     "export": "export a checkpoint to ONNX with TAO's input/output names",
     "gen_trt_engine": "build a TensorRT engine from an exported ONNX model (GPU)",
     "check_dataset": "validate every dataset split of the spec and preview the Ray Data pipeline",
+    "pack": "write each split's pairs as Parquet shards of whole pairs (pack.results_dir), for clusters",
     "serve": "score pairs over HTTP with Ray Serve until Ctrl-C (serve.model, default the export)",
     "tune": "sweep spec keys (tune.search_space) with Ray Tune; results.csv and the best model",
 }
 
 # tasks that run as a Ray Job on a cluster with --address / --cluster
-JOB_TASKS = ("train", "evaluate", "inference", "export", "gen_trt_engine", "tune")
+JOB_TASKS = ("train", "evaluate", "inference", "export", "gen_trt_engine", "tune", "pack")
 JOB_VERBS = ("status", "logs", "stop", "list")
 
 OVERRIDES_HELP = (

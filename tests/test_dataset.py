@@ -203,12 +203,12 @@ def test_corrupt_image_during_decoding_names_the_file(ray_local, tmp_path):
 def test_check_dataset_cli_validates_and_runs_every_split(ray_local, table, tmp_path, capsys):
     from oi_ray.cli import main
 
-    images = Path(table.csv_path).parent / "images"
+    images = Path(table.source).parent / "images"
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         f"dataset:\n"
-        f"  train_dataset: {{csv_path: {table.csv_path}, images_dir: {images}}}\n"
-        f"  infer_dataset: {{csv_path: {table.csv_path}, images_dir: {images}}}\n"
+        f"  train_dataset: {{csv_path: {table.source}, images_dir: {images}}}\n"
+        f"  infer_dataset: {{csv_path: {table.source}, images_dir: {images}}}\n"
         f"  image_ext: .png\n  input_map: {{LowAngleLight: 0, SolderLight: 1}}\n"
         f"  image_width: 8\n  image_height: 6\n  fpratio_sampling: 0.5\n"
     )

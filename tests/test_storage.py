@@ -60,7 +60,7 @@ def test_pairs_from_a_bucket_resolve_to_uris_like_local_ones(dataset):
     csv_path, images, prefix = dataset
     local = load_pairs(csv_path, images, NAMING)
     remote = load_pairs(f"{prefix}/pairs.csv", f"{prefix}/images", NAMING)
-    assert remote.csv_path == f"{prefix}/pairs.csv"
+    assert remote.source == f"{prefix}/pairs.csv"
     assert remote.test_paths[9] == [f"{prefix}/images/boards/b1/R1_{light}.png" for light in LIGHTS]
     assert remote.golden_paths[0][0] == f"{prefix}/images/golden/p1/R0_LowAngleLight.png"
     np.testing.assert_array_equal(remote.targets, local.targets)

@@ -188,6 +188,14 @@ class AugmentationConfig:
 class DataPathFormat:
     csv_path: str | None = None  # CSV with input_path, golden_path, object_name, label
     images_dir: str | None = None  # root that input_path / golden_path are relative to
+    # oi-ray extension: a folder or URI that `oi-ray pack` wrote (Parquet shards of whole pairs and
+    # their manifest.json), read in place of csv_path and images_dir
+    shards: str | None = None
+
+    @property
+    def is_set(self) -> bool:
+        """Whether the spec names this split's pairs (a CSV or packed shards)."""
+        return bool(self.csv_path or self.shards)
 
 
 @dataclass
@@ -213,6 +221,18 @@ class DatasetConfig:
     image_width: int = 128
     image_height: int = 128
     augmentation_config: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+
+# The spec's splits (dataset.<split>), in the order a dataset is used: train, validate, evaluate, infer
+DATASET_SPLITS = ("train_dataset", "validation_dataset", "test_dataset", "infer_dataset")
+
+
+@dataclass
+class PackConfig:
+    """oi-ray's ``pack`` task: each configured split's pairs as Parquet shards."""
+
+    results_dir: str = "${results_dir}/pack"  # one folder (or URI) per split under it
+    shard_mb: float = 128.0  # each shard's size, about (the last of a split may be smaller)
 
 
 @dataclass
@@ -510,6 +530,7 @@ class ExperimentConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     gen_trt_engine: GenTrtEngineConfig = field(default_factory=GenTrtEngineConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
     dataset_convert: DatasetConvertConfig = field(default_factory=DatasetConvertConfig)
     wandb: WandBConfig = field(default_factory=WandBConfig)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from oi_ray.config.schema import (
+    DATASET_SPLITS,
     Backbone,
     CalibrationRule,
     ConcatType,
@@ -182,6 +183,7 @@ def validate(config: ExperimentConfig) -> list[str]:
     _check_tensorrt(p, config.gen_trt_engine.tensorrt)
     p.check(config.gen_trt_engine.batch_size == -1 or config.gen_trt_engine.batch_size >= 1,
             "gen_trt_engine.batch_size", config.gen_trt_engine.batch_size, "expected -1 (profile) or >= 1")
+    p.check(config.pack.shard_mb > 0, "pack.shard_mb", config.pack.shard_mb, "expected > 0 (megabytes)")
     _check_ray(p, config.ray)
     _check_serve(p, config.serve)
     _check_tune(p, config.tune)
@@ -213,6 +215,13 @@ def _check_dataset(p: _Problems, dataset: DatasetConfig) -> None:
     p.at_least("dataset.image_height", dataset.image_height, 1)
     p.at_least("dataset.num_input", dataset.num_input, 1)
     p.one_of("dataset.concat_type", dataset.concat_type, ConcatType)
+    for split in DATASET_SPLITS:
+        paths = getattr(dataset, split)
+        replaced = [key for key in ("csv_path", "images_dir") if getattr(paths, key)]
+        also = " and ".join(f"dataset.{split}.{key}" for key in replaced)
+        p.check(not (paths.shards and also), f"dataset.{split}.shards", paths.shards,
+                f"packed shards replace {also}: set null what they replace (the dataset.yaml that oi-ray "
+                f"pack writes does)")
 
     lights = dataset.input_map
     if lights:

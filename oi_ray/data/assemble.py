@@ -73,7 +73,7 @@ def read_image(source: ImageSource, size_hw: tuple[int, int], resample: Image.Re
     """Decode ``source`` (a file path or URI, or an encoded image's bytes named ``name``) as RGB
     and resize it to ``size_hw``: ``(H, W, 3)`` uint8. ``allow_resize=False`` refuses another size."""
     height, width = size_hw
-    named = name or str(source)
+    named = name or (source if isinstance(source, str) else f"of {len(source)} bytes")
     try:
         if isinstance(source, str) and is_uri(source):
             source = read_bytes(source)
@@ -104,10 +104,13 @@ def truncation_problem(image_format: str | None, data_or_tail: bytes) -> str | N
 
 
 def read_stack(sources: Sequence[ImageSource], geometry: InputGeometry,
-               resample: Image.Resampling = RESIZE_PLAIN) -> np.ndarray:
-    """Decode one side's lighting images: ``(L, H, W, 3)`` uint8, in lighting order."""
+               resample: Image.Resampling = RESIZE_PLAIN, names: Sequence[str] | None = None) -> np.ndarray:
+    """Decode one side's lighting images: ``(L, H, W, 3)`` uint8, in lighting order; ``names``
+    name encoded bytes in errors."""
     size = (geometry.height, geometry.width)
-    return np.stack([read_image(source, size, resample) for source in sources])
+    names = names or [None] * len(sources)
+    return np.stack([read_image(source, size, resample, name=name)
+                     for source, name in zip(sources, names, strict=True)])
 
 
 def tile(stacks: np.ndarray, geometry: InputGeometry) -> np.ndarray:

@@ -6,6 +6,9 @@ compact uint8 lighting stacks held in Ray's object store, which every training w
 zero-copy (see :mod:`oi_ray.data.epochs` for the per-epoch resampling). Evaluation and
 inference stream every pair exactly once, in CSV order, through :func:`evaluation_dataset`.
 
+A split packed by ``oi-ray pack`` is read from its Parquet shards by the workers
+(:mod:`oi_ray.data.shards`) and decoded the same way, so it gives the same pictures.
+
 Batches carry ``row`` (CSV row index), ``target`` (1 defect, 0 PASS, -1 unlabeled) and
 ``test`` / ``golden``: tiled uint8 ``(B, H', W', 3)`` pictures, which
 :class:`oi_ray.model.inputs.InputNormalizer` turns into model inputs on the model's device.
@@ -22,6 +25,7 @@ from ray.data import Dataset
 from oi_ray.config.schema import AugmentationConfig, DatasetConfig
 from oi_ray.data.assemble import RESIZE_AUGMENT, RESIZE_PLAIN, InputGeometry, assemble, read_stack
 from oi_ray.data.pairs import PairTable
+from oi_ray.data.shards import GOLDEN_IMAGES, ROW, TARGET, TEST_IMAGES, PackedShards, ordered, read_row_group
 from oi_ray.storage import is_uri
 
 DECODE_BATCH_ROWS = 32
@@ -84,6 +88,8 @@ def tile_batch(batch: dict[str, np.ndarray], geometry: InputGeometry) -> dict[st
 
 def _decoded(table: PairTable, spec: PipelineSpec, resample, *, tiled: bool) -> Dataset:
     """Decoded pairs of ``table``: lighting stacks, or tiled pictures (one task does both)."""
+    if table.shards is not None:
+        return _decoded_shards(table.shards, spec, resample, tiled=tiled)
     frame = table.pipeline_frame()
     blocks = [frame.iloc[start:start + ROWS_PER_BLOCK] for start in range(0, len(frame), ROWS_PER_BLOCK)]
     return ray.data.from_pandas(blocks).map_batches(
@@ -97,6 +103,32 @@ def _decode_batch(batch: dict[str, np.ndarray], geometry: InputGeometry, resampl
     decoded = {"row": batch["row"], "target": batch["target"],
                "test": _read_sides(batch["test_paths"], geometry, resample),
                "golden": _read_sides(batch["golden_paths"], geometry, resample)}
+    return tile_batch(decoded, geometry) if tiled else decoded
+
+
+def _decoded_shards(shards: PackedShards, spec: PipelineSpec, resample, *, tiled: bool) -> Dataset:
+    """Decoded pairs of a packed split: each task reads one row group of a shard (a few large
+    reads, in the workers) and decodes its bytes."""
+    groups = [{"shard": shards.files[index], "group": group} for index, group in shards.row_groups]
+    return ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
+        _decode_row_group, fn_kwargs={"folder": shards.folder, "light_order": shards.light_order,
+                                      "geometry": spec.geometry, "resample": resample, "tiled": tiled},
+        batch_size=1, batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(size=min(spec.tasks, len(groups))))
+
+
+def _decode_row_group(unit: dict[str, np.ndarray], folder: str, light_order: tuple[int, ...],
+                      geometry: InputGeometry, resample, tiled: bool) -> dict[str, np.ndarray]:
+    batch = read_row_group(str(unit["shard"][0]), int(unit["group"][0]),
+                           [ROW, TARGET, TEST_IMAGES, GOLDEN_IMAGES])
+    rows = batch.column(ROW).to_numpy()
+    decoded = {"row": rows, "target": batch.column(TARGET).to_numpy()}
+    for side, column in (("test", TEST_IMAGES), ("golden", GOLDEN_IMAGES)):
+        decoded[side] = np.stack([
+            read_stack(ordered(images, light_order), geometry, resample,
+                       names=[f"{side} image {light + 1} of CSV row {row + 1} in {folder}"
+                              for light in light_order])
+            for row, images in zip(rows, batch.column(column).to_pylist(), strict=True)])
     return tile_batch(decoded, geometry) if tiled else decoded
 
 

@@ -5,7 +5,9 @@ for inference; extra columns are kept). Each row names one test image set and it
 image set; the image of lighting ``L`` is
 ``images_dir / input_path / f"{object_name}_{L}{image_ext}"`` (without ``_{L}`` when the spec
 has no ``input_map``); an absolute ``input_path`` / ``golden_path`` overrides ``images_dir``.
-The CSV and the images may sit in a bucket (``s3://``, ``gs://``: :mod:`oi_ray.storage`).
+The CSV and the images may sit in a bucket (``s3://``, ``gs://``: :mod:`oi_ray.storage`), and
+a split may instead be read from the shards ``oi-ray pack`` wrote (``dataset.<split>.shards``:
+:mod:`oi_ray.data.shards`).
 
 Every problem (bad columns, labels, duplicated rows, missing or unreadable images) is
 collected and reported together, naming the file, row, column and path. Images are found by
@@ -29,7 +31,8 @@ import pandas as pd
 from PIL import Image
 
 from oi_ray.config.schema import DatasetConfig
-from oi_ray.data.assemble import truncation_problem
+from oi_ray.data.assemble import ImageSource, truncation_problem
+from oi_ray.data.shards import PackedShards, open_packed, read_packed_sides
 from oi_ray.errors import ConfigError, DataError
 from oi_ray.storage import check_store, file_size, is_folder, is_uri, join, list_files, read_bytes
 
@@ -65,11 +68,12 @@ class ImageNaming:
 class PairTable:
     """A validated pairs CSV with the image paths of every row resolved."""
 
-    csv_path: str  # a local path or a URI
+    source: str  # the CSV, or the folder of a packed split: a local path or a URI
     rows: pd.DataFrame  # the CSV as read: every column, as strings, in file order
-    test_paths: list[list[str]]  # per row, one path per lighting
+    test_paths: list[list[str]]  # per row, one path per lighting (packed: where they were packed from)
     golden_paths: list[list[str]]
     targets: np.ndarray  # int8 per row: 1 defect, 0 PASS, UNLABELED (-1) without labels
+    shards: PackedShards | None = None  # a packed split: the pipelines read the images from these
 
     @property
     def has_labels(self) -> bool:
@@ -83,7 +87,7 @@ class PairTable:
         if column in self.rows.columns:
             return
         close = difflib.get_close_matches(column, list(self.rows.columns), n=1)
-        raise ConfigError(f"{key}={column!r}: {self.csv_path} has no column {column!r}; its columns are "
+        raise ConfigError(f"{key}={column!r}: {self.source} has no column {column!r}; its columns are "
                           f"{list(self.rows.columns)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
 
     def label_counts(self) -> dict[str, int]:
@@ -97,6 +101,13 @@ class PairTable:
         """How many distinct golden sides (sets of lighting files) the pairs name."""
         return len({tuple(paths) for paths in self.golden_paths})
 
+    def sides(self, indices: Sequence[int]) -> tuple[list[list[ImageSource]], list[list[ImageSource]]]:
+        """The images of the rows ``indices`` (test sides, golden sides), one per lighting: their
+        paths, or their encoded bytes from a packed split's shards."""
+        if self.shards is not None:
+            return read_packed_sides(self.shards, indices)
+        return [self.test_paths[index] for index in indices], [self.golden_paths[index] for index in indices]
+
     def pipeline_frame(self) -> pd.DataFrame:
         """The columns the Ray Data pipeline needs: row, test_paths, golden_paths, target."""
         return pd.DataFrame({
@@ -108,13 +119,18 @@ class PairTable:
 
 
 def first_configured_split(dataset: DatasetConfig, splits: Sequence[str]) -> str | None:
-    """The first of ``splits`` (e.g. ``"test_dataset"``) whose ``csv_path`` the spec sets."""
-    return next((split for split in splits if getattr(dataset, split).csv_path), None)
+    """The first of ``splits`` (e.g. ``"test_dataset"``) whose pairs the spec names (by ``csv_path``
+    or ``shards``)."""
+    return next((split for split in splits if getattr(dataset, split).is_set), None)
 
 
 def load_split(dataset: DatasetConfig, split: str, *, require_labels: bool = True) -> PairTable:
-    """Load and validate the spec's ``dataset.<split>`` with its image naming."""
+    """Load and validate the spec's ``dataset.<split>`` with its image naming: a CSV and its
+    images, or the shards ``oi-ray pack`` wrote."""
     paths = getattr(dataset, split)
+    if paths.shards:
+        return load_packed(paths.shards, ImageNaming.from_config(dataset), require_labels=require_labels,
+                           key=f"dataset.{split}.shards")
     return load_pairs(paths.csv_path, paths.images_dir, ImageNaming.from_config(dataset),
                       require_labels=require_labels, images_dir_key=f"dataset.{split}.images_dir",
                       csv_key=f"dataset.{split}.csv_path")
@@ -167,6 +183,25 @@ def load_pairs(
     table = PairTable(csv_path, frame, test_paths, golden_paths, targets)
     counts = ", ".join(f"{label} {count}" for label, count in table.label_counts().items())
     log.info("%s: %d pairs%s", csv_path, len(table), f" ({counts})" if counts else "")
+    return table
+
+
+def load_packed(folder: str, naming: ImageNaming, *, require_labels: bool = True,
+                key: str = "shards") -> PairTable:
+    """A split that ``oi-ray pack`` wrote into ``folder``, checked as :func:`open_packed` says; its
+    labels are checked as a CSV's (the images were checked when it was packed)."""
+    manifest, shards, frame = open_packed(str(folder), naming.lights, key)
+    if require_labels and LABEL_COLUMN not in frame.columns:
+        raise DataError(f"{key}: the pairs in {folder} have no {LABEL_COLUMN!r} column "
+                        f"({manifest.csv_path} had none when it was packed)")
+    problems = _Problems(str(folder))
+    targets = _label_targets(frame, problems)
+    problems.raise_if_any()
+    recorded = ImageNaming(naming.lights, manifest.image_ext)
+    table = PairTable(shards.folder, frame, _image_paths(frame, "input_path", manifest.images_dir, recorded),
+                      _image_paths(frame, "golden_path", manifest.images_dir, recorded), targets, shards)
+    log.info("%s: %d pairs packed in %d shards from %s", shards.folder, len(table), len(shards.files),
+             manifest.csv_path)
     return table
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from oi_ray.config.schema import ExperimentConfig
+from oi_ray.config.schema import DATASET_SPLITS, ExperimentConfig
 from oi_ray.data.dataset import PipelineSpec, decode_cache, evaluation_dataset
 from oi_ray.data.epochs import CacheReader, epoch_plan, training_batches
 from oi_ray.data.pairs import ImageNaming, PairTable, load_split
@@ -23,8 +23,6 @@ from oi_ray.runtime import ray_session
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train_dataset", "validation_dataset", "test_dataset", "infer_dataset")
-
 
 def run(config: ExperimentConfig) -> None:
     """Validate all configured splits, then run them through Ray Data and report."""
@@ -32,10 +30,11 @@ def run(config: ExperimentConfig) -> None:
     naming = ImageNaming.from_config(dataset)
     tables: dict[str, PairTable] = {
         split: load_split(dataset, split, require_labels=split != "infer_dataset")
-        for split in SPLITS if getattr(dataset, split).csv_path
+        for split in DATASET_SPLITS if getattr(dataset, split).is_set
     }
     if not tables:
-        raise ConfigError(f"no dataset split is set: give dataset.<split>.csv_path for one of {SPLITS}")
+        raise ConfigError("no dataset split is set: give dataset.<split>.csv_path (or .shards) for one of "
+                          f"{DATASET_SPLITS}")
 
     spec = PipelineSpec.from_config(dataset)
     shape = "x".join(map(str, spec.geometry.input_shape))

@@ -89,7 +89,7 @@ def run(config: ExperimentConfig) -> None:
                          columns={"evaluate.group_by": group_by} if group_by is not None else None)
     distances, targets = scored.scores.distances, scored.scores.targets
     if targets.min() == targets.max():
-        raise DataError(f"{scored.table.csv_path}: evaluation needs PASS and defect rows; "
+        raise DataError(f"{scored.table.source}: evaluation needs PASS and defect rows; "
                         f"all {len(targets)} rows are {'defects' if targets[0] == 1 else 'PASS'}")
     report = build_report(config, scored)
     results_dir = storage.output_folder(config.evaluate.results_dir)
@@ -118,7 +118,7 @@ def build_report(config: ExperimentConfig, scored: ScoringRun) -> dict[str, Any]
     top_false_alarms = _listed(scored, np.flatnonzero(targets == 0), lowest=False, group_by=group_by)
     return {
         "checkpoint": scored.model_file,
-        "dataset": str(scored.table.csv_path),
+        "dataset": str(scored.table.source),
         "split": scored.split,
         "pairs": int(len(targets)),
         "defects": int((targets == 1).sum()),
@@ -295,8 +295,8 @@ def _write_montage(config: ExperimentConfig, scored: ScoringRun, report: dict[st
     shown += [("missed defect" if not pair["flagged"] else "weak defect", pair)
               for pair in report["weakest_defects"][:SHOWN_PAIRS]]
     indices = [pair["row"] - 1 for _, pair in shown]
-    tests = read_pictures([scored.table.test_paths[index] for index in indices], geometry)
-    goldens = read_pictures([scored.table.golden_paths[index] for index in indices], geometry)
+    test_sides, golden_sides = scored.table.sides(indices)
+    tests, goldens = read_pictures(test_sides, geometry), read_pictures(golden_sides, geometry)
     pairs = [MontagePair(f"{kind}, row {pair['row']} {pair['label']} {pair['object_name']}, "
                          f"distance {pair['distance']:.4g}", test, golden)
              for (kind, pair), test, golden in zip(shown, tests, goldens, strict=True)]

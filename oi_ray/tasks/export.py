@@ -237,9 +237,8 @@ def _verification_inputs(config: ExperimentConfig, geometry: InputGeometry,
     split = first_configured_split(config.dataset, VERIFICATION_SPLITS)
     if split is not None:
         table = load_split(config.dataset, split, require_labels=False)
-        rows = [index % len(table) for index in range(batch)]
-        return (normalize(read_pictures([table.test_paths[row] for row in rows], geometry)),
-                normalize(read_pictures([table.golden_paths[row] for row in rows], geometry)))
+        tests, goldens = table.sides([index % len(table) for index in range(batch)])
+        return normalize(read_pictures(tests, geometry)), normalize(read_pictures(goldens, geometry))
     generator = np.random.default_rng(0)
     _, height, width = geometry.input_shape
     return tuple(normalize(generator.integers(0, 256, (batch, height, width, 3), dtype=np.uint8))

@@ -63,7 +63,7 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *, r
                                           f"and the Ray cluster has no GPU; score the .onnx model instead")
         actors = section.num_gpus if use_gpu else 1
         log.info("scoring %d pairs of %s with %s on %d %s replica(s), batch %d%s", len(table),
-                 table.csv_path, checkpoint, actors, "GPU" if use_gpu else "CPU", batch_size,
+                 table.source, checkpoint, actors, "GPU" if use_gpu else "CPU", batch_size,
                  f"; {table.distinct_goldens()} distinct goldens, each embedded once"
                  if model.scores_in_halves else "")
         if use_gpu and checkpoint.suffix in ONNX_SUFFIXES and not onnxruntime_has_cuda():
@@ -80,7 +80,7 @@ def score_split(config: ExperimentConfig, task: str, splits: Sequence[str], *, r
 def _choose_split(config: ExperimentConfig, task: str, splits: Sequence[str]) -> str:
     split = first_configured_split(config.dataset, splits)
     if split is None:
-        wanted = " or ".join(f"dataset.{name}.csv_path" for name in splits)
+        wanted = " or ".join(f"dataset.{name}.csv_path (or .shards)" for name in splits)
         raise ConfigError(f"{task} needs a dataset: set {wanted}")
     if split != splits[0]:
         log.info("dataset.%s is not set: %s uses dataset.%s", splits[0], task, split)

@@ -72,7 +72,7 @@ def _fit(config: ExperimentConfig, pipeline: PipelineSpec, train_table: PairTabl
     train = config.train
     use_gpu = uses_gpus(config.ray)
     workers = config.ray.num_workers or (train.num_gpus if use_gpu else 1)
-    check_batches(len(train_table), train_table.csv_path, config.dataset.batch_size, workers)
+    check_batches(len(train_table), train_table.source, config.dataset.batch_size, workers)
     if pipeline.augmentation is not None:
         _check_cpus(config, workers)
     check_shared(shared_training_paths(config, results_dir, train_table),

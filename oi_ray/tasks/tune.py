@@ -121,7 +121,7 @@ def _check_search(config: ExperimentConfig, base: dict[str, Any]) -> None:
         if settings.search_alg == SearchAlg.OPTUNA and entry.type == SearchType.GRID:
             problems.append(f"tune.search_space.{key}: optuna draws every value itself and takes no grid "
                             f"entries; use type choice")
-    if settings.metric.startswith("val_") and not config.dataset.validation_dataset.csv_path:
+    if settings.metric.startswith("val_") and not config.dataset.validation_dataset.is_set:
         problems.append(f"tune.metric={settings.metric} needs dataset.validation_dataset")
     if problems:
         raise ConfigError("invalid sweep:\n" + "\n".join(f"  - {problem}" for problem in problems))

@@ -41,10 +41,10 @@ def resume_point(config: ExperimentConfig, results_dir: str) -> tuple[str | None
 def load_tables(config: ExperimentConfig) -> tuple[PairTable, PairTable | None]:
     """The training split and the validation split (None, with a warning, when it is not set)."""
     dataset = config.dataset
-    if not dataset.train_dataset.csv_path:
-        raise ConfigError("dataset.train_dataset.csv_path is not set")
+    if not dataset.train_dataset.is_set:
+        raise ConfigError("dataset.train_dataset.csv_path is not set (nor dataset.train_dataset.shards)")
     train_table = load_split(dataset, "train_dataset")
-    if not dataset.validation_dataset.csv_path:
+    if not dataset.validation_dataset.is_set:
         log.warning("dataset.validation_dataset is not set: no validation metrics and no calibrated "
                     "threshold (evaluate and inference will decide with model.margin)")
         return train_table, None
@@ -62,7 +62,10 @@ def check_batches(pairs: int, source: str | Path, batch_size: int, workers: int)
 
 
 def shared_images(train_table: PairTable) -> SharedPath:
-    """The training images, as every node must see them: the split's first image stands for them."""
+    """The training images, as every node must see them: the split's first image (or shard)
+    stands for them."""
+    if train_table.shards is not None:
+        return SharedPath("dataset.train_dataset.shards", train_table.shards.files[0], is_folder=False)
     return SharedPath("dataset.train_dataset.images_dir", train_table.test_paths[0][0], is_folder=False)
 
 
