@@ -158,6 +158,24 @@ def list_files(folder: str) -> dict[str, int]:
     return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
 
 
+def list_tree(folder: str) -> dict[str, dict[str, int]]:
+    """Every file under the bucket folder ``folder``, at any depth, by the folder holding it
+    (``{folder URI: {name: size}}``): one flat listing, a request per 1,000 files, however
+    many folders they sit in."""
+    filesystem, path = resolve(folder)
+    scheme = folder.split("://", 1)[0]
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as error:
+        raise _store_error(folder, error) from None
+    tree: dict[str, dict[str, int]] = {}
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            parent_path, base_name = info.path.rsplit("/", 1)
+            tree.setdefault(f"{scheme}://{parent_path}", {})[base_name] = info.size
+    return tree
+
+
 def check_store(location: str, key: str) -> None:
     """A missing bucket or credentials the store refuses, said once for the spec ``key``."""
     if not is_uri(location):

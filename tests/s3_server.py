@@ -4,28 +4,70 @@ variables, so oi-ray's own code path is the production one."""
 
 import logging
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import requests
+from helpers import free_port
 
+SERVER_START_S = 30
 S3_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
 @contextmanager
 def s3_server(*buckets: str) -> Iterator[str]:
-    """Start the server on a free loopback port with ``buckets`` in it, point this process's
-    environment (and so the Ray processes started after it) at it; yield its endpoint URL.
-    Stops the server and restores the environment afterwards."""
-    import boto3
+    """Start the server in this process on a free loopback port with ``buckets`` in it, point
+    this process's environment (and so the Ray processes started after it) at it; yield its
+    endpoint URL. Stops the server and restores the environment afterwards."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    try:
+        with _reached_at(f"http://{host}:{port}", buckets) as endpoint:
+            yield endpoint
+    finally:
+        server.stop()
+
+
+@contextmanager
+def s3_server_process(log: Path, *buckets: str) -> Iterator[str]:
+    """The same server as its own process (its own interpreter lock: for loads heavier than a
+    test's), logging a line per request into ``log``; stopped by its process id."""
+    port = free_port()
+    with open(log, "w") as output:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=output, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                requests.get(endpoint, timeout=1)
+                break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"moto's server did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        with _reached_at(endpoint, buckets):
+            yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@contextmanager
+def _reached_at(endpoint: str, buckets: tuple[str, ...]) -> Iterator[str]:
+    """Point this process's environment at ``endpoint`` and make ``buckets`` there."""
+    import boto3
+
     saved = {name: os.environ.get(name) for name in S3_ENVIRONMENT}
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="oi-ray-test",
                       AWS_SECRET_ACCESS_KEY="oi-ray-test", AWS_DEFAULT_REGION="us-east-1")
@@ -40,7 +82,27 @@ def s3_server(*buckets: str) -> Iterator[str]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        server.stop()
+
+
+@contextmanager
+def requests_served() -> Iterator[list[str]]:
+    """The request lines the server answers inside the block (``GET /bucket?list-type=2&...``),
+    in order, and none printed: the server logs each one through werkzeug's logger."""
+    lines: list[str] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("werkzeug")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    logger.handlers, logger.propagate = [Recorder()], False
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.handlers, _, logger.propagate = saved
+        logger.setLevel(saved[1])
 
 
 def upload_folder(folder: Path, uri: str) -> None:

@@ -123,3 +123,27 @@ def test_ray_data_reads_the_bucket_in_its_workers_with_the_same_pictures(dataset
         assert str(find_user_error(error.value)).startswith(f"cannot decode image {gone}")
     finally:
         storage.write_atomically(gone, (images / "boards/b4/R7_SolderLight.png").read_bytes())
+
+
+def test_many_board_folders_in_a_bucket_are_checked_by_one_flat_listing(s3, tmp_path):
+    from s3_server import requests_served
+
+    boards = 40  # more than TREE_LISTING_FOLDERS: one folder per board, as on a line
+    rows = [(f"boards/b{board}", "golden/p1", f"R{part}", "PASS") for board in range(boards) for part in range(2)]
+    write_pair_dataset(tmp_path, rows, lights=("WhiteLight",), size=(4, 4))
+    prefix = f"s3://{BUCKET}/line9"
+    upload_folder(tmp_path, prefix)
+    naming = ImageNaming(lights=("WhiteLight",), image_ext=".png")
+    with requests_served() as served:
+        table = load_pairs(f"{prefix}/pairs.csv", f"{prefix}/images", naming)
+    assert len(table) == 2 * boards
+    listings = [line for line in served if "list-type=" in line and "max-keys=1000" in line]
+    assert len(listings) == 1, f"one listing, not one per folder: {served}"
+    assert "prefix=line9/images/" in listings[0] and "delimiter" not in listings[0], "flat, under images_dir"
+    assert len(served) <= 8, f"the CSV, the bucket and images_dir checked, one listing: {served}"
+
+    missing = f"{prefix}/images/boards/b{boards - 1}/R1_WhiteLight.png"
+    resolved, path = storage.resolve(missing)
+    resolved.delete_file(path)
+    with pytest.raises(DataError, match=f"row {2 * boards} .*column 'input_path': image not found: {missing}"):
+        load_pairs(f"{prefix}/pairs.csv", f"{prefix}/images", naming)

@@ -34,7 +34,7 @@ from oi_ray.config.schema import DatasetConfig
 from oi_ray.data.assemble import ImageSource, truncation_problem
 from oi_ray.data.shards import PackedShards, open_packed, read_packed_sides
 from oi_ray.errors import ConfigError, DataError
-from oi_ray.storage import check_store, file_size, is_folder, is_uri, join, list_files, read_bytes
+from oi_ray.storage import check_store, file_size, is_folder, is_uri, join, list_files, list_tree, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ PASS_LABEL = "PASS"
 UNLABELED = -1
 MAX_LISTED_PROBLEMS = 20
 TRAILER_BYTES = 16  # read from the end of each image to spot a truncated file
+LISTING_THREADS = 16  # folders of a bucket listed at once
+TREE_LISTING_FOLDERS = 32  # more folders in a bucket than this: one listing of their parent
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,7 @@ def _check_images(
             for path in paths:
                 if path not in first_use:
                     first_use[path] = (row, column)
+    index.list_all({_folder_and_name(path)[0] for path in first_use})
     existing = []
     for path, (row, column) in first_use.items():
         size = index.size(path)
@@ -333,6 +336,19 @@ class _DirectoryIndex:
     def __init__(self) -> None:
         self._files: dict[str, dict[str, int]] = {}
 
+    def list_all(self, folders: set[str]) -> None:
+        """List ``folders`` now. In a bucket a dataset has a folder per board: past
+        TREE_LISTING_FOLDERS of them, one flat listing of their common parent (a request per
+        1,000 images) replaces a listing per folder; fewer are listed LISTING_THREADS at a time."""
+        remote = sorted(folder for folder in folders if is_uri(folder) and folder not in self._files)
+        common = os.path.commonprefix([f"{folder}/" for folder in remote]).rsplit("/", 1)[0]
+        if len(remote) > TREE_LISTING_FOLDERS and common.count("/") > 2:  # a folder, not the scheme
+            tree = list_tree(common)
+            self._files.update({folder: tree.get(folder, {}) for folder in remote})
+            return
+        with ThreadPoolExecutor(max_workers=LISTING_THREADS) as pool:
+            self._files.update(zip(remote, pool.map(list_files, remote), strict=True))
+
     def names(self, folder: str) -> dict[str, int]:
         if folder not in self._files:
             self._files[folder] = list_files(folder)
@@ -340,8 +356,12 @@ class _DirectoryIndex:
 
     def size(self, path: str) -> int | None:
         """The file's size, or None when its folder does not list it."""
-        folder, name = path.rsplit("/", 1) if is_uri(path) else os.path.split(path)
+        folder, name = _folder_and_name(path)
         return self.names(folder).get(name)
+
+
+def _folder_and_name(path: str) -> tuple[str, str]:
+    return tuple(path.rsplit("/", 1)) if is_uri(path) else os.path.split(path)
 
 
 def _open_error(path: str) -> str | None:
@@ -366,7 +386,7 @@ def _missing_image_hint(path: str, root: str, naming: ImageNaming, index: _Direc
     prefix = root.rstrip("/") + ("/" if is_uri(root) else os.sep)
     if path.startswith(prefix) and index.size(join(root, "images", path[len(prefix):])) is not None:
         return f"the images are one level deeper: set images_dir to {join(root, 'images')}"
-    folder, name = path.rsplit("/", 1) if is_uri(path) else os.path.split(path)
+    folder, name = _folder_and_name(path)
     stem = Path(name).stem
     same_stem = sorted(n for n in index.names(folder) if Path(n).stem == stem)
     if same_stem:

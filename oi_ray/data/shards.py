@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from oi_ray.errors import DataError
-from oi_ray.storage import check_store, file_size, join, list_files, read_bytes, resolve
+from oi_ray.storage import absolute, check_store, file_size, join, list_files, read_bytes, resolve
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "oi-ray packed pairs"
@@ -96,6 +96,7 @@ def open_packed(folder: str, lights: Sequence[str],
 
     Checks, before any Ray work: a manifest is there, every shard it lists is there at its size
     (one listing), the shards hold the spec's lightings and every CSV row exactly once."""
+    folder = absolute(folder)
     check_store(folder, key)
     location = join(folder, MANIFEST_NAME)
     if file_size(location) is None:
