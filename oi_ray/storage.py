@@ -86,7 +86,8 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), os.path.abspath(local_path(location))
     parts = urlsplit(location)
     endpoint = os.environ.get("AWS_ENDPOINT_URL") if parts.scheme == "s3" else None
-    return _store(parts.scheme, parts.netloc, endpoint), f"{parts.netloc}{parts.path}".rstrip("/")
+    bucket = parts.netloc.rsplit("@", 1)[-1]  # s3://anonymous@bucket/...: unsigned requests
+    return _store(parts.scheme, parts.netloc, endpoint), f"{bucket}{parts.path}".rstrip("/")
 
 
 @functools.cache

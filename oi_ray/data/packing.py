@@ -63,7 +63,7 @@ def pack_split(table: PairTable, split: str, images_dir: str, naming: ImageNamin
     check_packable(table)
     before = set(list_files(folder))
     frame = table.rows.assign(**{ROW: np.arange(len(table), dtype=np.int64), TARGET: table.targets,
-                                 "test_paths": table.test_paths, "golden_paths": table.golden_paths})
+                                 TEST_IMAGES: table.test_paths, GOLDEN_IMAGES: table.golden_paths})
     blocks = [frame.iloc[start:start + FETCH_ROWS] for start in range(0, len(frame), FETCH_ROWS)]
     filesystem, path = resolve(folder)
     ray.data.from_pandas(blocks).map_batches(
@@ -91,8 +91,9 @@ def pack_split(table: PairTable, split: str, images_dir: str, naming: ImageNamin
 
 
 def _fetch_batch(batch: pd.DataFrame, columns: list[str]) -> pa.Table:
-    """A batch of pairs with every image's encoded bytes, as the shards hold them."""
-    paths = [*batch["test_paths"], *batch["golden_paths"]]
+    """A batch of pairs, their images' locations replaced by the encoded bytes, as the shards
+    hold them."""
+    paths = [*batch[TEST_IMAGES], *batch[GOLDEN_IMAGES]]
     if any(is_uri(side[0]) for side in paths):
         with ThreadPoolExecutor(FETCH_THREADS) as pool:
             images = list(pool.map(lambda side: [read_bytes(location) for location in side], paths))
