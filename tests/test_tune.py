@@ -71,11 +71,12 @@ def test_cli_refuses_a_bad_sweep_in_one_message(capsys, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("tune:\n  search_space:\n    model.margin: {type: uniform, low: 2, high: 1}\n"
                     "    train.optim.lr: {type: loguniform, low: -1, high: 0.1}\n")
-    assert main(["tune", "-e", str(spec)]) == 1
+    assert main(["tune", "-e", str(spec), "tune.results_dir=s3://aoi/sweeps"]) == 1
     error = capsys.readouterr().err
     assert error.startswith("oi-ray tune: error: invalid sweep:")
     assert "tune.search_space.model.margin: low=2.0 is above high=1.0" in error
     assert "tune.search_space.train.optim.lr: loguniform needs low > 0" in error
+    assert "tune.results_dir=s3://aoi/sweeps: a sweep writes into a local folder" in error
 
 
 def test_best_delivers_the_checkpoint_of_the_epoch_that_was_judged(tmp_path):

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from oi_ray import storage
 from oi_ray.config.schema import (
     ExperimentConfig,
     RayConfig,
@@ -121,6 +122,9 @@ def _check_search(config: ExperimentConfig, base: dict[str, Any]) -> None:
         if settings.search_alg == SearchAlg.OPTUNA and entry.type == SearchType.GRID:
             problems.append(f"tune.search_space.{key}: optuna draws every value itself and takes no grid "
                             f"entries; use type choice")
+    if storage.is_uri(settings.results_dir):
+        problems.append(f"tune.results_dir={settings.results_dir}: a sweep writes into a local folder (on a "
+                        f"cluster, one that every node mounts); its trials' data may sit in a bucket")
     if settings.metric.startswith("val_") and not config.dataset.validation_dataset.is_set:
         problems.append(f"tune.metric={settings.metric} needs dataset.validation_dataset")
     if problems:
