@@ -164,16 +164,16 @@ def list_tree(folder: str) -> dict[str, dict[str, int]]:
     (``{folder URI: {name: size}}``): one flat listing, a request per 1,000 files, however
     many folders they sit in."""
     filesystem, path = resolve(folder)
-    scheme = folder.split("://", 1)[0]
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as error:
         raise _store_error(folder, error) from None
     tree: dict[str, dict[str, int]] = {}
     for info in infos:
-        if info.type == pafs.FileType.File:
-            parent_path, base_name = info.path.rsplit("/", 1)
-            tree.setdefault(f"{scheme}://{parent_path}", {})[base_name] = info.size
+        if info.type == pafs.FileType.File:  # named under ``folder`` as given (s3://anonymous@... too)
+            within = info.path[len(path):].strip("/")
+            holder = join(folder, within.rsplit("/", 1)[0]) if "/" in within else folder.rstrip("/")
+            tree.setdefault(holder, {})[info.base_name] = info.size
     return tree
 
 

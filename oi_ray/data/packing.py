@@ -18,7 +18,7 @@ import ray.data
 from ray.data.datasource import FilenameProvider
 
 from oi_ray import __version__
-from oi_ray.data.pairs import LABEL_COLUMN, ImageNaming, PairTable
+from oi_ray.data.pairs import ImageNaming, PairTable
 from oi_ray.data.shards import (
     GOLDEN_IMAGES,
     MANIFEST_NAME,
@@ -81,7 +81,7 @@ def pack_split(table: PairTable, split: str, images_dir: str, naming: ImageNamin
     manifest = Manifest(
         split=split, csv_path=table.source, images_dir=images_dir, lights=list(naming.lights),
         image_ext=naming.image_ext, columns=[str(column) for column in table.rows.columns], pairs=len(table),
-        defects=int((table.targets == 1).sum()) if LABEL_COLUMN in table.rows.columns else 0, files=files,
+        defects=int((table.targets == 1).sum()) if table.has_labels else 0, files=files,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), oi_ray_version=__version__)
     write_atomically(join(folder, MANIFEST_NAME), manifest.to_json())
     for stale in sorted(name for name in before if name.endswith(SHARD_SUFFIX) and name not in written):

@@ -34,7 +34,18 @@ from oi_ray.config.schema import DatasetConfig
 from oi_ray.data.assemble import ImageSource, truncation_problem
 from oi_ray.data.shards import PackedShards, open_packed, read_packed_sides
 from oi_ray.errors import ConfigError, DataError
-from oi_ray.storage import check_store, file_size, is_folder, is_uri, join, list_files, list_tree, read_bytes
+from oi_ray.storage import (
+    check_store,
+    file_size,
+    is_folder,
+    is_uri,
+    join,
+    list_files,
+    list_tree,
+    name,
+    parent,
+    read_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +297,8 @@ def _is_absolute(path: str) -> bool:
 def _image_paths(frame: pd.DataFrame, column: str, root: str, naming: ImageNaming) -> list[list[str]]:
     """Each row's image locations; an absolute path or a URI in the CSV overrides ``root``."""
     return [
-        [join(folder if _is_absolute(folder) else join(root, folder), name)
-         for name in naming.file_names(object_name)]
+        [join(folder if _is_absolute(folder) else join(root, folder), file_name)
+         for file_name in naming.file_names(object_name)]
         for folder, object_name in zip(frame[column], frame["object_name"], strict=True)
     ]
 
@@ -308,7 +319,7 @@ def _check_images(
             for path in paths:
                 if path not in first_use:
                     first_use[path] = (row, column)
-    index.list_all({_folder_and_name(path)[0] for path in first_use})
+    index.list_all({parent(path) for path in first_use})
     existing = []
     for path, (row, column) in first_use.items():
         size = index.size(path)
@@ -356,12 +367,7 @@ class _DirectoryIndex:
 
     def size(self, path: str) -> int | None:
         """The file's size, or None when its folder does not list it."""
-        folder, name = _folder_and_name(path)
-        return self.names(folder).get(name)
-
-
-def _folder_and_name(path: str) -> tuple[str, str]:
-    return tuple(path.rsplit("/", 1)) if is_uri(path) else os.path.split(path)
+        return self.names(parent(path)).get(name(path))
 
 
 def _open_error(path: str) -> str | None:
@@ -386,8 +392,8 @@ def _missing_image_hint(path: str, root: str, naming: ImageNaming, index: _Direc
     prefix = root.rstrip("/") + ("/" if is_uri(root) else os.sep)
     if path.startswith(prefix) and index.size(join(root, "images", path[len(prefix):])) is not None:
         return f"the images are one level deeper: set images_dir to {join(root, 'images')}"
-    folder, name = _folder_and_name(path)
-    stem = Path(name).stem
+    folder = parent(path)
+    stem = Path(name(path)).stem
     same_stem = sorted(n for n in index.names(folder) if Path(n).stem == stem)
     if same_stem:
         return (f"images exist with extension {Path(same_stem[0]).suffix}: "
