@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import requests
-from helpers import free_port
 
 SERVER_START_S = 30
 S3_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
@@ -38,13 +37,19 @@ def s3_server(*buckets: str) -> Iterator[str]:
 
 
 @contextmanager
-def s3_server_process(log: Path, *buckets: str) -> Iterator[str]:
+def s3_server_process(log: Path, *buckets: str, preload: Path | None = None) -> Iterator[str]:
     """The same server as its own process (its own interpreter lock: for loads heavier than a
-    test's), logging a line per request into ``log``; stopped by its process id."""
+    test's), logging a line per request into ``log``; stopped by its process id.
+
+    ``preload``: a file of ``bucket/key<TAB>local file`` lines, put into the server's memory
+    before it listens (a benchmark's setup at memory speed; moto takes ~80 PUTs/s over HTTP).
+    Their buckets are made there; ``buckets`` names only the others."""
+    from helpers import free_port  # here: the server process runs this file without oi_ray's imports
+
     port = free_port()
+    command = [sys.executable, __file__, str(port), *([str(preload)] if preload else [])]
     with open(log, "w") as output:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=output, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_S
@@ -105,8 +110,29 @@ def requests_served() -> Iterator[list[str]]:
         logger.setLevel(saved[1])
 
 
+def _serve(port: int, preload: Path | None) -> None:
+    """Run moto's server on 127.0.0.1:``port`` (a request line each on stderr), after putting
+    the objects ``preload`` lists straight into its S3 backend."""
+    import moto.server
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    for line in preload.read_text().splitlines() if preload else []:
+        target, source = line.split("\t")
+        bucket, key = target.split("/", 1)
+        if bucket not in backend.buckets:
+            backend.create_bucket(bucket, "us-east-1")
+        backend.put_object(bucket, key, Path(source).read_bytes())
+    moto.server.main(["-H", "127.0.0.1", "-p", str(port)])
+
+
 def upload_folder(folder: Path, uri: str) -> None:
     """Copy every file under the local ``folder`` to the ``s3://`` prefix ``uri``."""
     target, prefix = pafs.FileSystem.from_uri(uri)
     pafs.copy_files(str(folder), prefix, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=target)
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)

@@ -131,11 +131,38 @@ def test_a_few_edge_pixels_at_the_border_of_a_uniform_tile_score_below_a_small_l
     assert edge_on_uniform == pytest.approx(edge_on_board, rel=0.1)  # not amplified by the flat tile
 
 
+def _clamped_window_minimum(source: torch.Tensor, target: torch.Tensor, neighbourhood: int) -> torch.Tensor:
+    """The definition, position by position: the smallest squared distance from each ``source``
+    feature to the ``target`` features in the window around it, clamped at the edges."""
+    reach, (height, width) = neighbourhood // 2, source.shape[-2:]
+    nearest = torch.full(source[:, 0].shape, torch.inf)
+    for row in range(height):
+        for column in range(width):
+            window = target[..., max(0, row - reach):row + reach + 1, max(0, column - reach):column + reach + 1]
+            squared = (window - source[..., row:row + 1, column:column + 1]).pow(2).sum(dim=1)
+            nearest[:, row, column] = squared.flatten(1).amin(dim=1)
+    return nearest
+
+
+@pytest.mark.parametrize("neighbourhood", [3, 5])
+def test_scoring_matches_both_ways_from_one_pass_exactly(neighbourhood):
+    """Scoring computes each shift's distances once for both sides: each side must equal the
+    clamped-window minimum by definition, edges and corners included."""
+    model = _model(neighbourhood=neighbourhood).eval()
+    torch.manual_seed(2)
+    test, golden = (torch.randn(3, 8, 7, 9).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    with torch.no_grad():
+        test_side, golden_side = model._nearest_both_ways(test, golden)
+    torch.testing.assert_close(test_side, _clamped_window_minimum(test, golden, neighbourhood), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(golden_side, _clamped_window_minimum(golden, test, neighbourhood),
+                               rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_training_finds_the_same_nearest_neighbours_with_the_same_gradients(memory_format):
     """Training matches each position without autograd (a few tiles at a time) and differentiates
-    only the chosen pair: the value and the gradients must be those of the plain minimum over the
-    window, in either memory layout."""
+    only the chosen pair: the values and the gradients must be those of scoring's minimum over
+    the window, both ways, in either memory layout."""
     model = _model(neighbourhood=5)
     torch.manual_seed(1)
     tiles = WINDOW_CHUNK + 3  # more than one chunk of the search
@@ -144,9 +171,10 @@ def test_training_finds_the_same_nearest_neighbours_with_the_same_gradients(memo
     results = {}
     for training in (True, False):
         model.train(training)
-        nearest = model._nearest(source, target)
-        (nearest * torch.linspace(0, 1, nearest.numel()).view_as(nearest)).sum().backward()
-        results[training] = (nearest.detach(), source.grad.clone(), target.grad.clone())
+        test_side, golden_side = model._nearest_both_ways(source, target)
+        weights = torch.linspace(0, 1, test_side.numel()).view_as(test_side)
+        ((test_side * weights).sum() + (golden_side * weights.flip(0)).sum()).backward()
+        results[training] = (test_side.detach(), golden_side.detach(), source.grad.clone(), target.grad.clone())
         source.grad, target.grad = None, None
     for trained, plain in zip(results[True], results[False], strict=True):
         assert torch.allclose(trained, plain, atol=1e-6)

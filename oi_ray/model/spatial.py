@@ -79,7 +79,7 @@ class SiameseSpatial(nn.Module):
 
     def compare(self, test_maps: torch.Tensor, golden_maps: torch.Tensor) -> torch.Tensor:
         """The pair distance ``(B,)`` of two sides' :meth:`embed` maps (``(B * tiles, ...)`` each)."""
-        squared = torch.maximum(self._nearest(test_maps, golden_maps), self._nearest(golden_maps, test_maps))
+        squared = torch.maximum(*self._nearest_both_ways(test_maps, golden_maps))
         per_pair = squared.reshape(-1, self.tiles[0] * self.tiles[1] * squared[0].numel()).amax(dim=1)
         return torch.sqrt(per_pair + SQUARED_EPS)
 
@@ -92,18 +92,51 @@ class SiameseSpatial(nn.Module):
         """The same as calling the model: the per-pair distance ``(B,)``."""
         return self(test, golden)
 
-    def _nearest(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per position of ``source``: the squared L2 distance to the nearest ``target`` feature
-        within the neighbourhood (the window is clamped at the tile's edges)."""
+    def _nearest_both_ways(self, test: torch.Tensor,
+                           golden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per position: the squared L2 distance from the test feature to the nearest golden one
+        within the neighbourhood, and from the golden feature to the nearest test one (windows
+        clamped at the tile's edges)."""
+        if self.neighbourhood == 1:
+            squared = (test - golden).pow(2).sum(dim=1)
+            return squared, squared
+        if self.training:
+            return self._nearest_chosen(test, golden), self._nearest_chosen(golden, test)
+        return self._window_minima(test, golden)
+
+    def _padded(self, maps: torch.Tensor) -> torch.Tensor:
+        """``maps`` padded by the window's reach, edges repeated (a window clamped at the edges)."""
         reach = self.neighbourhood // 2
-        if reach == 0:
-            return (source - target).pow(2).sum(dim=1)
-        padded = F.pad(target, (reach, reach, reach, reach), mode="replicate")
-        if not self.training:
-            return self._window_min(source, padded)
-        # Training: find each position's nearest neighbour without autograd, then compute only
-        # that distance with it. The value and the gradient are those of the minimum (its
-        # gradient flows to the chosen neighbour alone), at a fraction of the memory and time.
+        return F.pad(maps, (reach, reach, reach, reach), mode="replicate")
+
+    def _window_minima(self, test: torch.Tensor, golden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both ways of :meth:`_nearest_both_ways` from one pass over the window: the distance
+        from test position p to golden p + s is the distance from golden p + s to test p, so each
+        shift's distances are computed once and read shifted back for the golden side. The edge
+        repeats of a clamped window only duplicate cells inside it, so the golden side takes its
+        minimum over the cells inside the tile alone (the others read as the largest float)."""
+        reach, (height, width) = self.neighbourhood // 2, test.shape[-2:]
+        largest = torch.finfo(test.dtype).max
+        test_side, golden_side = None, None
+        for cell, squared in enumerate(self._window_squared(test, self._padded(golden))):
+            row, column = divmod(cell, self.neighbourhood)
+            # squared[p] pairs test p, golden p + s (s = (row, column) - reach): golden q reads squared[q - s]
+            top, left = 2 * reach - row, 2 * reach - column
+            seen_from_golden = F.pad(squared, (reach, reach, reach, reach), value=largest)[
+                ..., top:top + height, left:left + width]
+            if test_side is None:
+                test_side, golden_side = squared, seen_from_golden
+            else:
+                test_side = torch.minimum(test_side, squared)
+                golden_side = torch.minimum(golden_side, seen_from_golden)
+        return test_side, golden_side
+
+    def _nearest_chosen(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Training's one-way nearest distance: each position's nearest neighbour is found without
+        autograd, then only that distance is computed with it. The value and the gradient are
+        those of the minimum (its gradient flows to the chosen neighbour alone), at a fraction of
+        the memory and time."""
+        padded = self._padded(target)
         with torch.no_grad():
             parts = zip(source.split(WINDOW_CHUNK), padded.split(WINDOW_CHUNK), strict=True)
             choice = torch.cat([self._window_choice(*part) for part in parts])
@@ -122,13 +155,6 @@ class SiameseSpatial(nn.Module):
         for cell in range(self.neighbourhood ** 2):
             row, column = divmod(cell, self.neighbourhood)
             yield (source - padded[..., row:row + height, column:column + width]).pow(2).sum(dim=1)
-
-    def _window_min(self, source: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
-        """The smallest squared distance from each position to its window."""
-        nearest = None
-        for squared in self._window_squared(source, padded):
-            nearest = squared if nearest is None else torch.minimum(nearest, squared)
-        return nearest
 
     def _window_choice(self, source: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
         """Which window cell (row-major index) is nearest to each position."""
