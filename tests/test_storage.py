@@ -152,12 +152,18 @@ def test_many_board_folders_in_a_bucket_are_checked_by_one_flat_listing(s3, tmp_
 def test_a_public_bucket_is_read_without_credentials(s3, monkeypatch):
     import boto3
 
-    boto3.client("s3").put_object(Bucket=BUCKET, Key="public/pairs.csv", ACL="public-read",
-                                  Body=b"input_path,golden_path,object_name,label\n")
+    client = boto3.client("s3")
+    client.put_object(Bucket=BUCKET, Key="public/pairs.csv", ACL="public-read",
+                      Body=b"input_path,golden_path,object_name,label\n")
+    for key in ("public/images/boards/b1/R1_A.png", "public/images/golden/p1/R1_A.png"):
+        client.put_object(Bucket=BUCKET, Key=key, ACL="public-read", Body=b"1234")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
     anonymous = f"s3://anonymous@{BUCKET}/public"
     assert storage.list_files(anonymous) == {"pairs.csv": 41}
+    # the flat listing of many image folders names them under the URI as given, user part and all
+    assert storage.list_tree(f"{anonymous}/images") == {f"{anonymous}/images/boards/b1": {"R1_A.png": 4},
+                                                        f"{anonymous}/images/golden/p1": {"R1_A.png": 4}}
     assert storage.read_bytes(f"{anonymous}/pairs.csv").startswith(b"input_path,")
     filesystem, path = storage.resolve(f"{anonymous}/pairs.csv")
     assert path == f"{BUCKET}/public/pairs.csv" and filesystem is not storage.resolve(f"s3://{BUCKET}/a")[0]
