@@ -64,12 +64,10 @@ def preload_listing(rows: pd.DataFrame, images: Path, csv: Path, prefix: str, li
     """Write the server's preload file (``bucket/key<TAB>local file``): every pair's images under
     ``prefix``/images (the test shots under their own keys, each golden once) and ``csv`` as
     ``prefix``/pairs.csv. Returns the image objects listed."""
-    objects = {f"{prefix}/images/{row.input_path}/{row.object_name}_{light}.png":
-               images / row.source_path / f"{row.object_name}_{light}.png"
-               for row in rows.itertuples() for light in LIGHTS}
-    objects.update({f"{prefix}/images/{row.golden_path}/{row.object_name}_{light}.png":
-                    images / row.golden_path / f"{row.object_name}_{light}.png"
-                    for row in rows.itertuples() for light in LIGHTS})
+    sides = (("input_path", "source_path"), ("golden_path", "golden_path"))  # key's folder, bytes' folder
+    objects = {f"{prefix}/images/{getattr(row, key)}/{row.object_name}_{light}.png":
+               images / getattr(row, source) / f"{row.object_name}_{light}.png"
+               for key, source in sides for row in rows.itertuples() for light in LIGHTS}
     objects_and_csv = [*objects.items(), (f"{prefix}/pairs.csv", csv)]
     listing.write_text("".join(f"{key}\t{path}\n" for key, path in objects_and_csv))
     return len(objects)
