@@ -73,6 +73,15 @@ def preload_listing(rows: pd.DataFrame, images: Path, csv: Path, prefix: str, li
     return len(objects)
 
 
+def _request_lines(log: Path) -> list[str]:
+    """The server's log lines that are requests (``"GET /bucket/key HTTP/1.1" 200``)."""
+    return [line for line in log.read_text().splitlines() if '"' in line]
+
+
+def _requests(log: Path) -> int:
+    return len(_request_lines(log))
+
+
 def pairs_per_second(table, spec: PipelineSpec) -> float:
     start = time.perf_counter()
     pairs = sum(len(batch["row"]) for batch in evaluation_dataset(table, spec).iter_batches(
@@ -108,11 +117,11 @@ def measure(tmp: Path, prefix: str) -> None:
                            num_input=len(LIGHTS), image_width=100, image_height=100, image_ext=".png")
     naming, spec = ImageNaming.from_config(config), PipelineSpec.from_config(config)
     log = tmp / "s3.log"
-    before = len(log.read_text().splitlines())
+    before = _requests(log)
     start = time.perf_counter()
     table = load_pairs(f"{prefix}/pairs.csv", f"{prefix}/images", naming)
     seconds = time.perf_counter() - start
-    served = [line for line in log.read_text().splitlines()[before:] if '"' in line]
+    served = _request_lines(log)[before:]
     listings = sum("list-type=" in line for line in served)
     print(f"validation of {len(table)} pairs in the bucket: {seconds:.2f} s, {len(served)} requests "
           f"({listings} listings)", flush=True)
@@ -131,8 +140,10 @@ def measure(tmp: Path, prefix: str) -> None:
         for name, source in (("shards on disk", load_packed(str(local), naming)),
                              ("shards in the bucket", load_packed(f"{prefix}/packed", naming)),
                              ("one object per image in the bucket", table)):
+            before = _requests(log)
             rates[name] = pairs_per_second(source, spec)
-            print(f"  {name:<36} {rates[name]:7.1f} pairs/s", flush=True)
+            print(f"  {name:<36} {rates[name]:7.1f} pairs/s, {_requests(log) - before} requests served",
+                  flush=True)
     packed = rates["shards in the bucket"]
     print(f"shards in the bucket vs one object per image: "
           f"{packed / rates['one object per image in the bucket']:.2f}x (target >= 3); "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from oi_ray.cli import main
@@ -13,7 +14,7 @@ from oi_ray.config import load_config
 from oi_ray.data.dataset import PipelineSpec, decode_cache, evaluation_dataset
 from oi_ray.data.epochs import CacheReader, batches_of
 from oi_ray.data.pairs import load_split
-from oi_ray.data.shards import MANIFEST_NAME
+from oi_ray.data.shards import MANIFEST_NAME, ROW, TEST_IMAGES, open_packed, read_row_group
 from oi_ray.data.synthetic import SyntheticSpec, synthesize_dataset
 from oi_ray.errors import ConfigError, DataError
 
@@ -101,6 +102,23 @@ def test_a_spec_may_read_some_of_the_packed_lightings(spec, packed, ray_local):
     with pytest.raises(DataError, match="dataset.test_dataset.shards: dataset.input_map names UniformLight, which "
                                         "the pairs in .* were not packed with \\(they hold WhiteLight, SolderLight\\)"):
         load_split(config.dataset, "test_dataset")
+
+
+def test_a_pipeline_task_reads_its_row_group_of_a_bucket_shard_without_its_footer(packed):
+    from s3_server import requests_served, s3_server, upload_folder
+
+    with s3_server("packs"):
+        upload_folder(packed / "train_dataset", "s3://packs/train")
+        _, shards, _ = open_packed("s3://packs/train", LIGHTS, "dataset.train_dataset.shards")
+        shard, group = shards.files[1], shards.row_groups[-1][1]
+        with requests_served() as served:
+            table = read_row_group(shard, group, [ROW, TEST_IMAGES])
+    name = shard.location.rsplit("/", 1)[1]
+    assert len(served) == 2, f"the object's size, then the row group's columns as one range: {served}"
+    assert f"HEAD /packs/train/{name} " in served[0]
+    assert f"GET /packs/train/{name} " in served[1] and '" 206 ' in served[1], "a range"
+    local = pq.ParquetFile(packed / "train_dataset" / name)
+    assert table.equals(local.read_row_group(group, columns=[ROW, TEST_IMAGES]))
 
 
 def test_a_broken_pack_is_named_before_any_ray_work(spec, packed, tmp_path):

@@ -25,7 +25,16 @@ from ray.data import Dataset
 from oi_ray.config.schema import AugmentationConfig, DatasetConfig
 from oi_ray.data.assemble import RESIZE_AUGMENT, RESIZE_PLAIN, InputGeometry, assemble, read_stack
 from oi_ray.data.pairs import PairTable
-from oi_ray.data.shards import GOLDEN_IMAGES, ROW, TARGET, TEST_IMAGES, PackedShards, ordered, read_row_group
+from oi_ray.data.shards import (
+    GOLDEN_IMAGES,
+    ROW,
+    TARGET,
+    TEST_IMAGES,
+    PackedShards,
+    ShardLocation,
+    ordered,
+    read_row_group,
+)
 from oi_ray.storage import is_uri
 
 DECODE_BATCH_ROWS = 32
@@ -109,7 +118,8 @@ def _decode_batch(batch: dict[str, np.ndarray], geometry: InputGeometry, resampl
 def _decoded_shards(shards: PackedShards, spec: PipelineSpec, resample, *, tiled: bool) -> Dataset:
     """Decoded pairs of a packed split: each task reads one row group of a shard (a few large
     reads, in the workers) and decodes its bytes."""
-    groups = [{"shard": shards.files[index], "group": group} for index, group in shards.row_groups]
+    groups = [{"shard": shards.files[index].location, "footer": shards.files[index].footer, "group": group}
+              for index, group in shards.row_groups]
     return ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
         _decode_row_group, fn_kwargs={"folder": shards.folder, "light_order": shards.light_order,
                                       "geometry": spec.geometry, "resample": resample, "tiled": tiled},
@@ -119,8 +129,8 @@ def _decoded_shards(shards: PackedShards, spec: PipelineSpec, resample, *, tiled
 
 def _decode_row_group(unit: dict[str, np.ndarray], folder: str, light_order: tuple[int, ...],
                       geometry: InputGeometry, resample, tiled: bool) -> dict[str, np.ndarray]:
-    batch = read_row_group(str(unit["shard"][0]), int(unit["group"][0]),
-                           [ROW, TARGET, TEST_IMAGES, GOLDEN_IMAGES])
+    shard = ShardLocation(str(unit["shard"][0]), bytes(unit["footer"][0]))
+    batch = read_row_group(shard, int(unit["group"][0]), [ROW, TARGET, TEST_IMAGES, GOLDEN_IMAGES])
     rows = batch.column(ROW).to_numpy()
     decoded = {"row": rows, "target": batch.column(TARGET).to_numpy()}
     for side, column in (("test", TEST_IMAGES), ("golden", GOLDEN_IMAGES)):

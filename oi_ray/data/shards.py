@@ -11,7 +11,10 @@ an interrupted pack is never read as a whole one.
 Reading a split takes one listing and one small read per shard (the CSV columns, not the
 images); the Ray Data pipelines then read the shards in their workers
 (:func:`oi_ray.data.dataset.evaluation_dataset`) and decode the bytes exactly as they decode
-files, so a packed split scores and trains to the same numbers as its CSV and images.
+files, so a packed split scores and trains to the same numbers as its CSV and images. A
+pipeline task is given its shard's footer (the driver read it), so it reads its row group
+without reading the footer again: a bucket answers the object's size, then the row group's
+columns as one range (Parquet's pre-buffering).
 """
 
 import json
@@ -78,11 +81,19 @@ class Manifest:
 
 
 @dataclass(frozen=True)
+class ShardLocation:
+    """Where a shard is, and its footer: what a reader needs to read one row group."""
+
+    location: str  # a local path or a URI
+    footer: bytes  # the Parquet footer (:func:`footer_bytes`)
+
+
+@dataclass(frozen=True)
 class PackedShards:
     """A packed split as the pipelines read it."""
 
     folder: str  # a local path or a URI
-    files: tuple[str, ...]  # each shard's location
+    files: tuple["ShardLocation", ...]  # each shard
     row_groups: tuple[tuple[int, int], ...]  # every (shard, row group) there is: the pipelines' reads
     light_order: tuple[int, ...]  # per lighting of the spec, its index in the shards' image lists
     file_of_row: np.ndarray  # per CSV row: its shard, an index into files
@@ -110,12 +121,14 @@ def open_packed(folder: str, lights: Sequence[str],
             what = ("is missing" if found is None
                     else f"has {found} bytes where the manifest says {shard.bytes}")
             raise DataError(f"{key}: shard {join(folder, shard.name)} {what}; pack the split again")
-    files = tuple(join(folder, shard.name) for shard in manifest.files)
     light_order = _light_order(manifest, lights, key, folder)
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        read = list(pool.map(lambda shard: _read_columns(shard, [ROW, *manifest.columns]), files))
+        read = list(pool.map(lambda shard: _read_columns(join(folder, shard.name), [ROW, *manifest.columns]),
+                             manifest.files))
+    files = tuple(shard for _, shard in read)
     tables = [table for table, _ in read]
-    row_groups = tuple((index, group) for index, (_, groups) in enumerate(read) for group in range(groups))
+    row_groups = tuple((index, group) for index, (_, shard) in enumerate(read)
+                       for group in range(footer(shard).num_row_groups))
     file_of_row = np.concatenate([np.full(len(table), index) for index, table in enumerate(tables)])
     position_of_row = np.concatenate([np.arange(len(table)) for table in tables])
     rows = pa.concat_tables(tables).to_pandas()
@@ -137,9 +150,9 @@ def read_packed_sides(shards: PackedShards,
     for index in indices:
         by_file.setdefault(int(shards.file_of_row[index]), []).append(int(index))
     for file_index, rows in by_file.items():
-        filesystem, path = resolve(shards.files[file_index])
-        with filesystem.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle)
+        shard = shards.files[file_index]
+        with _open(shard.location) as handle:
+            parquet = pq.ParquetFile(handle, metadata=footer(shard))
             starts = np.cumsum([0] + [parquet.metadata.row_group(group).num_rows
                                       for group in range(parquet.num_row_groups)])
             groups: dict[int, pa.Table] = {}
@@ -174,19 +187,35 @@ def _light_order(manifest: Manifest, lights: Sequence[str], key: str, folder: st
     return tuple(manifest.lights.index(light) for light in lights)
 
 
-def read_row_group(location: str, group: int, columns: Sequence[str]) -> pa.Table:
-    """``columns`` of one row group of the shard at ``location``."""
-    filesystem, path = resolve(location)
-    with filesystem.open_input_file(path) as handle:
-        return pq.ParquetFile(handle).read_row_group(group, columns=list(columns))
+def read_row_group(shard: ShardLocation, group: int, columns: Sequence[str]) -> pa.Table:
+    """``columns`` of one row group of ``shard`` (its footer not read again)."""
+    with _open(shard.location) as handle:
+        return pq.ParquetFile(handle, metadata=footer(shard)).read_row_group(group, columns=list(columns))
 
 
-def _read_columns(location: str, columns: list[str]) -> tuple[pa.Table, int]:
-    """``columns`` of one shard (Parquet reads only those columns' bytes), and its row groups."""
+def footer_bytes(metadata: pq.FileMetaData) -> bytes:
+    """A Parquet file's footer as bytes (a Ray task's argument); :func:`footer` reads it back."""
+    sink = pa.BufferOutputStream()
+    metadata.write_metadata_file(sink)
+    return sink.getvalue().to_pybytes()
+
+
+def footer(shard: ShardLocation) -> pq.FileMetaData:
+    """The footer of ``shard``, from the bytes the driver read."""
+    return pq.read_metadata(pa.BufferReader(shard.footer))
+
+
+def _open(location: str) -> pa.NativeFile:
     filesystem, path = resolve(location)
+    return filesystem.open_input_file(path)
+
+
+def _read_columns(location: str, columns: list[str]) -> tuple[pa.Table, ShardLocation]:
+    """``columns`` of one shard (Parquet reads only those columns' bytes), and the shard."""
     try:
-        with filesystem.open_input_file(path) as handle:
+        with _open(location) as handle:
             parquet = pq.ParquetFile(handle)
-            return parquet.read(columns=columns), parquet.num_row_groups
+            shard = ShardLocation(location, footer_bytes(parquet.metadata))
+            return parquet.read(columns=columns), shard
     except (OSError, pa.ArrowInvalid) as error:
         raise DataError(f"cannot read shard {location}: {str(error).splitlines()[0]}") from None
