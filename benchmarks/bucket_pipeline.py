@@ -25,6 +25,7 @@ on disk; validation of 20,000 pairs within a few seconds.
 
 import argparse
 import importlib
+import os
 import sys
 import tempfile
 import time
@@ -82,6 +83,12 @@ def _requests(log: Path) -> int:
     return len(_request_lines(log))
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of the process ``pid`` so far (Linux's /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pairs_per_second(table, spec: PipelineSpec) -> float:
     start = time.perf_counter()
     pairs = sum(len(batch["row"]) for batch in evaluation_dataset(table, spec).iter_batches(
@@ -103,28 +110,29 @@ def main() -> None:
         objects = preload_listing(rows, tmp / "drawn" / "images", tmp / "pairs.csv", f"{BUCKET}/line3",
                                   tmp / "preload.tsv")
         start = time.perf_counter()
-        with S3_SERVER.s3_server_process(tmp / "s3.log", preload=tmp / "preload.tsv"):
+        with S3_SERVER.s3_server_process(tmp / "s3.log", preload=tmp / "preload.tsv") as (_, server):
             print(f"{args.pairs} pairs x {len(LIGHTS)} lightings, 100x100 PNG: {objects} objects "
                   f"({rows['golden_path'].nunique()} golden folders, {rows['input_path'].nunique()} board "
                   f"folders) put into the server in {time.perf_counter() - start:.0f} s", flush=True)
-            measure(tmp, f"s3://{BUCKET}/line3")
+            measure(tmp, f"s3://{BUCKET}/line3", server)
 
 
-def measure(tmp: Path, prefix: str) -> None:
+def measure(tmp: Path, prefix: str, server: int) -> None:
     """Validation, pack and the three pipelines on the bucket's ``prefix`` (server log and local
-    copies in ``tmp``); print each figure."""
+    copies in ``tmp``); print each figure, with the requests and CPU seconds the server (process
+    ``server``) spent."""
     config = DatasetConfig(input_map={light: index for index, light in enumerate(LIGHTS)},
                            num_input=len(LIGHTS), image_width=100, image_height=100, image_ext=".png")
     naming, spec = ImageNaming.from_config(config), PipelineSpec.from_config(config)
     log = tmp / "s3.log"
-    before = _requests(log)
+    before, server_before = _requests(log), _cpu_seconds(server)
     start = time.perf_counter()
     table = load_pairs(f"{prefix}/pairs.csv", f"{prefix}/images", naming)
     seconds = time.perf_counter() - start
     served = _request_lines(log)[before:]
     listings = sum("list-type=" in line for line in served)
     print(f"validation of {len(table)} pairs in the bucket: {seconds:.2f} s, {len(served)} requests "
-          f"({listings} listings)", flush=True)
+          f"({listings} listings); the server: {_cpu_seconds(server) - server_before:.2f} CPU s", flush=True)
 
     with ray_session(RayConfig()):
         start = time.perf_counter()
@@ -140,10 +148,10 @@ def measure(tmp: Path, prefix: str) -> None:
         for name, source in (("shards on disk", load_packed(str(local), naming)),
                              ("shards in the bucket", load_packed(f"{prefix}/packed", naming)),
                              ("one object per image in the bucket", table)):
-            before = _requests(log)
+            before, server_before = _requests(log), _cpu_seconds(server)
             rates[name] = pairs_per_second(source, spec)
-            print(f"  {name:<36} {rates[name]:7.1f} pairs/s, {_requests(log) - before} requests served",
-                  flush=True)
+            print(f"  {name:<36} {rates[name]:7.1f} pairs/s; the server: {_requests(log) - before} requests, "
+                  f"{_cpu_seconds(server) - server_before:.1f} CPU s", flush=True)
     packed = rates["shards in the bucket"]
     print(f"shards in the bucket vs one object per image: "
           f"{packed / rates['one object per image in the bucket']:.2f}x (target >= 3); "

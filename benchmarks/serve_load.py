@@ -5,8 +5,10 @@ TAO's layout (4 lightings of 100x100 JPEG per side) from the synthetic generator
 (``--models``: Siamese_3 and SiameseSpatial, each with its recipe) trained for one epoch and
 exported with `oi-ray export`. Then, in one run, for each model:
 
-1. in-process: the service's own decoding (``decode_pairs``) and ONNX Runtime predictor, no
-   HTTP: pairs/s at batch 1 and at the service's batch size;
+1. in-process: the model's own time per call at batch 1 and at the service's batch size (the
+   whole pair, and the halves a ``golden_id`` pair runs: embed one side, compare with kept
+   features; median of 9), then the service's own decoding (``decode_pairs``) and ONNX Runtime
+   predictor, no HTTP: pairs/s at batch 1 and at the service's batch size;
 2. served: `oi-ray serve` in its own process (its embedded Ray, 127.0.0.1 only). First one
    client, alternating a request with the same pair scored in-process, so both latencies are
    measured under the same conditions; then 1, 8 and 32 concurrent clients posting
@@ -86,6 +88,7 @@ def _compare(args: argparse.Namespace, workdir: Path) -> None:
         print(f"\n== {model}: {len(pairs)} pairs of {len(lights)} x {config.dataset.image_width}x"
               f"{config.dataset.image_height} JPEG per side, {len(set(_golden_ids(table)))} goldens; model "
               f"{onnx}; {os.cpu_count()} cores", flush=True)
+        _model_work(onnx, pairs, lights)
         before = _in_process(onnx, pairs, lights)
         served = _served([spec, recipe], results, onnx, pairs, _golden_ids(table), lights, args.requests)
         after = _in_process(onnx, pairs, lights)
@@ -158,9 +161,36 @@ class InProcess:
         self.geometry = model.card.geometry()
         self.lights = lights
         self.predictor = model.load(threads=SERVE_CPUS)
+        self.halves = model.load_halves(threads=SERVE_CPUS)
+
+    def decode(self, chunk: list[PairUpload]) -> tuple[np.ndarray, np.ndarray]:
+        return decode_pairs(chunk, self.geometry, self.lights, allow_resize=True)
 
     def score(self, chunk: list[PairUpload]) -> None:
-        self.predictor.distances(*decode_pairs(chunk, self.geometry, self.lights, allow_resize=True))
+        self.predictor.distances(*self.decode(chunk))
+
+
+def _model_work(onnx: Path, pairs: list[PairUpload], lights: tuple[str, ...]) -> None:
+    """Print the model's own time per call, in-process (median of 9): the whole pair, and the
+    halves a golden_id pair runs (embed the test side, compare with kept features)."""
+    local = InProcess(onnx, lights)
+    for batch in (1, BATCH):
+        test, golden = local.decode(pairs[:batch])
+        whole = _median_ms(local.predictor.distances, test, golden)
+        embed = _median_ms(local.halves.embed, test)
+        compare = _median_ms(local.halves.compare, local.halves.embed(test), local.halves.embed(golden))
+        print(f"  model work at batch {batch:>2}: whole pair {whole:.2f} ms, embed one side {embed:.2f} ms, "
+              f"compare {compare:.2f} ms; whole pair / (embed + compare) = {whole / (embed + compare):.2f}",
+              flush=True)
+
+
+def _median_ms(call, *args: np.ndarray) -> float:
+    times = []
+    for _ in range(9):
+        start = time.perf_counter()
+        call(*args)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
 
 
 def _in_process(onnx: Path, pairs: list[PairUpload], lights: tuple[str, ...]) -> dict[str, float]:

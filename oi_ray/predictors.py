@@ -18,7 +18,10 @@ checks the file first, without loading it (``oi_ray.model_file``).
 """
 
 import logging
+import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -42,6 +45,11 @@ ONNX_SUFFIXES = (".onnx",)
 TENSORRT_SUFFIXES = (".engine", ".trt", ".plan")
 GPU_EXTRA_HINT = "install the gpu extra on a machine with an NVIDIA GPU: pip install -e '.[gpu]'"
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# Features per side in one call of a compare half on CPU: the comparison's temporaries (a
+# distance map per shift of SiameseSpatial's window) then stay in a core's cache, and the
+# chunks run on every core at once (SiameseSpatial, 32 pairs of 4 tiles, 2 cores: 22 ms in
+# chunks of one pair against 66 ms as one call with 2 intra-op threads; benchmarks/RESULTS.md).
+COMPARE_CHUNK_BYTES = 2**20
 
 
 class Predictor(Protocol):
@@ -191,14 +199,23 @@ class OnnxPredictor:
 
 class OnnxHalvesPredictor:
     """The two halves an export writes beside the model (``parts`` in its card), on ONNX Runtime
-    (always a dynamic first axis: any batch)."""
+    (always a dynamic first axis: any batch). On CPU the compare half runs in chunks of about
+    :data:`COMPARE_CHUNK_BYTES` of features, on a pool of ``threads`` single-threaded calls."""
 
-    def __init__(self, embed, compare, geometry: InputGeometry) -> None:
-        """``embed``, ``compare``: the halves' ONNX Runtime sessions (:func:`onnx_session`)."""
+    def __init__(self, embed, compare, geometry: InputGeometry, features_per_pair: tuple[int, ...],
+                 threads: int | None = None) -> None:
+        """``embed``, ``compare``: the halves' ONNX Runtime sessions (:func:`onnx_session`; the
+        compare one with 1 intra-op thread on CPU); ``features_per_pair``: the shape of one
+        side's features (the model card's); ``threads``: calls at once (default one per core)."""
         self.embed_session, self.compare_session = embed, compare
         self.normalize = InputNormalizer(geometry)
         self.images = embed.get_inputs()[0].name
         self.compare_inputs = [entry.name for entry in compare.get_inputs()]
+        self.rows_per_pair = features_per_pair[0]
+        side_bytes = math.prod(features_per_pair) * np.dtype(np.float32).itemsize
+        self.chunk_pairs = max(1, COMPARE_CHUNK_BYTES // side_bytes)
+        on_cpu = compare.get_providers()[0] == "CPUExecutionProvider"
+        self.pool = ThreadPoolExecutor(threads or os.cpu_count(), "compare") if on_cpu else None
 
     def embed(self, pictures: np.ndarray) -> np.ndarray:
         """One side's features (:class:`HalvesPredictor`)."""
@@ -206,6 +223,15 @@ class OnnxHalvesPredictor:
 
     def compare(self, test_features: np.ndarray, golden_features: np.ndarray) -> np.ndarray:
         """Distances of two sides' features (:class:`HalvesPredictor`)."""
+        rows = self.rows_per_pair * self.chunk_pairs
+        if self.pool is None or len(test_features) <= rows:
+            return self._compare(test_features, golden_features)
+        parts = self.pool.map(lambda start: self._compare(test_features[start:start + rows],
+                                                          golden_features[start:start + rows]),
+                              range(0, len(test_features), rows))
+        return np.concatenate(list(parts))
+
+    def _compare(self, test_features: np.ndarray, golden_features: np.ndarray) -> np.ndarray:
         return self.compare_session.run(None, dict(zip(self.compare_inputs, (test_features, golden_features),
                                                        strict=True)))[0]
 
@@ -324,9 +350,9 @@ def load_halves_predictor(path: Path, card: ModelCard, key: str | None, use_gpu:
     if not files:
         return load_predictor(path, card, key, use_gpu, threads=threads)
     embed, compare = (onnx_session(_onnx_graph(files[name], key), use_gpu=use_gpu, source=files[name],
-                                   threads=threads) for name in (EMBED, COMPARE))
+                                   threads=threads if name == EMBED else 1) for name in (EMBED, COMPARE))
     _check_takes_pictures(embed, card.geometry(), files[EMBED])
-    return OnnxHalvesPredictor(embed, compare, card.geometry())
+    return OnnxHalvesPredictor(embed, compare, card.geometry(), card.features_per_pair, threads)
 
 
 def onnxruntime_has_cuda() -> bool:

@@ -37,9 +37,10 @@ def s3_server(*buckets: str) -> Iterator[str]:
 
 
 @contextmanager
-def s3_server_process(log: Path, *buckets: str, preload: Path | None = None) -> Iterator[str]:
+def s3_server_process(log: Path, *buckets: str, preload: Path | None = None) -> Iterator[tuple[str, int]]:
     """The same server as its own process (its own interpreter lock: for loads heavier than a
-    test's), logging a line per request into ``log``; stopped by its process id.
+    test's), logging a line per request into ``log``; yields its endpoint URL and process id,
+    and stops it by that id.
 
     ``preload``: a file of ``bucket/key<TAB>local file`` lines, put into the server's memory
     before it listens (a benchmark's setup at memory speed; moto takes ~80 PUTs/s over HTTP).
@@ -62,7 +63,7 @@ def s3_server_process(log: Path, *buckets: str, preload: Path | None = None) -> 
                     raise RuntimeError(f"moto's server did not start: {log.read_text()[-2000:]}") from None
                 time.sleep(0.2)
         with _reached_at(endpoint, buckets):
-            yield endpoint
+            yield endpoint, server.pid
     finally:
         server.terminate()
         server.wait(timeout=30)

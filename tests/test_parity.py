@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import spec_model
 
+from oi_ray import predictors
 from oi_ray.checkpoint import Checkpoint, save_checkpoint
 from oi_ray.cli import main
 from oi_ray.config import load_config
@@ -111,7 +112,7 @@ def test_onnx_scores_like_torch_pair_by_pair(spec, tmp_path, model_type, layout)
 
 
 @pytest.mark.parametrize(("model_type", "layout"), CASES)
-def test_the_exported_halves_score_each_test_against_a_kept_golden_like_the_whole_pair(spec, tmp_path,
+def test_the_exported_halves_score_each_test_against_a_kept_golden_like_the_whole_pair(spec, tmp_path, monkeypatch,
                                                                                         model_type, layout):
     """``oi_model.embed.onnx`` embeds the golden once; ``oi_model.compare.onnx`` compares every
     test shot's features with it: the distance of the whole pair, within 1e-5."""
@@ -139,6 +140,10 @@ def test_the_exported_halves_score_each_test_against_a_kept_golden_like_the_whol
         kept = predictor.embed(golden[:1])
         scored = predictor.compare(predictor.embed(test), np.concatenate([kept] * len(test)))
         np.testing.assert_allclose(scored, whole, rtol=0, atol=1e-5)
+    monkeypatch.setattr(predictors, "COMPARE_CHUNK_BYTES", 1)  # a compare call per pair, two at once
+    chunked = load_halves_predictor(onnx_file, card, None, threads=2)
+    assert chunked.chunk_pairs == 1 and len(test) > 2
+    np.testing.assert_allclose(chunked.compare(tests, goldens), halves, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
