@@ -93,7 +93,7 @@ class PackedShards:
     """A packed split as the pipelines read it."""
 
     folder: str  # a local path or a URI
-    files: tuple["ShardLocation", ...]  # each shard
+    files: tuple[ShardLocation, ...]  # each shard
     row_groups: tuple[tuple[int, int], ...]  # every (shard, row group) there is: the pipelines' reads
     light_order: tuple[int, ...]  # per lighting of the spec, its index in the shards' image lists
     file_of_row: np.ndarray  # per CSV row: its shard, an index into files
