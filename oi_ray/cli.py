@@ -105,9 +105,10 @@ def _build_parser() -> argparse.ArgumentParser:
     for task, summary in SPEC_TASKS.items():
         sub = commands.add_parser(task, parents=[common], help=summary, description=summary)
         sub.add_argument("-e", "--experiment_spec_file", "--experiment-spec", dest="spec",
-                         required=True, type=Path, action="append",
-                         help="TAO-style experiment spec (YAML); give several (e.g. a dataset spec, then a "
-                              "training recipe from configs/recipes/) and each later one's keys win")
+                         required=True, action="append",
+                         help="TAO-style experiment spec (YAML, a path or a URI); give several (e.g. a "
+                              "dataset spec, then a training recipe from configs/recipes/) and each later "
+                              "one's keys win")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
         sub.add_argument("--print-config", action="store_true",
                          help="print the fully resolved spec as YAML and exit")

@@ -201,7 +201,7 @@ def test_train_into_a_bucket_then_resume_from_it(trained, capsys):
     assert "train.tensorboard.enabled needs a local train.results_dir" in capsys.readouterr().err
 
 
-def test_pack_a_bucket_then_train_on_its_shards_as_on_the_files(trained, tmp_path, capsys):
+def test_pack_a_bucket_then_train_on_its_shards_as_on_the_files(trained, capsys):
     spec, results, prefix = trained
     packed = f"{prefix}/packed"
     from_bucket = [f"dataset.{split}.{key}={prefix}/set/{name}" for split, csv in
@@ -209,19 +209,23 @@ def test_pack_a_bucket_then_train_on_its_shards_as_on_the_files(trained, tmp_pat
                    for key, name in (("csv_path", csv), ("images_dir", "images"))]
     assert main(["pack", "-e", str(spec), *from_bucket, "dataset.test_dataset.csv_path=null",
                  "dataset.infer_dataset.csv_path=null", f"pack.results_dir={packed}"]) == 0
-    assert f"wrote {packed}/dataset.yaml" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"wrote {packed}/dataset.yaml; read the shards with: " in err
+    assert f" train -e '<your spec>' -e {packed}/dataset.yaml\n" in err, "the hint names the fragment's URI"
     manifest = json.loads(storage.read_bytes(f"{packed}/train_dataset/manifest.json"))
     assert manifest["csv_path"] == f"{prefix}/set/train.csv"
     assert set(storage.list_files(f"{packed}/train_dataset")) == \
         {"manifest.json", *(entry["name"] for entry in manifest["files"])}, "shards and the manifest only"
 
-    fragment = tmp_path / "dataset.yaml"
-    fragment.write_bytes(storage.read_bytes(f"{packed}/dataset.yaml"))
+    fragment = f"{packed}/dataset.yaml"  # read from the bucket, as pack's closing line says
     run = f"{prefix}/runs/packed"
-    assert main(["train", "-e", str(spec), "-e", str(fragment), f"train.results_dir={run}", "train.num_epochs=2",
+    assert main(["train", "-e", str(spec), "-e", fragment, f"train.results_dir={run}", "train.num_epochs=2",
                  "dataset.batch_size=8", "ray.num_workers=1"]) == 0
     assert f"{packed}/train_dataset: " in capsys.readouterr().err
     ours = [json.loads(line) for line in storage.read_bytes(f"{run}/status.json").decode().splitlines()]
     files = [json.loads(line) for line in (results / "train/status.json").read_text().splitlines()]
     for metric in ("train_loss", "val_loss", "val_auroc", "threshold"):
         assert [line[metric] for line in ours] == pytest.approx([line[metric] for line in files], abs=1e-6), metric
+
+    assert main(["train", "-e", str(spec), "-e", f"{packed}/nothing.yaml"]) == 1
+    assert f"spec file not found: {packed}/nothing.yaml" in capsys.readouterr().err

@@ -6,6 +6,7 @@ fail before anything runs, naming the full dotted key.
 
 import dataclasses
 import difflib
+import io
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,12 +32,12 @@ def load_config(spec_paths: SpecPaths, overrides: Sequence[str] = ()) -> Experim
     """Read the spec file(s) (TAO spec YAML; of several, each later one's keys win, e.g. a
     dataset spec then a training recipe), apply dotlist ``overrides`` and validate."""
     if spec_paths is None:
-        paths: list[Path] = []
+        paths: list[str] = []
     elif isinstance(spec_paths, str | Path):
-        paths = [Path(spec_paths)]
+        paths = [str(spec_paths)]
     else:
-        paths = [Path(path) for path in spec_paths]
-    specs = [(_read_spec(path), str(path)) for path in paths]
+        paths = [str(path) for path in spec_paths]
+    specs = [(_read_spec(path), path) for path in paths]
     return _typed_config(specs or [(OmegaConf.create({}), "spec")], overrides)
 
 
@@ -107,11 +108,12 @@ def save_resolved_spec(config: ExperimentConfig, folder: str | Path) -> str:
     return path
 
 
-def _read_spec(path: Path) -> DictConfig:
-    if not path.is_file():
+def _read_spec(path: str) -> DictConfig:
+    """The spec file at ``path``: a local path, or a URI (a fragment ``oi-ray pack`` wrote into a bucket)."""
+    if storage.file_size(path) is None:
         raise ConfigError(f"spec file not found: {path}")
     try:
-        spec = OmegaConf.load(path)
+        spec = OmegaConf.load(io.BytesIO(storage.read_bytes(path)))
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(spec, DictConfig):
