@@ -29,6 +29,7 @@ pair over one uploaded pair, alternated (target <= 0.6).
 """
 
 import argparse
+import functools
 import http.client
 import os
 import signal
@@ -47,6 +48,7 @@ from oi_ray.cli import main as oi_ray
 from oi_ray.config import load_config
 from oi_ray.data.pairs import PairTable, load_split
 from oi_ray.model_file import open_model_file
+from oi_ray.predictors import HalvesPredictor
 from oi_ray.serving.uploads import PairUpload, decode_pairs
 
 CLIENTS = (1, 8, 32)
@@ -160,8 +162,13 @@ class InProcess:
         model = open_model_file(onnx, None, None)
         self.geometry = model.card.geometry()
         self.lights = lights
+        self.model = model
         self.predictor = model.load(threads=SERVE_CPUS)
-        self.halves = model.load_halves(threads=SERVE_CPUS)
+
+    @functools.cached_property
+    def halves(self) -> HalvesPredictor:
+        """The model's embed and compare halves, loaded when first asked for."""
+        return self.model.load_halves(threads=SERVE_CPUS)
 
     def decode(self, chunk: list[PairUpload]) -> tuple[np.ndarray, np.ndarray]:
         return decode_pairs(chunk, self.geometry, self.lights, allow_resize=True)

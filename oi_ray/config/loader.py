@@ -110,10 +110,12 @@ def save_resolved_spec(config: ExperimentConfig, folder: str | Path) -> str:
 
 def _read_spec(path: str) -> DictConfig:
     """The spec file at ``path``: a local path, or a URI (a fragment ``oi-ray pack`` wrote into a bucket)."""
-    if storage.file_size(path) is None:
-        raise ConfigError(f"spec file not found: {path}")
     try:
-        spec = OmegaConf.load(io.BytesIO(storage.read_bytes(path)))
+        payload = storage.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"spec file not found: {path}") from None
+    try:
+        spec = OmegaConf.load(io.BytesIO(payload))
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(spec, DictConfig):
