@@ -33,6 +33,10 @@ from oi_ray.fileio import remove_partial_files as local_remove_partial_files
 
 FILE_SCHEME = "file://"
 COPY_CHUNK_BYTES = 8 * 2**20
+# How long an S3 request may pass no bytes before it is retried. The AWS SDK's 3 s is shorter
+# than a store takes to answer a server-side copy of a large checkpoint (moto: ~10 s for 2 GB)
+# or a slow part upload; 60 s is boto3's read timeout.
+S3_REQUEST_TIMEOUT_S = 60.0
 
 
 def is_uri(location: str) -> bool:
@@ -93,11 +97,17 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
 @functools.cache
 def _store(scheme: str, bucket: str, endpoint: str | None) -> pafs.FileSystem:
     """One filesystem per store (and S3 endpoint) and process: opening one costs a client,
-    credentials and a region lookup. ``from_uri`` reads ``endpoint`` from the environment."""
+    credentials and a region lookup. ``from_uri`` reads ``endpoint`` from the environment; an
+    S3 filesystem is then remade with the options it chose and :data:`S3_REQUEST_TIMEOUT_S`
+    (``from_uri`` takes no timeout)."""
     try:
-        return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+        filesystem = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
     except (OSError, ValueError) as error:
         raise DataError(f"cannot open {scheme}://{bucket}: {error}") from None
+    if isinstance(filesystem, pafs.S3FileSystem):
+        remake, (options,) = filesystem.__reduce__()  # every option, as pickling carries them
+        filesystem = remake({**options, "request_timeout": S3_REQUEST_TIMEOUT_S})
+    return filesystem
 
 
 def _store_error(location: str, error: OSError) -> DataError:
@@ -211,7 +221,10 @@ def atomic_output(location: str) -> Iterator[BinaryIO]:
     try:
         with filesystem.open_output_stream(temporary) as out:
             yield out
-        filesystem.move(temporary, path)
+        try:
+            filesystem.move(temporary, path)
+        except OSError as error:
+            raise _store_error(location, error) from None
     except BaseException:
         with contextlib.suppress(OSError):
             filesystem.delete_file(temporary)

@@ -6,8 +6,9 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,21 +20,37 @@ S3_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KE
 
 
 @contextmanager
-def s3_server(*buckets: str) -> Iterator[str]:
+def s3_server(*buckets: str, copy_delay_s: float = 0.0) -> Iterator[str]:
     """Start the server in this process on a free loopback port with ``buckets`` in it, point
     this process's environment (and so the Ray processes started after it) at it; yield its
-    endpoint URL. Stops the server and restores the environment afterwards."""
-    from moto.server import ThreadedMotoServer
+    endpoint URL. Stops the server and restores the environment afterwards.
+
+    ``copy_delay_s``: each server-side copy answers that much later, silent meanwhile (a store
+    copying a large object)."""
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    moto = DomainDispatcherApplication(create_backend_app)
+
+    def application(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if copy_delay_s and "HTTP_X_AMZ_COPY_SOURCE" in environ:
+            time.sleep(copy_delay_s)
+        return moto(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, application, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     try:
-        with _reached_at(f"http://{host}:{port}", buckets) as endpoint:
+        with _reached_at(f"http://127.0.0.1:{server.server_port}", buckets) as endpoint:
             yield endpoint
     finally:
-        server.stop()
+        server.shutdown()
+        thread.join()
 
 
 @contextmanager

@@ -167,3 +167,13 @@ def test_a_public_bucket_is_read_without_credentials(s3, monkeypatch):
     assert storage.read_bytes(f"{anonymous}/pairs.csv").startswith(b"input_path,")
     filesystem, path = storage.resolve(f"{anonymous}/pairs.csv")
     assert path == f"{BUCKET}/public/pairs.csv" and filesystem is not storage.resolve(f"s3://{BUCKET}/a")[0]
+
+
+def test_a_store_slow_to_copy_a_large_checkpoint_still_completes_the_write():
+    """A store copying a large object answers only when done (moto took ~10 s for a 2 GB
+    checkpoint); the AWS SDK's own 3 s stall timeout failed that move and retried it."""
+    with s3_server("slow-store", copy_delay_s=4.0):
+        target = "s3://slow-store/run/oi_model_epoch_001.pth"
+        storage.write_atomically(target, b"weights")
+        assert storage.read_bytes(target) == b"weights"
+        assert storage.list_files("s3://slow-store/run") == {"oi_model_epoch_001.pth": 7}
