@@ -79,8 +79,8 @@ def start_interruptible(command: list[str], **popen: Any) -> subprocess.Popen:
 
 
 def kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL the group ``start_interruptible`` made, if its leader still runs: what a failed
-    test started does not outlive it."""
+    """SIGKILL the process group a test started (``start_interruptible``, or ``start_new_session``),
+    if its leader still runs: what a failed test started does not outlive it."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)

@@ -6,6 +6,7 @@ give the same distances. Every request goes to 127.0.0.1, in bounded numbers, wi
 
 import base64
 import concurrent.futures
+import functools
 import json
 import os
 import re
@@ -27,7 +28,7 @@ import ray
 import requests
 import torch
 import yaml
-from helpers import free_port, kill_group, start_interruptible
+from helpers import free_port, kill_group
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
@@ -480,15 +481,17 @@ def test_cli_serves_until_interrupted_beside_another_ray(service, tmp_path):
     spec.write_text(f"serve:\n  model: {service.exported.onnx}\n  port: {port}\nray:\n  num_cpus: 2\n")
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:
-        process = start_interruptible([sys.executable, "-m", "oi_ray.cli", "serve", "-e", str(spec)],
-                                      stdout=subprocess.PIPE, stderr=stderr, text=True)
+        # started as a script's background job is, with SIGINT ignored: `kill -INT` must still stop it
+        process = subprocess.Popen([sys.executable, "-m", "oi_ray.cli", "serve", "-e", str(spec)],
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
+                                   preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN))
     try:
         banner = _read_until(process, "Press Ctrl-C to stop.", log, timeout_s=240)
         assert re.search(rf"oi_model\.onnx@\w+ \(onnxruntime, 1 CPU per replica, 1\.\.1 replicas\) at "
                          rf"http://127\.0\.0\.1:{port}/", banner), banner
         assert "test.WhiteLight, test.SolderLight, golden.WhiteLight, golden.SolderLight" in banner
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=HTTP_TIMEOUT_S).status_code == 200
-        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C, to the process group this test started
+        os.killpg(process.pid, signal.SIGINT)  # to the process group this test started
         assert process.wait(timeout=120) == 0, log.read_text()
         assert "stopped" in log.read_text() and "Traceback" not in log.read_text()
     finally:

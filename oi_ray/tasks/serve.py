@@ -143,7 +143,10 @@ def _metrics_port() -> int | None:
 
 def _wait_for_stop(app_name: str) -> None:
     """Block until Ctrl-C or SIGTERM; log when the application's status changes."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
+    # `kill` and `kill -INT` stop as cleanly as Ctrl-C, also from a script: a non-interactive
+    # shell starts its background jobs with SIGINT ignored, and Python then leaves it ignored
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.default_int_handler)
     last = "RUNNING"
     try:
         while True:
