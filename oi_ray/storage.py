@@ -216,11 +216,19 @@ def atomic_output(location: str) -> Iterator[BinaryIO]:
             yield out
         return
     filesystem, path = resolve(location)
+    with _object_moved_into_place(filesystem, path, location) as temporary, \
+            filesystem.open_output_stream(temporary) as out:
+        yield out
+
+
+@contextlib.contextmanager
+def _object_moved_into_place(filesystem: pafs.FileSystem, path: str, location: str) -> Iterator[str]:
+    """A temporary key beside ``path`` (in ``filesystem``; ``location`` names it in errors) for
+    the block to fill: moved onto ``path`` when the block ends normally, deleted when it raises."""
     folder, final = path.rsplit("/", 1)
     temporary = f"{folder}/.{final}.{secrets.token_hex(6)}.tmp"
     try:
-        with filesystem.open_output_stream(temporary) as out:
-            yield out
+        yield temporary
         try:
             filesystem.move(temporary, path)
         except OSError as error:
@@ -249,15 +257,11 @@ def copy_in_store(source: str, destination: str) -> None:
     having no links."""
     filesystem, source_path = resolve(source)
     _, path = resolve(destination)
-    folder, final = path.rsplit("/", 1)
-    temporary = f"{folder}/.{final}.{secrets.token_hex(6)}.tmp"
-    try:
-        filesystem.copy_file(source_path, temporary)
-        filesystem.move(temporary, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            filesystem.delete_file(temporary)
-        raise _store_error(destination, error) from None
+    with _object_moved_into_place(filesystem, path, destination) as temporary:
+        try:
+            filesystem.copy_file(source_path, temporary)
+        except OSError as error:
+            raise _store_error(destination, error) from None
 
 
 def remove_partial_files(folder: str) -> list[str]:
