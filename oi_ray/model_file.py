@@ -83,9 +83,9 @@ class ModelFile:
 
     @property
     def scores_in_halves(self) -> bool:
-        """Whether a split is scored in the model's halves: a checkpoint's network, or an export
-        whose card names its halves (a TensorRT engine, or an older export, scores whole)."""
-        return self.backend == "torch" or (self.backend == "onnxruntime" and bool(self.card.parts))
+        """Whether a split is scored in the model's halves: a checkpoint's network, or an export or
+        engine whose card names its halves (one made by an older oi-ray scores whole)."""
+        return self.backend == "torch" or bool(self.card.parts)
 
     def check_halves(self) -> None:
         """In the driver: the halves :attr:`scores_in_halves` will load are there and unchanged."""

@@ -36,7 +36,7 @@ from oi_ray.errors import BackendUnavailableError, DataError
 from oi_ray.fileio import sha256_of
 from oi_ray.model.folding import fold_batch_norms
 from oi_ray.model.inputs import InputNormalizer
-from oi_ray.model.parts import COMPARE, EMBED
+from oi_ray.model.parts import COMPARE, COMPARE_INPUTS, EMBED, EMBED_INPUTS
 from oi_ray.model.registry import EMBEDDING_OUTPUTS, distance_from_outputs
 from oi_ray.model_card import INPUT_NAMES, ModelCard
 
@@ -83,19 +83,20 @@ class BatchLimits:
     smallest: int = 1
     largest: int | None = None
 
-    def score(self, run: Scorer, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
-        """``run`` over a batch of any size: cut into pieces of at most ``largest`` pairs; a
-        piece smaller than ``smallest`` is padded with copies of its last pair, whose
-        distances are dropped (each pair's distance depends on that pair alone)."""
-        total = len(test)
+    def score(self, run: Callable[..., np.ndarray], *sides: np.ndarray) -> np.ndarray:
+        """``run`` over a batch of any size (``sides``: arrays with one entry per pair along
+        their first axis): cut into pieces of at most ``largest`` pairs; a piece smaller than
+        ``smallest`` is padded with copies of its last pair, whose results are dropped (each
+        pair's result depends on that pair alone)."""
+        total = len(sides[0])
         step = self.largest or max(total, 1)
         pieces = []
         for start in range(0, total, step):
-            sides = test[start:start + step], golden[start:start + step]
-            real = len(sides[0])
+            piece = tuple(side[start:start + step] for side in sides)
+            real = len(piece[0])
             if real < self.smallest:
-                sides = tuple(_padded(pictures, self.smallest) for pictures in sides)
-            pieces.append(np.asarray(run(*sides), dtype=np.float32)[:real])
+                piece = tuple(_padded(side, self.smallest) for side in piece)
+            pieces.append(np.asarray(run(*piece), dtype=np.float32)[:real])
         return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
 
 
@@ -236,49 +237,97 @@ class OnnxHalvesPredictor:
                                                        strict=True)))[0]
 
 
-class TensorRTPredictor:
-    """A serialized TensorRT engine built by ``oi-ray gen_trt_engine`` (CUDA only)."""
+class TensorRTEngine:
+    """A serialized TensorRT engine (CUDA only) run on float32 CUDA tensors."""
 
-    def __init__(self, engine_bytes: bytes, geometry: InputGeometry, *, threshold: float | None,
-                 source: str | Path = "engine", output_names: tuple[str, ...] = EMBEDDING_OUTPUTS) -> None:
+    def __init__(self, engine_bytes: bytes, source: str | Path = "engine") -> None:
         trt = import_tensorrt()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
             raise DataError(f"{source} is not a TensorRT engine for this TensorRT version and GPU")
         self.context = self.engine.create_execution_context()
-        self.normalize = InputNormalizer(geometry, "cuda")
-        self.threshold = threshold
-        # per pair: () for a distance, (embedding_dim,) for an embedding
-        self.output_shapes = {name: tuple(self.engine.get_tensor_shape(name))[1:] for name in output_names}
-        self.limits = _engine_batch_limits(self.engine, INPUT_NAMES[0])
+        names = [self.engine.get_tensor_name(index) for index in range(self.engine.num_io_tensors)]
+        self.output_names = [name for name in names
+                             if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT]
 
-    def distances(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
-        return self.limits.score(self._run, test, golden)
+    def limits(self, name: str, rows_per_pair: int = 1) -> BatchLimits:
+        """The pairs a call takes: the fixed first axis of input ``name``, or its optimisation
+        profile's range, over ``rows_per_pair`` entries of that axis per pair."""
+        declared = self.engine.get_tensor_shape(name)[0]
+        if declared > 0:
+            return BatchLimits(declared // rows_per_pair, declared // rows_per_pair)
+        smallest, _, largest = self.engine.get_tensor_profile_shape(name, 0)  # min, opt, max of profile 0
+        return BatchLimits(max(1, smallest[0] // rows_per_pair), largest[0] // rows_per_pair)
 
-    def _run(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
-        inputs = dict(zip(INPUT_NAMES, (self.normalize(test), self.normalize(golden)), strict=True))
-        batch = len(test)
-        outputs = {name: torch.empty(batch, *shape, device="cuda")
-                   for name, shape in self.output_shapes.items()}
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The engine's outputs by name, for its inputs by name."""
         for name, tensor in inputs.items():
             self.context.set_input_shape(name, tuple(tensor.shape))
-        for name, tensor in {**inputs, **outputs}.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {name: torch.empty(tuple(self.context.get_tensor_shape(name)), device="cuda")
+                   for name in self.output_names}
+        for name, tensor in outputs.items():
             self.context.set_tensor_address(name, tensor.data_ptr())
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         stream.synchronize()
-        return distance_from_outputs(list(outputs.values()))
+        return outputs
 
 
-def _engine_batch_limits(engine, input_name: str) -> BatchLimits:
-    """The batch sizes ``engine`` takes: its fixed batch, or its optimisation profile's range."""
-    declared = engine.get_tensor_shape(input_name)[0]
-    if declared > 0:
-        return BatchLimits(declared, declared)
-    smallest, _, largest = engine.get_tensor_profile_shape(input_name, 0)  # min, opt, max of profile 0
-    return BatchLimits(smallest[0], largest[0])
+class TensorRTPredictor:
+    """A serialized TensorRT engine built by ``oi-ray gen_trt_engine`` (CUDA only)."""
+
+    def __init__(self, engine_bytes: bytes, geometry: InputGeometry, *, threshold: float | None,
+                 source: str | Path = "engine", output_names: tuple[str, ...] = EMBEDDING_OUTPUTS) -> None:
+        self.engine = TensorRTEngine(engine_bytes, source)
+        self.normalize = InputNormalizer(geometry, "cuda")
+        self.threshold = threshold
+        self.output_names = output_names
+        self.limits = self.engine.limits(INPUT_NAMES[0])
+
+    def distances(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
+        return self.limits.score(self._run, test, golden)
+
+    def _run(self, test: np.ndarray, golden: np.ndarray) -> np.ndarray:
+        outputs = self.engine.run(dict(zip(INPUT_NAMES, (self.normalize(test), self.normalize(golden)),
+                                           strict=True)))
+        return distance_from_outputs([outputs[name] for name in self.output_names])
+
+
+class TensorRTHalvesPredictor:
+    """The engines ``oi-ray gen_trt_engine`` builds of an export's two halves (CUDA only): each
+    call cut and padded to the engines' batch limits, as the whole engine's."""
+
+    def __init__(self, embed: TensorRTEngine, compare: TensorRTEngine, geometry: InputGeometry,
+                 features_per_pair: tuple[int, ...]) -> None:
+        self.embed_engine, self.compare_engine = embed, compare
+        self.normalize = InputNormalizer(geometry, "cuda")
+        self.rows_per_pair, *self.row_shape = features_per_pair
+        self.embed_limits = embed.limits(EMBED_INPUTS[0])
+        self.compare_limits = compare.limits(COMPARE_INPUTS[0], self.rows_per_pair)
+
+    def embed(self, pictures: np.ndarray) -> np.ndarray:
+        """One side's features (:class:`HalvesPredictor`)."""
+        per_pair = self.embed_limits.score(self._embed, pictures)
+        return per_pair.reshape(-1, *self.row_shape)
+
+    def compare(self, test_features: np.ndarray, golden_features: np.ndarray) -> np.ndarray:
+        """Distances of two sides' features (:class:`HalvesPredictor`)."""
+        sides = (features.reshape(-1, self.rows_per_pair, *self.row_shape)
+                 for features in (test_features, golden_features))
+        return self.compare_limits.score(self._compare, *sides)
+
+    def _embed(self, pictures: np.ndarray) -> np.ndarray:
+        features = next(iter(self.embed_engine.run({EMBED_INPUTS[0]: self.normalize(pictures)}).values()))
+        return features.reshape(len(pictures), self.rows_per_pair, *self.row_shape).cpu().numpy()
+
+    def _compare(self, test_features: np.ndarray, golden_features: np.ndarray) -> np.ndarray:
+        sides = (torch.from_numpy(np.ascontiguousarray(features.reshape(-1, *self.row_shape))).to("cuda")
+                 for features in (test_features, golden_features))
+        return next(iter(self.compare_engine.run(dict(zip(COMPARE_INPUTS, sides, strict=True))).values())) \
+            .cpu().numpy()
 
 
 def import_tensorrt():
@@ -323,13 +372,11 @@ def check_halves(path: Path, card: ModelCard) -> dict[str, Path]:
     card's SHA-256 describes (checked without loading them, as the driver checks a model)."""
     if path.suffix == ".pth":
         return {}
-    if path.suffix not in ONNX_SUFFIXES:
-        raise BackendUnavailableError(f"{path} is a TensorRT engine; engines of the embed and compare halves "
-                                      "(scoring against kept golden features) are not built yet: use the "
-                                      ".onnx model")
     if set(card.parts) != {EMBED, COMPARE}:
-        raise DataError(f"{path} was exported without its embed and compare halves (an older oi-ray); "
-                        "export it again to score against kept goldens")
+        made, again = ("built", "build it again (`oi-ray gen_trt_engine`) from an export that has them") \
+            if is_tensorrt_file(path) else ("exported", "export it again")
+        raise DataError(f"{path} was {made} without its embed and compare halves (an older oi-ray); "
+                        f"{again} to score against kept goldens")
     files = {}
     for name, part in card.parts.items():
         part_file = path.with_name(part["file"])
@@ -344,11 +391,15 @@ def check_halves(path: Path, card: ModelCard) -> dict[str, Path]:
 
 def load_halves_predictor(path: Path, card: ModelCard, key: str | None, use_gpu: bool = False, *,
                           threads: int | None = None) -> HalvesPredictor:
-    """The two halves of the model at ``path``: a ``.pth``'s own network, or the ONNX halves its
-    card names beside an exported model (:func:`check_halves`)."""
+    """The two halves of the model at ``path``: a ``.pth``'s own network, or the ONNX halves or
+    TensorRT engines its card names beside it (:func:`check_halves`)."""
     files = check_halves(path, card)
     if not files:
         return load_predictor(path, card, key, use_gpu, threads=threads)
+    if is_tensorrt_file(path):
+        embed, compare = (TensorRTEngine(read_plain(files[name], key), files[name])
+                          for name in (EMBED, COMPARE))
+        return TensorRTHalvesPredictor(embed, compare, card.geometry(), card.features_per_pair)
     embed, compare = (onnx_session(_onnx_graph(files[name], key), use_gpu=use_gpu, source=files[name],
                                    threads=threads if name == EMBED else 1) for name in (EMBED, COMPARE))
     _check_takes_pictures(embed, card.geometry(), files[EMBED])

@@ -29,8 +29,8 @@ from oi_ray.fileio import sha256_of
 from oi_ray.golden_reuse import GoldenReuse
 from oi_ray.model.inputs import InputNormalizer
 from oi_ray.model.registry import Architecture
-from oi_ray.model_card import read_card
-from oi_ray.predictors import BatchLimits, load_halves_predictor
+from oi_ray.model_card import ModelCard, read_card
+from oi_ray.predictors import BatchLimits, check_halves, load_halves_predictor
 from oi_ray.training.step import Precision, StepRule, make_optimizer, training_steps
 
 HAS_GPU = torch.cuda.is_available()
@@ -184,6 +184,26 @@ def test_halves_of_an_export_that_lacks_them_or_was_changed_are_refused(spec, tm
         load_halves_predictor(onnx_file, dataclasses.replace(card, parts={}), None)
 
 
+def test_halves_of_a_tensorrt_engine_are_checked_like_an_exports(spec, tmp_path):
+    """The engines gen_trt_engine builds of the halves are named in the engine's card and checked
+    before anything loads them (no GPU needed to check)."""
+    halves = {name: tmp_path / f"m.{name}.engine" for name in ("embed", "compare")}
+    for name, path in halves.items():
+        path.write_bytes(f"{name} engine bytes".encode())
+    described = ModelCard.describe(load_config(spec), None, batch_size=-1, opset_version=17, oi_ray_version="x",
+                                   source_checkpoint="c", source_checkpoint_sha256="0" * 64)
+    card = dataclasses.replace(described, parts={name: {"file": path.name, "sha256": sha256_of(path)}
+                                                 for name, path in halves.items()})
+    engine = tmp_path / "m.engine"
+    assert check_halves(engine, card) == halves
+    halves["compare"].write_bytes(b"another engine")
+    with pytest.raises(DataError, match=r"m.compare.engine does not match the model card of m.engine"):
+        check_halves(engine, card)
+    with pytest.raises(DataError, match=r"m.engine was built without its embed and compare halves .*"
+                                        r"build it again \(`oi-ray gen_trt_engine`\) from an export that has them"):
+        check_halves(engine, dataclasses.replace(card, parts={}))
+
+
 @pytest.mark.gpu
 @pytest.mark.trt
 @pytest.mark.parametrize(("model_type", "layout"), CASES)
@@ -208,3 +228,11 @@ def test_tensorrt_scores_like_torch_pair_by_pair(spec, tmp_path, model_type, lay
     trt_distances = torch.from_numpy(predictor.distances(test[:11], golden[:11]))
     # TensorRT may use TF32 for fp32 matrix products on Ampere and newer GPUs.
     torch.testing.assert_close(trt_distances, torch_distances[:11], rtol=5e-3, atol=1e-3)
+    model = spec_model(engine, config)
+    assert set(model.card.parts) == {"embed", "compare"} and model.scores_in_halves
+    halves = model.load_halves(use_gpu=True)  # engines of the export's halves, built beside the model's
+    assert (halves.embed_limits, halves.compare_limits) == (BatchLimits(4, 4), BatchLimits(4, 4))
+    kept = halves.embed(golden[:11])
+    assert kept.shape == (11 * model.card.features_per_pair[0], *model.card.features_per_pair[1:])
+    from_kept = torch.from_numpy(halves.compare(halves.embed(test[:11]), kept))
+    torch.testing.assert_close(from_kept, torch_distances[:11], rtol=5e-3, atol=1e-3)

@@ -22,6 +22,7 @@ from torch import nn
 
 EMBED, COMPARE = "embed", "compare"
 PAIRS, FEATURE_ROWS = "batch", "rows"  # the dynamic first axes: pairs (or sides), feature rows
+EMBED_INPUTS, COMPARE_INPUTS = ("images",), ("test_features", "golden_features")  # the halves' graph inputs
 
 
 class _Half(nn.Module):
@@ -59,10 +60,9 @@ class ModelPart:
 
 def model_parts(model: nn.Module) -> tuple[ModelPart, ModelPart]:
     """The ``embed`` and ``compare`` halves of ``model`` (any registered model type)."""
-    return (ModelPart(EMBED, _Half(model, model.embed), ("images",), ("features",),
+    return (ModelPart(EMBED, _Half(model, model.embed), EMBED_INPUTS, ("features",),
                       {"images": PAIRS, "features": FEATURE_ROWS}),
-            ModelPart(COMPARE, _Half(model, model.compare), ("test_features", "golden_features"),
-                      ("distance",),
+            ModelPart(COMPARE, _Half(model, model.compare), COMPARE_INPUTS, ("distance",),
                       {"test_features": FEATURE_ROWS, "golden_features": FEATURE_ROWS, "distance": PAIRS}))
 
 

@@ -7,6 +7,11 @@ and max default to ``dataset.batch_size`` so the engine takes evaluate's batches
 ONNX model keeps its batch), ``timing_cache`` (read when the file exists, written after the
 build, so rebuilds skip kernel timing) and ``verbose``. The model card is copied beside the
 engine with the engine's own SHA-256, so evaluate and inference use it like the ONNX model.
+
+An export's two halves (``oi_model.embed.onnx``, ``oi_model.compare.onnx``) become engines
+beside the model's (``oi_model.embed.engine``, ``oi_model.compare.engine``, named in the card)
+with the same settings and batch profile (the compare half's in feature rows): a golden library
+and a split whose rows share goldens then score on TensorRT from kept golden features.
 """
 
 import dataclasses
@@ -18,16 +23,18 @@ from oi_ray.config.schema import ExperimentConfig, TrtDataType
 from oi_ray.crypto import is_encrypted_file, protected_output, read_plain
 from oi_ray.errors import ConfigError, DataError
 from oi_ray.fileio import atomic_output, sha256_of
-from oi_ray.model_card import INPUT_NAMES, ModelCard
+from oi_ray.model.parts import COMPARE, COMPARE_INPUTS, EMBED, EMBED_INPUTS
+from oi_ray.model_card import INPUT_NAMES, ModelCard, part_path
 from oi_ray.model_file import open_model_file
-from oi_ray.predictors import ONNX_SUFFIXES, import_tensorrt
+from oi_ray.predictors import ONNX_SUFFIXES, check_halves, import_tensorrt
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
 
 
 def run(config: ExperimentConfig) -> None:
-    """Build ``gen_trt_engine.trt_engine`` from ``gen_trt_engine.onnx_file``."""
+    """Build ``gen_trt_engine.trt_engine`` from ``gen_trt_engine.onnx_file``, and an engine of
+    each of the model's halves beside it when the export has them."""
     section, trt_config = config.gen_trt_engine, config.gen_trt_engine.tensorrt
     if not section.onnx_file:
         raise ConfigError("gen_trt_engine.onnx_file is not set: give the .onnx that `oi-ray export` wrote")
@@ -39,51 +46,26 @@ def run(config: ExperimentConfig) -> None:
         raise DataError(f"gen_trt_engine.onnx_file={str(onnx_path)!r}: expected the .onnx model "
                         f"that `oi-ray export` wrote")
     card = open_model_file(onnx_path, config.encryption_key, ModelCard.expected_by(config)).card
+    half_files = check_halves(onnx_path, card) if card.parts else {}
     profile = _batch_profile(config, card)
     engine_path = Path(section.trt_engine or onnx_path.with_suffix(".engine")).resolve()
-    trt = import_tensorrt()
-
-    logger = trt.Logger(trt.Logger.VERBOSE if section.verbose else trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if is_encrypted_file(onnx_path):
-        parsed = parser.parse(read_plain(onnx_path, config.encryption_key))
-    else:
-        parsed = parser.parse_from_file(str(onnx_path))
-    if not parsed:
-        errors = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
-        raise DataError(f"TensorRT cannot parse {onnx_path}: {errors}")
-
-    build = builder.create_builder_config()
-    build.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, trt_config.workspace_size * MIB)
-    if trt_config.data_type == TrtDataType.FP16:
-        build.set_flag(trt.BuilderFlag.FP16)
-    if profile is not None:  # a fixed-batch network has static shapes and needs no profile
-        shapes = builder.create_optimization_profile()
-        for name in INPUT_NAMES:
-            shapes.set_shape(name, *((size, *card.input_shape) for size in profile))
-        build.add_optimization_profile(shapes)
     cache_path = Path(section.timing_cache) if section.timing_cache else None
-    if cache_path is not None:
-        _use_timing_cache(build, cache_path)
-    serialized = builder.build_serialized_network(network, build)
-    if serialized is None:
-        raise DataError(f"TensorRT could not build an engine from {onnx_path} (rerun with "
-                        f"gen_trt_engine.verbose=true for the builder's log)")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(engine_path) as out, protected_output(out, config.encryption_key) as sink:
-        sink.write(memoryview(serialized))
-    del serialized
-    if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(cache_path) as out:
-            out.write(memoryview(build.get_timing_cache().serialize()))
-    dataclasses.replace(card, model_sha256=sha256_of(engine_path)).write(engine_path)
+    builder = _EngineBuilder(config, cache_path)
+
+    builder.build(onnx_path, {name: (card.input_shape, 1) for name in INPUT_NAMES}, profile, engine_path)
+    parts = {}
+    for name, half_onnx in half_files.items():
+        half_engine = part_path(engine_path, name)
+        # the halves always have a dynamic first axis: a fixed-batch model's halves get a profile
+        builder.build(half_onnx, _half_inputs(card)[name], profile or (card.batch_size,) * 3, half_engine)
+        parts[name] = {"file": half_engine.name, "sha256": sha256_of(half_engine)}
+    builder.keep_timing_cache()
+    dataclasses.replace(card, model_sha256=sha256_of(engine_path), parts=parts).write(engine_path)
     save_resolved_spec(config, section.results_dir)
     batches = f"batch {profile[0]}..{profile[2]}, optimised for {profile[1]}" if profile is not None \
         else f"fixed batch {card.batch_size}"
-    log.info("wrote %s (%s, %s%s)", engine_path, trt_config.data_type, batches,
+    halves = f"; its halves {', '.join(part['file'] for part in parts.values())}" if parts else ""
+    log.info("wrote %s (%s, %s%s%s)", engine_path, trt_config.data_type, batches, halves,
              f"; timing cache {cache_path}" if cache_path is not None else "")
 
 
@@ -114,11 +96,78 @@ def _batch_profile(config: ExperimentConfig, card: ModelCard) -> tuple[int, int,
     return smallest, optimal, largest
 
 
-def _use_timing_cache(build, path: Path) -> None:
-    """Start the build from the timing cache at ``path`` (an empty one when there is no file or
-    it was made by another TensorRT version or GPU)."""
-    cache = build.create_timing_cache(path.read_bytes() if path.is_file() else b"")
-    if cache is None or not build.set_timing_cache(cache, ignore_mismatch=False):
-        log.warning("%s does not fit this TensorRT version or GPU: building with a fresh timing cache "
-                    "(it will be overwritten)", path)
-        build.set_timing_cache(build.create_timing_cache(b""), ignore_mismatch=False)
+def _half_inputs(card: ModelCard) -> dict[str, dict[str, tuple[tuple[int, ...], int]]]:
+    """Each half's inputs: their shape after the first axis, and the first axis's entries per
+    pair (the compare half takes feature rows, one per lighting tile for SiameseSpatial)."""
+    rows, *row_shape = card.features_per_pair
+    return {EMBED: {name: (card.input_shape, 1) for name in EMBED_INPUTS},
+            COMPARE: {name: (tuple(row_shape), rows) for name in COMPARE_INPUTS}}
+
+
+class _EngineBuilder:
+    """TensorRT's builder with the spec's settings, one timing cache shared by every build."""
+
+    def __init__(self, config: ExperimentConfig, cache_path: Path | None) -> None:
+        self.trt = import_tensorrt()
+        self.settings = config.gen_trt_engine.tensorrt
+        self.key = config.encryption_key
+        verbose = config.gen_trt_engine.verbose
+        self.logger = self.trt.Logger(self.trt.Logger.VERBOSE if verbose else self.trt.Logger.WARNING)
+        self.builder = self.trt.Builder(self.logger)
+        self.cache_path = cache_path
+        self.cache = None
+
+    def build(self, onnx_path: Path, inputs: dict[str, tuple[tuple[int, ...], int]],
+              profile: tuple[int, int, int] | None, engine_path: Path) -> None:
+        """Build ``onnx_path`` into ``engine_path`` (written atomically, encrypted with the spec's
+        key). ``inputs``: each input's shape after the first axis and its first-axis entries per
+        pair, for the optimisation profile over ``profile`` pairs (none: a fixed-batch network)."""
+        trt = self.trt
+        network = self.builder.create_network(0)
+        parser = trt.OnnxParser(network, self.logger)
+        if is_encrypted_file(onnx_path):
+            parsed = parser.parse(read_plain(onnx_path, self.key))
+        else:
+            parsed = parser.parse_from_file(str(onnx_path))
+        if not parsed:
+            errors = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
+            raise DataError(f"TensorRT cannot parse {onnx_path}: {errors}")
+        build = self.builder.create_builder_config()
+        build.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.settings.workspace_size * MIB)
+        if self.settings.data_type == TrtDataType.FP16:
+            build.set_flag(trt.BuilderFlag.FP16)
+        if profile is not None:  # a fixed-batch network has static shapes and needs no profile
+            shapes = self.builder.create_optimization_profile()
+            for name, (shape, per_pair) in inputs.items():
+                shapes.set_shape(name, *((size * per_pair, *shape) for size in profile))
+            build.add_optimization_profile(shapes)
+        if self.cache_path is not None:
+            self._use_timing_cache(build)
+        serialized = self.builder.build_serialized_network(network, build)
+        if serialized is None:
+            raise DataError(f"TensorRT could not build an engine from {onnx_path} (rerun with "
+                            f"gen_trt_engine.verbose=true for the builder's log)")
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(engine_path) as out, protected_output(out, self.key) as sink:
+            sink.write(memoryview(serialized))
+
+    def keep_timing_cache(self) -> None:
+        """Write the timing cache the builds filled (when the spec names one)."""
+        if self.cache_path is None or self.cache is None:
+            return
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(self.cache_path) as out:
+            out.write(memoryview(self.cache.serialize()))
+
+    def _use_timing_cache(self, build) -> None:
+        """Start the build from the timing cache: the file's for the first build (an empty one when
+        there is no file or it was made by another TensorRT version or GPU), then the same one."""
+        if self.cache is None:
+            path = self.cache_path
+            cache = build.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+            if cache is None or not build.set_timing_cache(cache, ignore_mismatch=False):
+                log.warning("%s does not fit this TensorRT version or GPU: building with a fresh timing "
+                            "cache (it will be overwritten)", path)
+                cache = build.create_timing_cache(b"")
+            self.cache = cache
+        build.set_timing_cache(self.cache, ignore_mismatch=False)
