@@ -17,13 +17,15 @@ exported with `oi-ray export`. Then, in one run, for each model:
 3. the golden library (``serve.golden_store``): every distinct golden of the pairs registered
    once (``PUT /v1/goldens/{id}``); one client alternating a pair that uploads its golden with
    the same pair naming it (``golden_id``), then 32 clients posting ``golden_id`` pairs;
+   then both kinds again with a board's pairs per request (``BOARD`` pairs, as an AOI program
+   sends a field of view): one client alternating, and 32 clients;
 4. in-process again once the service has stopped, so a drifting machine shows.
 
 Ratios: served pairs/s at 32 clients over in-process pairs/s at the service's batch size
 (target >= 0.5), the served p50 latency of one pair minus the in-process p50 latency of
 one pair, alternated (the serving overhead; target <= 10 ms); pairs/s at 32 clients with
 ``golden_id`` over uploaded goldens (target >= 1.8) and the p50 latency of one ``golden_id``
-pair over one uploaded pair, alternated (target <= 0.6).
+pair over one uploaded pair, alternated (target <= 0.6); the same two with a board per request.
 
     python benchmarks/serve_load.py [--workdir DIR] [--requests 200 400 800] [--models Siamese_3]
 """
@@ -57,6 +59,7 @@ SERVE_CPUS = 2  # replica CPUs: ONNX Runtime threads, as in-process
 BATCH = 32
 TIME_LIMIT_S = 90.0  # per load level
 ALTERNATED = 150  # single pairs scored served and in-process in turns
+BOARD = 8  # pairs per request in the board levels
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 MODELS = {"Siamese_3": RECIPES / "siamese_3.yaml", "SiameseSpatial": RECIPES / "siamese_spatial.yaml"}
 
@@ -106,14 +109,17 @@ def _report(model: str, before: dict, served: dict, after: dict) -> None:
           f"in-process p50 {alternated['in_process']:.2f} ms")
     print(f"one pair at a time, alternated ({ALTERNATED} each): golden uploaded p50 "
           f"{named['uploaded']:.2f} ms, golden_id p50 {named['golden_id']:.2f} ms")
-    print(f"\n{model} served (oi-ray serve, single-pair multipart requests):")
-    print(f"  {'golden':>8} {'clients':>7} {'requests':>8} {'pairs/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'errors':>6}")
-    for (golden, clients), level in served.items():
-        print(f"  {golden:>8} {clients:>7} {level['requests']:>8} {level['rate']:>9.1f} {level['p50']:>8.2f} "
-              f"{level['p99']:>8.2f} {level['errors']:>6}")
+    boards = served.pop("named_board")
+    print(f"one board of {BOARD} pairs at a time, alternated ({ALTERNATED} each): golden uploaded p50 "
+          f"{boards['uploaded']:.2f} ms, golden_id p50 {boards['golden_id']:.2f} ms")
+    print(f"\n{model} served (oi-ray serve, multipart requests; p50 and p99 of a request):")
+    print(f"  {'golden':>8} {'pairs/request':>13} {'clients':>7} {'requests':>8} {'pairs/s':>9} "
+          f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for (golden, per_request, clients), level in served.items():
+        print(f"  {golden:>8} {per_request:>13} {clients:>7} {level['requests']:>8} {level['rate']:>9.1f} "
+              f"{level['p50']:>8.2f} {level['p99']:>8.2f} {level['errors']:>6}")
     in_process_rate = (before[f"batch{BATCH}"] + after[f"batch{BATCH}"]) / 2
-    uploaded, by_id = served[("uploaded", 32)], served[("id", 32)]
+    uploaded, by_id = served[("uploaded", 1, 32)], served[("id", 1, 32)]
     print(f"\n{model}: ratio served pairs/s at 32 clients / in-process pairs/s at batch {BATCH}: "
           f"{uploaded['rate'] / in_process_rate:.2f} (target >= 0.5)")
     print(f"{model}: serving overhead of one pair: {alternated['served'] - alternated['in_process']:.2f} ms "
@@ -121,7 +127,10 @@ def _report(model: str, before: dict, served: dict, after: dict) -> None:
     print(f"{model}: golden_id / uploaded golden, pairs/s at 32 clients: "
           f"{by_id['rate'] / uploaded['rate']:.2f} (target >= 1.8); p50 of one pair, alternated: "
           f"{named['golden_id'] / named['uploaded']:.2f} "
-          f"(target <= 0.6)", flush=True)
+          f"(target <= 0.6)")
+    print(f"{model}: the same with {BOARD} pairs per request: pairs/s at 32 clients "
+          f"{served[('id', BOARD, 32)]['rate'] / served[('uploaded', BOARD, 32)]['rate']:.2f}; p50 of one "
+          f"board, alternated: {boards['golden_id'] / boards['uploaded']:.2f}", flush=True)
 
 
 def _golden_ids(table: PairTable) -> list[str]:
@@ -215,9 +224,13 @@ def _in_process(onnx: Path, pairs: list[PairUpload], lights: tuple[str, ...]) ->
 
 def _served(specs: list[Path], results: Path, onnx: Path, pairs: list[PairUpload], golden_ids: list[str],
             lights: tuple[str, ...], counts: tuple[int, int, int]) -> dict:
-    bodies = [_multipart(pair, lights) for pair in pairs]
-    named = [_multipart(PairUpload(pair.id, pair.test, (), golden_id), lights)
-             for pair, golden_id in zip(pairs, golden_ids, strict=True)]
+    bodies = [_multipart([pair], lights) for pair in pairs]
+    named_pairs = [PairUpload(pair.id, pair.test, (), golden_id)
+                   for pair, golden_id in zip(pairs, golden_ids, strict=True)]
+    named = [_multipart([pair], lights) for pair in named_pairs]
+    board_bodies, named_boards = ([_multipart(group[start:start + BOARD], lights)
+                                   for start in range(0, len(group) - BOARD + 1, BOARD)]
+                                  for group in (pairs, named_pairs))
     log = (results / "serve.log").open("w")
     store = results / "goldens"
     process = subprocess.Popen(
@@ -230,12 +243,16 @@ def _served(specs: list[Path], results: Path, onnx: Path, pairs: list[PairUpload
         _wait_healthy(process)
         _post_all(bodies[:BATCH], clients=4, limit=len(bodies[:BATCH]))  # warm-up
         results_by_level: dict = {"alternated": _alternated(InProcess(onnx, lights), pairs, bodies)}
-        results_by_level.update({("uploaded", clients): _load(bodies, clients, count)
+        results_by_level.update({("uploaded", 1, clients): _load(bodies, clients, count)
                                  for clients, count in zip(CLIENTS, counts, strict=True)})
         _register(pairs, golden_ids, lights)
         _post_all(named[:BATCH], clients=4, limit=len(named[:BATCH]))  # warm-up
         results_by_level["named"] = _alternated_named(bodies, named)
-        results_by_level[("id", CLIENTS[-1])] = _load(named, CLIENTS[-1], counts[-1])
+        results_by_level[("id", 1, CLIENTS[-1])] = _load(named, CLIENTS[-1], counts[-1])
+        results_by_level["named_board"] = _alternated_named(board_bodies, named_boards)
+        for golden, boards in (("uploaded", board_bodies), ("id", named_boards)):
+            results_by_level[(golden, BOARD, CLIENTS[-1])] = _load(boards, CLIENTS[-1], counts[-1] // 4,
+                                                                   pairs_per_request=BOARD)
         return results_by_level
     finally:
         os.killpg(process.pid, signal.SIGINT)  # the process group this benchmark started
@@ -251,7 +268,7 @@ def _register(pairs: list[PairUpload], golden_ids: list[str], lights: tuple[str,
     """``PUT /v1/goldens/{id}`` once for every distinct golden."""
     connection = http.client.HTTPConnection("127.0.0.1", PORT, timeout=120)
     for golden_id, pair in dict(zip(golden_ids, pairs, strict=True)).items():
-        body, content_type = _multipart(PairUpload(None, (), pair.golden), lights)
+        body, content_type = _multipart([PairUpload(None, (), pair.golden)], lights)
         connection.request("PUT", f"/v1/goldens/{golden_id}", body=body,
                            headers={"Content-Type": content_type})
         response = connection.getresponse()
@@ -262,7 +279,7 @@ def _register(pairs: list[PairUpload], golden_ids: list[str], lights: tuple[str,
 
 
 def _alternated_named(bodies: list[tuple[bytes, str]], named: list[tuple[bytes, str]]) -> dict[str, float]:
-    """p50 latency of one pair, its golden uploaded and named by id, measured in turns."""
+    """p50 latency of one request, its goldens uploaded and named by id, measured in turns."""
     connection = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
     times: dict[str, list[float]] = {"uploaded": [], "golden_id": []}
     for index in range(ALTERNATED):
@@ -297,16 +314,22 @@ def _alternated(local: InProcess, pairs: list[PairUpload],
     return {name: 1000 * float(np.median(values)) for name, values in times.items()}
 
 
-def _multipart(pair: PairUpload, lights: tuple[str, ...]) -> tuple[bytes, str]:
-    """A form of ``pair``'s fields: its id, golden_id and images, each only when it has them."""
+def _multipart(pairs: list[PairUpload], lights: tuple[str, ...]) -> tuple[bytes, str]:
+    """A form of the pairs' fields: ids, golden_ids and images, each only when a pair has them;
+    with several pairs every field name starts with the pair's index (``0.test.WhiteLight``)."""
     boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-             for name, value in (("id", pair.id), ("golden_id", pair.golden_id)) if value is not None]
-    for side in [side for side in ("test", "golden") if getattr(pair, side)]:
-        for light, data in zip(lights, getattr(pair, side), strict=True):
-            header = (f'--{boundary}\r\nContent-Disposition: form-data; name="{side}.{light}"; '
-                      f'filename="{light}.jpg"\r\nContent-Type: image/jpeg\r\n\r\n')
-            parts.append(header.encode() + data + b"\r\n")
+    parts = []
+    for index, pair in enumerate(pairs):
+        prefix = f"{index}." if len(pairs) > 1 else ""
+        for name, value in (("id", pair.id), ("golden_id", pair.golden_id)):
+            if value is not None:
+                parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{prefix}{name}"\r\n\r\n'
+                             f'{value}\r\n'.encode())
+        for side in [side for side in ("test", "golden") if getattr(pair, side)]:
+            for light, data in zip(lights, getattr(pair, side), strict=True):
+                header = (f'--{boundary}\r\nContent-Disposition: form-data; name="{prefix}{side}.{light}"; '
+                          f'filename="{light}.jpg"\r\nContent-Type: image/jpeg\r\n\r\n')
+                parts.append(header.encode() + data + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
@@ -327,11 +350,14 @@ def _wait_healthy(process: subprocess.Popen, timeout_s: float = 300) -> None:
     raise SystemExit("oi-ray serve did not become healthy")
 
 
-def _load(bodies: list[tuple[bytes, str]], clients: int, count: int) -> dict[str, float]:
+def _load(bodies: list[tuple[bytes, str]], clients: int, count: int, *,
+          pairs_per_request: int = 1) -> dict[str, float]:
+    """``count`` requests from ``clients`` clients: answered pairs/s, request latencies, errors."""
     start = time.perf_counter()
     latencies, errors = _post_all(bodies, clients, count)
     wall = time.perf_counter() - start
-    return {"requests": len(latencies) + errors, "rate": len(latencies) / wall, "errors": errors,
+    return {"requests": len(latencies) + errors, "rate": pairs_per_request * len(latencies) / wall,
+            "errors": errors,
             "p50": 1000 * float(np.percentile(latencies, 50)),
             "p99": 1000 * float(np.percentile(latencies, 99))}
 
