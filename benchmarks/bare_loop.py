@@ -23,7 +23,7 @@ from oi_ray.data.assemble import InputGeometry, read_pictures
 from oi_ray.data.epochs import epoch_plan
 from oi_ray.data.pairs import load_split
 from oi_ray.metrics import auroc
-from oi_ray.model.inputs import InputNormalizer
+from oi_ray.model.inputs import InputNormalizer, LightingGain
 from oi_ray.model.registry import Architecture
 from oi_ray.model_card import ModelCard
 from oi_ray.model_file import open_model_file
@@ -72,11 +72,12 @@ def train_bare(config: ExperimentConfig, threads: int, *, oi_ray_draws: bool = F
     loader = DataLoader(pairs, batch_size=dataset.batch_size, drop_last=True, sampler=sampler)
     net = Architecture.of(config.model, geometry).build()
     optimizer = make_optimizer(net.parameters(), config.train.optim)
-    normalize = InputNormalizer(geometry)
+    normalize = InputNormalizer(geometry, gain=LightingGain.of(dataset, seed=(config.train.seed,)))
     rule, precision = StepRule.of(config), Precision(torch.device("cpu"), enabled=False)
     rates, seconds = [], 0.0
     for epoch in range(1, config.train.num_epochs + 1):
         net.train()
+        normalize.start_epoch(epoch)
         start = time.perf_counter()
         if oi_ray_draws:
             plan = epoch_plan(table.targets, dataset.fpratio_sampling, seed=config.train.seed,

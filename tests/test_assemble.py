@@ -3,6 +3,7 @@
 
 import numpy as np
 import pytest
+import torch
 from helpers import TAO_SPECS
 from PIL import Image
 
@@ -11,7 +12,7 @@ from oi_ray.config.schema import AugmentationConfig
 from oi_ray.data import augment
 from oi_ray.data.assemble import InputGeometry, assemble, read_image, read_stack, tile
 from oi_ray.errors import DataError
-from oi_ray.model.inputs import InputNormalizer
+from oi_ray.model.inputs import InputNormalizer, LightingGain
 
 UNIT = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
@@ -61,6 +62,37 @@ def test_normalize_matches_hand_computation():
     assert inputs.shape == (1, 3, 1, 2) and inputs.dtype == np.float32
     np.testing.assert_allclose(inputs[0, :, 0, 0], [1.0, -1.0, 0.1], rtol=1e-6)
     np.testing.assert_allclose(inputs[0, :, 0, 1], [-1.0, 3.0, 0.2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("grid", [None, (2, 2)])
+def test_lighting_gain_scales_each_lighting_of_each_side_on_its_own_and_clips(grid):
+    geometry = _geometry(4, grid=grid, height=3, width=5)
+    flat = torch.full((64, *geometry.input_shape[1:], 3), 230, dtype=torch.uint8)
+    gain = LightingGain(geometry, 0.2, seed=(7,))
+    test, golden = gain(flat), gain(flat)  # the two sides of a batch, drawn one after the other
+    rows, columns = geometry.tiles
+    tiles = test.view(64, rows, 3, columns, 5, 3)
+    per_light = tiles[:, :, :1, :, :1, :1]
+    assert test.dtype == torch.float32 and test.shape == flat.shape
+    assert torch.equal(tiles, per_light.expand_as(tiles)), "one gain over a whole lighting image"
+    assert 184 <= per_light.min() < 195 and per_light.max() == 255, "U[0.8, 1.2] x 230, clipped at 255"
+    assert per_light.flatten(1).std(dim=1).min() > 0, "every pair's lightings get their own gains"
+    assert not torch.equal(test, golden), "test and golden drawn separately"
+    gain.start_epoch(1)
+    assert torch.equal(gain(flat), test), "an epoch's draws repeat (a resumed run draws the same)"
+    gain.start_epoch(2)
+    assert not torch.equal(gain(flat), test)
+
+
+def test_normalizer_applies_the_training_gain_before_the_affine_map():
+    geometry = _geometry(2, height=1, width=1)
+    pictures = np.full((4, 2, 1, 3), 100, dtype=np.uint8)
+    gained = InputNormalizer(geometry, gain=LightingGain(geometry, 0.1, seed=(0,)))(pictures)
+    plain = InputNormalizer(geometry)(pictures)
+    ratio = gained / plain  # (4, 3, 2, 1); unit mean and std: the input is x / 255, the ratio the gain
+    assert torch.all((ratio >= 0.9) & (ratio <= 1.1))
+    assert torch.equal(ratio[:, 0], ratio[:, 1]) and torch.equal(ratio[:, 0], ratio[:, 2]), "R, G, B alike"
+    assert not torch.equal(ratio[:, :, 0], ratio[:, :, 1]), "each lighting (a row here) its own gain"
 
 
 @pytest.mark.parametrize(("concat", "expected"), [("linear", (3, 400, 100)), ("grid", (3, 200, 200))])

@@ -160,6 +160,8 @@ def test_bad_type_names_key_and_value():
         (["train.loss=triplet"], "train.loss='triplet' is not one of ['contrastive']"),
         (["dataset.augmentation_config.rgb_input_std=[0.2,0.2]"], "rgb_input_std=[0.2, 0.2] is invalid: expected 3 values"),
         (["gen_trt_engine.tensorrt.data_type=fp8"], "gen_trt_engine.tensorrt.data_type='fp8' is not one of"),
+        (["dataset.augmentation_config.lighting_gain=1.5"],
+         "dataset.augmentation_config.lighting_gain=1.5 is invalid: expected 0 (off) <= lighting_gain < 1"),
         (["gen_trt_engine.tensorrt.opt_batch_size=8", "gen_trt_engine.tensorrt.max_batch_size=4"],
          "gen_trt_engine.tensorrt.opt_batch_size=8 is invalid: expected <= max_batch_size (4)"),
         (["export.batch_size=0"], "export.batch_size=0 is invalid: expected -1 (dynamic) or >= 1"),

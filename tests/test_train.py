@@ -140,13 +140,18 @@ def test_two_gpu_workers_train_with_nccl(spec, tmp_path):
     assert load_checkpoint(results / "train/oi_model_latest.pth").epoch == 2
 
 
+@pytest.mark.slow
 def test_one_worker_run_is_reproducible_with_a_seed(spec, tmp_path):
-    states = []
-    for name in ("a", "b"):
-        assert _train(spec, tmp_path / name, "train.num_epochs=1", "train.validation_interval=1") == 0
-        states.append(load_checkpoint(tmp_path / name / "train/oi_model_latest.pth").model_state)
-    for key, value in states[0].items():
-        torch.testing.assert_close(value, states[1][key], rtol=0, atol=0, msg=key)
+    """With oi-ray's lighting gain too: its draws are seeded like the epoch plan's."""
+    states = {}
+    for name, gain in (("a", 0.2), ("b", 0.2), ("plain", 0.0)):
+        assert _train(spec, tmp_path / name, "train.num_epochs=1", "train.validation_interval=1",
+                      f"dataset.augmentation_config.lighting_gain={gain}") == 0
+        states[name] = load_checkpoint(tmp_path / name / "train/oi_model_latest.pth").model_state
+    for key, value in states["a"].items():
+        torch.testing.assert_close(value, states["b"][key], rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(value, states["plain"][key]) for key, value in states["a"].items()), \
+        "the gain changed what the model saw"
 
 
 def test_bad_resume_checkpoint_fails_before_training(spec, tmp_path, capsys):

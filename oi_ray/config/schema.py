@@ -182,6 +182,9 @@ class AugmentationConfig:
     with_random_blur: bool = True  # Gaussian blur of radius U[0, 1) when augmenting
     with_random_crop: bool = True  # random resized crop (scale 0.8-1.2) when augmenting
     augment: bool = False  # master switch for paired training augmentation
+    # oi-ray: each lighting image of each side times its own U[1 - g, 1 + g] while training (a
+    # lamp drifting between the test and golden shots); 0: off. Independent of `augment`.
+    lighting_gain: float = 0.0
 
 
 @dataclass

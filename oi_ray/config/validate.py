@@ -261,6 +261,8 @@ def _check_dataset(p: _Problems, dataset: DatasetConfig) -> None:
     for name in ("brightness", "contrast", "saturation"):
         p.at_least(f"{prefix}.random_color.{name}", getattr(color, name), 0)
     p.in_range(f"{prefix}.random_color.hue", color.hue, 0, 0.5)
+    p.check(0 <= aug.lighting_gain < 1, f"{prefix}.lighting_gain", aug.lighting_gain,
+            "expected 0 (off) <= lighting_gain < 1")
 
 
 def _check_train(p: _Problems, train: TrainConfig) -> None:

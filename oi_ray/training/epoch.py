@@ -45,6 +45,7 @@ class EpochRunner:
     def run(self, batches: Iterator[dict[str, np.ndarray]], epoch: int, steps: int) -> EpochOutcome:
         """Train on ``steps`` batches unless the ranks agree to end the run early."""
         device = self.normalize.device
+        self.normalize.start_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
         healthy = torch.ones((), dtype=torch.bool, device=device)  # every loss so far was finite
         healthy_steps = torch.zeros((), dtype=torch.int64, device=device)

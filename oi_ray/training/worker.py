@@ -18,7 +18,7 @@ import torch
 
 from oi_ray.config.schema import CuDNNConfig
 from oi_ray.data.epochs import CacheReader, epoch_plan, training_batches
-from oi_ray.model.inputs import InputNormalizer
+from oi_ray.model.inputs import InputNormalizer, LightingGain
 from oi_ray.model.registry import Architecture
 from oi_ray.training.checkpointing import epoch_checkpoint, report_with_checkpoint, restore
 from oi_ray.training.epoch import EpochRunner
@@ -72,7 +72,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     runner = EpochRunner(
         model=ray.train.torch.prepare_model(PairDistance(net), move_to_device=False), optimizer=optimizer,
         rule=StepRule.of(config), precision=Precision(device, train.mixed_precision),
-        normalize=InputNormalizer(job.pipeline.geometry, device, channels_last=train.channels_last),
+        normalize=InputNormalizer(job.pipeline.geometry, device, channels_last=train.channels_last,
+                                  gain=LightingGain.of(config.dataset, seed=(job.data_seed, rank))),
         batch_size=batch_size, progress=job.progress if lead else None, world=world)
     reader = CacheReader(job.train_cache)
     board = TensorBoardLog(job.results_dir, train.tensorboard.infrequent_logging_frequency) \
