@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 ONNX_SUFFIXES = (".onnx",)
 TENSORRT_SUFFIXES = (".engine", ".trt", ".plan")
 GPU_EXTRA_HINT = "install the gpu extra on a machine with an NVIDIA GPU: pip install -e '.[gpu]'"
-Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 # Features per side in one call of a compare half on CPU: the comparison's temporaries (a
 # distance map per shift of SiameseSpatial's window) then stay in a core's cache, and the
 # chunks run on every core at once (SiameseSpatial, 32 pairs of 4 tiles, 2 cores: 22 ms in

@@ -53,11 +53,11 @@ def run(config: ExperimentConfig) -> None:
     builder = _EngineBuilder(config, cache_path)
 
     builder.build(onnx_path, {name: (card.input_shape, 1) for name in INPUT_NAMES}, profile, engine_path)
-    parts = {}
+    parts, half_inputs = {}, _half_inputs(card) if half_files else {}
     for name, half_onnx in half_files.items():
         half_engine = part_path(engine_path, name)
         # the halves always have a dynamic first axis: a fixed-batch model's halves get a profile
-        builder.build(half_onnx, _half_inputs(card)[name], profile or (card.batch_size,) * 3, half_engine)
+        builder.build(half_onnx, half_inputs[name], profile or (card.batch_size,) * 3, half_engine)
         parts[name] = {"file": half_engine.name, "sha256": sha256_of(half_engine)}
     builder.keep_timing_cache()
     dataclasses.replace(card, model_sha256=sha256_of(engine_path), parts=parts).write(engine_path)
